@@ -1,0 +1,34 @@
+# Everything the project needs is installed by `make venv` from pyproject.toml + requirements.lock.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUNS ?= runs
+
+.PHONY: venv test test-fast demo lint lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/refvision demo --root $(RUNS)/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+# Re-pin every transitive dependency after changing pyproject.toml.
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^refvision' > requirements.lock
+
+clean:
+	rm -rf $(VENV) $(RUNS) .pytest_cache

@@ -1,0 +1,2 @@
+def main() -> None:
+    print("refvision: CLI not built yet")
