@@ -1,2 +1,150 @@
-def main() -> None:
-    print("refvision: CLI not built yet")
+"""The ``refvision`` command: Lightning's ``fit/validate/test/predict`` plus workflow subcommands.
+
+``refvision fit|validate|test|predict`` is a :class:`~lightning.pytorch.cli.LightningCLI` whose
+model is any refvision task and whose data is any LightningDataModule, both chosen by
+``class_path`` in the (composable) ``-c`` configs. ``reparameterize``, ``profile`` and ``demo``
+are handled here, before LightningCLI parses, so one entry point serves all.
+"""
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+import refvision.data  # noqa: F401  (registers the data modules for short class names)
+import refvision.tasks.classification  # noqa: F401  (registers the tasks for short class names)
+from refvision.callbacks import DeployCheckpoint
+from refvision.convert import reparameterize
+from refvision.deploy import load_task_checkpoint, reparameterize_checkpoint
+from refvision.profile import profile
+from refvision.tasks.base import RefvisionTask
+
+EXTRA_COMMANDS_HELP = """\
+workflow subcommands:
+  reparameterize  --ckpt IN --output OUT [--overwrite]   write the deploy checkpoint of IN
+  profile         -c CONFIG [-c ...] [--ckpt CKPT]      params / FLOPs / latency, train vs deploy form
+  demo            [--root DIR]                           the whole refocus workflow on generated data
+"""
+
+
+class RefvisionCLI(LightningCLI):
+    """LightningCLI with the deploy-checkpoint callback always on."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RefvisionCLI:
+    """Run (or only build, ``run=False``) the Lightning part of the command on ``args``."""
+    return RefvisionCLI(
+        RefvisionTask,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        parser_kwargs={"epilog": EXTRA_COMMANDS_HELP},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def reparameterize_command(argv: Sequence[str]) -> None:
+    parser = ArgumentParser(prog="refvision reparameterize", description="Write the deploy checkpoint of a trained checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="trained checkpoint (loaded with weights_only=True)")
+    parser.add_argument("--output", required=True, help="deploy checkpoint to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    cfg = parser.parse_args(list(argv))
+    print(reparameterize_checkpoint(cfg.ckpt, cfg.output, overwrite=cfg.overwrite))
+
+
+def build_task_from_configs(configs: Sequence[str]) -> RefvisionTask:
+    """Instantiate the ``model`` of composed ``-c`` configs without touching data or trainer."""
+    parser = ArgumentParser(prog="refvision profile")
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(RefvisionTask, "model")
+    for ignored in ("trainer", "data", "optimizer", "lr_scheduler", "deploy_checkpoint"):
+        parser.add_argument(f"--{ignored}", type=Any)
+    parser.add_argument("--seed_everything", type=Any)
+    parser.add_argument("--ckpt_path", type=Any)
+    cfg = parser.parse_args([arg for path in configs for arg in ("-c", path)])
+    return parser.instantiate_classes(cfg).model
+
+
+def profile_command(argv: Sequence[str]) -> None:
+    parser = ArgumentParser(prog="refvision profile", description="Parameters, FLOPs and latency of train and deploy form.")
+    parser.add_argument("-c", "--config", action="append", default=[], help="task config(s), composed in order")
+    parser.add_argument("--ckpt", help="a trained checkpoint instead of (or on top of) the configs")
+    parser.add_argument("--repeats", type=int, default=20, help="timed forward passes per form")
+    cfg = parser.parse_args(list(argv))
+    if not cfg.config and not cfg.ckpt:
+        parser.error("give -c CONFIG or --ckpt CKPT")
+    task = load_task_checkpoint(cfg.ckpt)[0] if cfg.ckpt else build_task_from_configs(cfg.config)
+    print(profile_table(task, cfg.repeats))
+
+
+def profile_table(task: RefvisionTask, repeats: int = 20) -> str:
+    """Params / FLOPs / median latency (ms, batch of ``example_inputs``) of both forms, measured in one run."""
+    task = task.eval()
+    inputs = task.example_inputs()
+    train_module = task.profile_module()
+    original, task.model = task.model, reparameterize(task.model)
+    deploy_module = task.profile_module()
+    task.model = original
+    rows = [("", "train form", "deploy form")]
+    profiles = [profile(train_module, inputs=inputs), profile(deploy_module, inputs=inputs)]
+    latency = _latencies([train_module, deploy_module], inputs, repeats)
+    for label, field in (("params total", "params_total"), ("params trainable", "params_trainable"),
+                         ("params training-only", "params_training_only"), ("FLOPs (mult-adds)", "flops")):
+        rows.append((label, *(f"{getattr(p, field):,}" for p in profiles)))
+    rows.append((f"latency ms (median of {repeats})", *(f"{t:.2f}" for t in latency)))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width))) for r in rows)
+
+
+def _latencies(modules: list[torch.nn.Module], inputs: Any, repeats: int) -> list[float]:
+    """Median forward time of each module, interleaved so both see the same machine state."""
+    times: list[list[float]] = [[] for _ in modules]
+    with torch.inference_mode():
+        for module in modules:
+            module(inputs)  # warm-up
+        for _ in range(repeats):
+            for i, module in enumerate(modules):
+                start = time.perf_counter()
+                module(inputs)
+                times[i].append(1000 * (time.perf_counter() - start))
+    return [statistics.median(t) for t in times]
+
+
+def demo_command(argv: Sequence[str]) -> None:
+    from refvision.workflow import run_demo
+
+    parser = ArgumentParser(prog="refvision demo", description="Baseline, control and RefConv refocusing on generated data.")
+    parser.add_argument("--root", default="runs/demo", help="run directory (data is cached under ROOT/data)")
+    parser.add_argument("--tasks", type=list[str], default=["classification", "detection", "segmentation"])
+    cfg = parser.parse_args(list(argv))
+    run_demo(cfg.root, cfg.tasks)
+
+
+EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "reparameterize": reparameterize_command,
+    "profile": profile_command,
+    "demo": demo_command,
+}
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``refvision`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        try:
+            EXTRA_COMMANDS[argv[0]](argv[1:])
+        except (OSError, ValueError) as err:
+            sys.exit(f"refvision {argv[0]}: error: {err}")
+        return
+    lightning_cli(argv)

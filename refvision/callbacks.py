@@ -1,0 +1,52 @@
+"""Lightning callbacks of the refocus workflow."""
+
+import logging
+from pathlib import Path
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+
+from refvision.deploy import reparameterize_checkpoint
+from refvision.nn.drconv import DRConv
+from refvision.nn.refconv import RefConv
+
+log = logging.getLogger("refvision")
+
+
+class DeployCheckpoint(Callback):
+    """At the end of ``fit``, write ``<best>-deploy.ckpt`` next to the best checkpoint.
+
+    Only for models with RefConv/DRConv layers. Logs the train- vs deploy-form parameters and
+    FLOPs and the largest output difference of the two forms on the first validation batch,
+    both to the console and to the trainer's logger (``deploy/*``). Runs on rank 0 only.
+    """
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not any(isinstance(m, (RefConv, DRConv)) for m in pl_module.modules()):
+            return
+        ckpt = trainer.checkpoint_callback
+        source = ckpt and (ckpt.best_model_path or ckpt.last_model_path)
+        if not source:
+            log.warning("DeployCheckpoint: no checkpoint was written, so no deploy checkpoint either")
+            return
+        output = Path(source).with_name(Path(source).stem + "-deploy.ckpt")
+        inputs = None
+        datamodule = trainer.datamodule
+        if datamodule is not None:
+            batch = next(iter(datamodule.val_dataloader()))
+            inputs = pl_module.inputs_of(batch)
+        report = reparameterize_checkpoint(source, output, overwrite=True, inputs=inputs)
+        log.info("deploy checkpoint:\n%s", report)
+        print(f"\nDeploy checkpoint (re-parameterized from {source}):\n{report}")
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {
+                    "deploy/params_train": report.train.params_total,
+                    "deploy/params_deploy": report.deploy.params_total,
+                    "deploy/flops_train": report.train.flops,
+                    "deploy/flops_deploy": report.deploy.flops,
+                    "deploy/max_abs_diff": report.max_abs_diff,
+                },
+                step=trainer.global_step,
+            )

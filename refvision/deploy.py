@@ -1,0 +1,123 @@
+"""Deploy checkpoints: a trained task checkpoint in, its re-parameterized form out.
+
+A deploy checkpoint is an ordinary Lightning checkpoint whose hyper-parameters build the deploy
+form directly (RefConv: the original architecture, ``conv.kind: none``; DRConv: its inference
+form), so ``refvision test --ckpt_path deploy.ckpt`` and ``Task.load_from_checkpoint`` work, and
+its ``state_dict`` loads with ``strict=True`` into the vanilla model class.
+"""
+
+import dataclasses
+import importlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+
+from refvision.convert import reparameterize
+from refvision.profile import ModelProfile, profile
+
+_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+_PRIVATE_KEYS = ("_class_path", "_instantiator")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployReport:
+    """What :func:`reparameterize_checkpoint` did: the two forms' profiles and their output gap."""
+
+    source: str
+    output: str
+    train: ModelProfile
+    deploy: ModelProfile
+    max_abs_diff: float
+
+    def __str__(self) -> str:
+        rows = [
+            ("", "train form", "deploy form"),
+            ("params total", f"{self.train.params_total:,}", f"{self.deploy.params_total:,}"),
+            ("params trainable", f"{self.train.params_trainable:,}", f"{self.deploy.params_trainable:,}"),
+            ("params training-only", f"{self.train.params_training_only:,}", f"{self.deploy.params_training_only:,}"),
+            ("FLOPs (mult-adds)", f"{self.train.flops:,}", f"{self.deploy.flops:,}"),
+        ]
+        width = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width))) for r in rows]
+        lines.append(f"max |output(train) - output(deploy)| = {self.max_abs_diff:.3e}")
+        lines.append(f"wrote {self.output}")
+        return "\n".join(lines)
+
+
+def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the task saved in ``path`` (loaded with ``weights_only=True``) with its weights.
+
+    Returns ``(task, hparams)``; nothing is downloaded or loaded besides the checkpoint itself.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' key)")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    class_path = hparams.get("_class_path") or (checkpoint.get("refvision") or {}).get("task")
+    if not class_path:
+        raise ValueError(f"{path}: the checkpoint does not say which task class wrote it")
+    task_cls = _import(class_path)
+    hparams = {k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS}
+    hparams = {**hparams, "init_from": None, **{k: None for k in task_cls.download_options if k in hparams}}
+    task = task_cls(**hparams)
+    task.load_state_dict(checkpoint["state_dict"], strict=True)
+    return task.eval(), hparams
+
+
+def reparameterize_checkpoint(
+    source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False, inputs: Any = None
+) -> DeployReport:
+    """Write the deploy form of checkpoint ``source`` to ``output``.
+
+    ``source`` is never modified; an existing ``output`` is refused unless ``overwrite``. The file
+    is written to a temporary name and renamed, so a failure leaves no partial file. ``inputs``
+    (what the task's ``inputs_of`` gives; default ``task.example_inputs()``) are used to measure
+    the largest output difference between the two forms.
+    """
+    source, output = Path(source), Path(output)
+    if source.resolve() == output.resolve():
+        raise ValueError(f"--output {output} is the input checkpoint; choose another path")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
+    task, hparams = load_task_checkpoint(source)
+    task_cls = type(task)
+    deploy_hparams = task_cls.deploy_hparams(hparams)
+    deploy_task = task_cls(**deploy_hparams).eval()
+    deploy_task.model.load_state_dict(reparameterize(task.model).state_dict(), strict=True)
+    inputs = task.example_inputs() if inputs is None else inputs
+    with torch.no_grad():
+        diff = (task.raw_forward(task.model, inputs) - deploy_task.raw_forward(deploy_task.model, inputs)).abs().max()
+    profile_input = task.example_inputs()
+    report = DeployReport(
+        source=str(source),
+        output=str(output),
+        train=_profile(task, profile_input),
+        deploy=_profile(deploy_task, profile_input),
+        max_abs_diff=float(diff),
+    )
+    checkpoint = {
+        "state_dict": deploy_task.state_dict(),
+        "hyper_parameters": {**deploy_hparams, "_class_path": f"{task_cls.__module__}.{task_cls.__qualname__}",
+                             "_instantiator": _INSTANTIATOR},
+        "pytorch-lightning_version": lightning.__version__,
+        "refvision": {"task": f"{task_cls.__module__}.{task_cls.__qualname__}", "form": "deploy",
+                      "source": str(source), "max_abs_diff": report.max_abs_diff},
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=False) as tmp:
+        torch.save(checkpoint, tmp)
+    os.replace(tmp.name, output)
+    return report
+
+
+def _profile(task: Any, inputs: Any) -> ModelProfile:
+    return profile(task.profile_module(), inputs=inputs)
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,216 @@
+"""The part every refvision task shares: build -> ``init_from`` -> convert -> freeze, and the optimizer.
+
+A task subclass builds its network in ``build_model`` and says how to run it raw
+(``raw_forward``: one tensor of pre-post-processing outputs, used to compare train and deploy
+forms). Everything about how a conv is implemented stays behind ``convert`` / ``reparameterize``.
+"""
+
+import math
+from typing import Any, ClassVar, Literal, TypedDict
+
+import torch
+from lightning import Callback, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+
+from refvision.checkpoint import load_init_from
+from refvision.convert import convert, reparameterize
+from refvision.trainable import TrainableMode, freeze_norm_statistics, set_trainable
+
+
+class ConvConfig(TypedDict, total=False):
+    """``model.conv``: which convs become what. Method options go to ``refvision.convert``."""
+
+    kind: Literal["none", "refconv", "drconv"]
+    select: Literal["depthwise", "kxk", "pointwise", "all"]
+    include: list[str] | None
+    exclude: list[str] | None
+    map_k: int
+    map_groups: int | None
+    init: Literal["default", "zeros"]
+    regions: int
+
+
+class OptimConfig(TypedDict, total=False):
+    """``model.optim``: optimizer and per-iteration learning-rate schedule."""
+
+    name: Literal["sgd", "adamw"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    warmup_epochs: float
+    warmup_factor: float
+    schedule: Literal["cosine", "poly", "constant"]
+    poly_power: float
+    min_lr_ratio: float
+    norm_bias_weight_decay: float | None
+
+
+OPTIM_DEFAULTS: OptimConfig = {
+    "name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 4e-5, "nesterov": False,
+    "warmup_epochs": 0.0, "warmup_factor": 0.01, "schedule": "cosine", "poly_power": 0.9,
+    "min_lr_ratio": 0.0, "norm_bias_weight_decay": None,
+}
+_METHOD_OPTIONS = ("map_k", "map_groups", "init", "regions")
+
+
+class RefvisionTask(LightningModule):
+    """Base class of the tasks; see the module docstring.
+
+    Args:
+        conv: which convs to replace; ``kind: none`` keeps the model as built.
+        init_from: weights loaded before conversion: a local file (Lightning checkpoint, plain
+            state dict), ``torchvision://<name>`` or a URL (see ``refvision.checkpoint``).
+        init_prefix: take only keys with this prefix from ``init_from`` (and strip it).
+        init_strict: require ``init_from`` to cover the model exactly.
+        trainable: ``all`` | ``all_but_basis`` | ``refocus_only`` (see ``refvision.trainable``).
+        optim: optimizer and schedule; missing keys take :data:`OPTIM_DEFAULTS`.
+        deploy: build the deploy form (DRConv's inference form); set by ``refvision reparameterize``.
+    """
+
+    default_conv_include: ClassVar[list[str] | None] = None
+    """Module-name patterns converted when ``conv.include`` is not given (e.g. the backbone)."""
+    download_options: ClassVar[tuple[str, ...]] = ()
+    """Init arguments that name weights to download; cleared in saved checkpoints."""
+    monitor: ClassVar[str] = "val/loss"
+    monitor_mode: ClassVar[str] = "min"
+    """The validation metric that picks ``best.ckpt`` (and so the deploy checkpoint)."""
+
+    def __init__(
+        self,
+        conv: ConvConfig | None = None,
+        init_from: str | None = None,
+        init_prefix: str | None = None,
+        init_strict: bool = True,
+        trainable: TrainableMode = "all",
+        optim: OptimConfig | None = None,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv_config: ConvConfig = {"kind": "none", **(conv or {})}
+        self.optim_config: OptimConfig = {**OPTIM_DEFAULTS, **(optim or {})}
+        self.trainable = trainable
+        self._init = (init_from, init_prefix, init_strict)
+        self.deploy = deploy
+
+    def build_model(self) -> nn.Module:
+        """Build the network (pretrained weights by name allowed)."""
+        raise NotImplementedError
+
+    def raw_forward(self, model: nn.Module, inputs: Any) -> Tensor:
+        """Run ``model`` on ``inputs`` (what :meth:`inputs_of` gives) to one raw output tensor."""
+        return model(inputs)
+
+    def inputs_of(self, batch: Any) -> Any:
+        """The model inputs within a batch of this task's data module."""
+        return batch[0]
+
+    def profile_module(self) -> nn.Module:
+        """The module profiled on :meth:`example_inputs` (its forward gives the raw outputs)."""
+        return self.model
+
+    def example_inputs(self) -> Any:
+        """A small input for profiling and train/deploy comparisons."""
+        raise NotImplementedError
+
+    def configure_model_pipeline(self) -> None:
+        """Build, load ``init_from``, convert, (deploy,) freeze. Subclasses call it at the end of ``__init__``."""
+        model = self.build_model()
+        init_from, init_prefix, init_strict = self._init
+        if init_from:
+            load_init_from(model, init_from, prefix=init_prefix, strict=init_strict)
+        kind = self.conv_config["kind"]
+        if kind != "none":
+            include = self.conv_config.get("include") or self.default_conv_include
+            options = {k: self.conv_config[k] for k in _METHOD_OPTIONS if k in self.conv_config}
+            convert(model, kind, select=self.conv_config.get("select", "kxk"), include=include,
+                    exclude=self.conv_config.get("exclude"), **options)
+        if self.deploy:
+            model = reparameterize(model, inplace=True)
+        set_trainable(model, self.trainable)
+        self.model = model
+
+    def train(self, mode: bool = True) -> "RefvisionTask":
+        super().train(mode)
+        if mode and self.trainable == "refocus_only":
+            freeze_norm_statistics(self.model)
+        return self
+
+    def configure_callbacks(self) -> list[Callback]:
+        """``best.ckpt`` by :attr:`monitor` plus ``last.ckpt`` (replaces a configured ModelCheckpoint)."""
+        return [ModelCheckpoint(monitor=self.monitor, mode=self.monitor_mode, filename="best",
+                                save_last=True, auto_insert_metric_name=False)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint carries its weights: rebuilding it must not re-load or download others.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            for key in ("init_from", *self.download_options):
+                if key in hparams:
+                    hparams[key] = None
+        checkpoint["refvision"] = {
+            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "form": "deploy" if self.deploy else "train",
+        }
+
+    @classmethod
+    def deploy_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters of the deploy form of a model trained with ``hparams``.
+
+        RefConv folds into the original architecture (``conv.kind: none``); DRConv keeps its
+        conversion and switches to its inference form (``deploy: true``).
+        """
+        out = {**hparams, "init_from": None}
+        for key in cls.download_options:
+            if key in out:
+                out[key] = None
+        kind = (out.get("conv") or {}).get("kind", "none")
+        if kind == "refconv":
+            out["conv"] = {"kind": "none"}
+            out["trainable"] = "all"
+        elif kind == "drconv":
+            out["deploy"] = True
+            out["trainable"] = "all"
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_config
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"model.trainable={self.trainable!r} leaves no parameter to train")
+        groups: list[dict[str, Any]] = [{"params": [p for _, p in params]}]
+        if cfg["norm_bias_weight_decay"] is not None:
+            flat = [p for n, p in params if p.ndim <= 1]
+            groups = [
+                {"params": [p for _, p in params if p.ndim > 1]},
+                {"params": flat, "weight_decay": cfg["norm_bias_weight_decay"]},
+            ]
+        if cfg["name"] == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
+                                        weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches) \
+            if math.isfinite(self.trainer.num_training_batches) else total
+        warmup = min(total - 1, int(cfg["warmup_epochs"] * per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=_schedule(cfg, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _schedule(cfg: OptimConfig, warmup: int, total: int):
+    """LR factor per optimizer step: linear warm-up from ``warmup_factor``, then cosine / poly / constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            alpha = step / warmup
+            return cfg["warmup_factor"] * (1 - alpha) + alpha
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg["schedule"] == "cosine":
+            return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t))
+        if cfg["schedule"] == "poly":
+            return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * (1 - t) ** cfg["poly_power"]
+        return 1.0
+
+    return factor
