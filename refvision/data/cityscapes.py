@@ -1,0 +1,171 @@
+"""Cityscapes semantic segmentation (fine annotations): the dataset and the DataModule.
+
+Layout::
+
+    root/leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    root/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+    root/gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelTrainIds.png   (optional)
+
+``labelIds`` hold the 34 official label ids and are mapped to the 19 train ids by
+:data:`~refvision.data.cityscapes_labels.ID_TO_TRAINID`; ``labelTrainIds`` (as written by
+cityscapesScripts' ``createTrainIdLabelImgs``) already hold train ids.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode
+
+from refvision.data import presets
+from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, TRAIN_CLASSES, TRAIN_IDS
+from refvision.data.decode import decode
+
+LAYOUT = (
+    "root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
+    "root/gtFine/<split>/<city>/<name>_gtFine_labelIds.png (or _gtFine_labelTrainIds.png)"
+)
+IMAGE_SUFFIX = "_leftImg8bit.png"
+
+LabelSource = Literal["auto", "labelIds", "labelTrainIds"]
+Sample = tuple[tv_tensors.Image, tv_tensors.Mask]
+
+
+class CityscapesSegmentation(Dataset[Sample]):
+    """Cityscapes fine-annotation samples ``(Image (3, H, W) uint8, Mask (H, W) int64)``.
+
+    Mask values are train ids 0..18 and 255 (ignored). ``label_source="auto"`` reads an image's
+    ``labelTrainIds`` file when present, else its ``labelIds`` file. Label files are paired
+    with images when the dataset is built (a missing one raises); values and sizes are checked
+    per sample, each error naming the file.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: Literal["train", "val", "test"] = "train",
+        transforms: Callable[[tv_tensors.Image, tv_tensors.Mask], Sample] | None = None,
+        label_source: LabelSource = "auto",
+    ) -> None:
+        if label_source not in ("auto", "labelIds", "labelTrainIds"):
+            raise ValueError(f"label_source must be 'auto', 'labelIds' or 'labelTrainIds', got {label_source!r}")
+        image_dir = Path(root) / "leftImg8bit" / split
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"Cityscapes image folder {image_dir} does not exist; expected layout {LAYOUT}")
+        pattern = f"*/*{IMAGE_SUFFIX}"
+        images = sorted(image_dir.glob(pattern))
+        if not images:
+            raise FileNotFoundError(f"no Cityscapes images match {image_dir / pattern}; expected layout {LAYOUT}")
+        label_dir = Path(root) / "gtFine" / split
+        self.transforms = transforms
+        self.samples = [(image, _label_file(image, label_dir, label_source)) for image in images]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        image_path, label_path = self.samples[index]
+        image = tv_tensors.Image(decode(image_path))
+        label = decode(label_path, ImageReadMode.UNCHANGED)
+        if label.shape[0] != 1:
+            raise ValueError(f"{label_path}: expected a single-channel label image, got {label.shape[0]} channels")
+        label = label[0]
+        if label.shape != image.shape[-2:]:
+            raise ValueError(
+                f"{label_path} is {tuple(label.shape)} (H, W) but {image_path} is {tuple(image.shape[-2:])}"
+            )
+        is_train_ids = label_path.name.endswith("_labelTrainIds.png")
+        valid = TRAIN_IDS if is_train_ids else LABEL_IDS
+        unknown = set(label.unique().tolist()) - valid
+        if unknown:
+            kind = "train ids (0..18, 255)" if is_train_ids else "Cityscapes label ids (0..33)"
+            raise ValueError(f"{label_path}: values {sorted(unknown)} are not {kind}")
+        train_ids = label if is_train_ids else ID_TO_TRAINID[label.long()]
+        mask = tv_tensors.Mask(train_ids.to(torch.int64))
+        if self.transforms is not None:
+            image, mask = self.transforms(image, mask)
+        return image, mask
+
+
+def _label_file(image: Path, label_dir: Path, label_source: LabelSource) -> Path:
+    stem = label_dir / image.parent.name / image.name.removesuffix(IMAGE_SUFFIX)
+    label_ids, train_ids = Path(f"{stem}_gtFine_labelIds.png"), Path(f"{stem}_gtFine_labelTrainIds.png")
+    if label_source == "labelTrainIds" or (label_source == "auto" and train_ids.is_file()):
+        chosen = train_ids
+    else:
+        chosen = label_ids
+    if not chosen.is_file():
+        raise FileNotFoundError(f"label file {chosen} for image {image} does not exist; expected layout {LAYOUT}")
+    return chosen
+
+
+class CityscapesDataModule(L.LightningDataModule):
+    """Cityscapes train / val with MMSegmentation's DeepLabV3+ augmentation.
+
+    Train batches: ``(images (B, 3, *crop_size) float32 normalized, masks (B, *crop_size) int64)``
+    after random scaling by ``scale_range``, crop (padding: image 0, mask 255), flip and
+    photometric distortion. Val / test batches are full resolution, or ``eval_size`` (H, W) when
+    given (the mask is then resized with nearest neighbour, so metrics are computed at that
+    size). ``test`` and ``predict`` use the val split: Cityscapes test labels are not public.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        crop_size: tuple[int, int] = (512, 1024),
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        label_source: LabelSource = "auto",
+        eval_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for split in ("train", "val"):
+            path = Path(root) / "leftImg8bit" / split
+            if not path.is_dir():
+                raise FileNotFoundError(f"Cityscapes split folder {path} does not exist; expected layout {LAYOUT}")
+        self.root = root
+        self.label_source: LabelSource = label_source
+        self.train_transform = presets.segmentation_train(crop_size, scale_range)
+        self.eval_transform = presets.segmentation_eval(eval_size)
+        self.class_names = list(TRAIN_CLASSES)
+        self.num_classes = len(TRAIN_CLASSES)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_set = CityscapesSegmentation(self.root, "train", self.train_transform, self.label_source)
+        self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source)
+
+    def _loader(self, dataset: CityscapesSegmentation, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, train=False)

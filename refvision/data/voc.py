@@ -1,0 +1,322 @@
+"""Pascal VOC detection: the annotation reader, the dataset, the collate and the DataModule.
+
+Layout (``root`` is the ``VOCdevkit`` folder)::
+
+    root/VOC<year>/Annotations/<id>.xml
+    root/VOC<year>/JPEGImages/<id>.jpg
+    root/VOC<year>/ImageSets/Main/<split>.txt     one image id per line
+
+Every annotation is parsed and validated when the dataset is built, so a bad file fails before
+training starts; images are decoded (and their size checked against the XML) per sample.
+"""
+
+import logging
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+
+from refvision.data import presets
+from refvision.data.decode import decode
+from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
+
+logger = logging.getLogger("refvision")
+
+LAYOUT = (
+    "VOCdevkit/VOC<year>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
+)
+_IMAGE_SET = re.compile(r"(\d{4})-(\w+)")
+
+Sample = tuple[tv_tensors.Image, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class VOCAnnotation:
+    """One validated annotation file. Boxes are 0-based continuous ``xyxy`` (see ``voc_format``)."""
+
+    image_id: str
+    image_path: Path
+    annotation_path: Path
+    height: int
+    width: int
+    boxes: Tensor
+    """``(N, 4) float32``."""
+    labels: Tensor
+    """``(N,) int64``, 1..20: ``VOC_CLASSES[label - 1]``."""
+    difficult: Tensor
+    """``(N,) bool``."""
+    truncated: Tensor
+    """``(N,) bool``."""
+
+
+def image_set_file(root: str | Path, image_set: str) -> Path:
+    """The ``ImageSets/Main`` file of an image set spec ``"YEAR-SPLIT"`` such as ``"2007-trainval"``."""
+    match = _IMAGE_SET.fullmatch(image_set)
+    if match is None:
+        raise ValueError(f"image set {image_set!r} is not of the form 'YEAR-SPLIT', e.g. '2007-trainval'")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"VOC root {root} does not exist; expected layout {LAYOUT}")
+    year, split = match.groups()
+    path = root / f"VOC{year}" / "ImageSets" / "Main" / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"image set file {path} ({image_set}) does not exist; expected layout {LAYOUT}")
+    return path
+
+
+def _text(element: ET.Element, tag: str, where: str) -> str:
+    node = element.find(tag)
+    if node is None or node.text is None or not node.text.strip():
+        raise ValueError(f"{where}: missing <{tag}>")
+    return node.text.strip()
+
+
+def _number(element: ET.Element, tag: str, where: str) -> float:
+    text = _text(element, tag, where)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{where}: <{tag}> is not a number: {text!r}") from None
+
+
+def _flag(element: ET.Element, tag: str, where: str) -> bool:
+    """VOC's 0/1 flags; a missing tag means 0."""
+    node = element.find(tag)
+    if node is None or node.text is None:
+        return False
+    if node.text.strip() not in ("0", "1"):
+        raise ValueError(f"{where}: <{tag}> must be 0 or 1, got {node.text.strip()!r}")
+    return node.text.strip() == "1"
+
+
+def read_annotation(annotation_path: Path, image_path: Path, image_id: str) -> VOCAnnotation:
+    """Parse and validate one VOC XML file; every problem is a ``ValueError`` naming the file.
+
+    Checked: well-formed XML, positive integer ``<size>``, known class names, numeric
+    ``<bndbox>`` fields, and that each converted box has positive width and height and lies
+    within ``[0, W] x [0, H]`` (so a VOC box with ``xmin == xmax`` is a valid 1-pixel box).
+    """
+    try:
+        root = ET.parse(annotation_path).getroot()
+    except ET.ParseError as error:
+        raise ValueError(f"{annotation_path}: malformed XML ({error})") from None
+    size = root.find("size")
+    if size is None:
+        raise ValueError(f"{annotation_path}: missing <size>")
+    width, height = (_number(size, tag, f"{annotation_path} <size>") for tag in ("width", "height"))
+    if width < 1 or height < 1 or not width.is_integer() or not height.is_integer():
+        raise ValueError(f"{annotation_path}: <size> must be positive integers, got {width} x {height}")
+
+    raw_boxes, labels, difficult, truncated = [], [], [], []
+    for index, obj in enumerate(root.findall("object")):
+        where = f"{annotation_path} object {index}"
+        name = _text(obj, "name", where)
+        if name not in VOC_CLASSES:
+            raise ValueError(f"{where}: unknown class {name!r}; known classes: {', '.join(VOC_CLASSES)}")
+        where = f"{where} ({name})"
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise ValueError(f"{where}: missing <bndbox>")
+        raw_boxes.append([_number(bndbox, tag, where) for tag in ("xmin", "ymin", "xmax", "ymax")])
+        labels.append(VOC_CLASSES.index(name) + 1)
+        difficult.append(_flag(obj, "difficult", where))
+        truncated.append(_flag(obj, "truncated", where))
+
+    boxes = voc_to_xyxy(torch.tensor(raw_boxes, dtype=torch.float64).reshape(-1, 4))
+    bad = (
+        (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
+        | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    )
+    if bad.any():
+        index = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{annotation_path} object {index}: box (xmin, ymin, xmax, ymax) = {tuple(raw_boxes[index])} "
+            f"must satisfy 1 <= xmin <= xmax <= width={int(width)} and 1 <= ymin <= ymax <= height={int(height)}"
+        )
+    return VOCAnnotation(
+        image_id=image_id,
+        image_path=image_path,
+        annotation_path=annotation_path,
+        height=int(height),
+        width=int(width),
+        boxes=boxes,
+        labels=torch.tensor(labels, dtype=torch.int64),
+        difficult=torch.tensor(difficult, dtype=torch.bool),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+    )
+
+
+class VOCDetection(Dataset[Sample]):
+    """Pascal VOC detection samples from one or more image sets (e.g. 2007 + 2012 trainval).
+
+    A sample is ``(image, target)``: ``image`` an ``Image (3, H, W) uint8`` and ``target`` a dict
+    with ``boxes`` (``BoundingBoxes`` XYXY ``(N, 4)``, 0-based continuous, ``canvas_size=(H, W)``),
+    ``labels`` ``(N,) int64`` in 1..20, ``difficult`` and ``truncated`` ``(N,) bool``,
+    ``image_id`` ``"<year>/<id>"`` and ``orig_size`` ``(2,) int64`` ``(H, W)``, then passed
+    through ``transforms(image, target)`` when given.
+
+    ``on_bad_sample="raise"`` raises on the first bad annotation or missing file;
+    ``"skip"`` logs each one, drops it and records ``(path, reason)`` in :attr:`skipped`.
+    Undecodable images and images whose size disagrees with their XML raise in ``__getitem__``
+    under both policies.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_sets: Sequence[str] = ("2007-trainval",),
+        transforms: Callable[[tv_tensors.Image, dict[str, Any]], Sample] | None = None,
+        on_bad_sample: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        if on_bad_sample not in ("raise", "skip"):
+            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        self.transforms = transforms
+        self.annotations: list[VOCAnnotation] = []
+        self.skipped: list[tuple[str, str]] = []
+        for image_set in image_sets:
+            list_file = image_set_file(root, image_set)
+            year_dir = list_file.parents[2]
+            ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+            if not ids:
+                raise ValueError(f"image set file {list_file} ({image_set}) lists no images")
+            for image_id in ids:
+                annotation_path = year_dir / "Annotations" / f"{image_id}.xml"
+                try:
+                    self.annotations.append(self._read(list_file, year_dir, image_id))
+                except (ValueError, FileNotFoundError) as error:
+                    if on_bad_sample == "raise":
+                        raise
+                    logger.warning("skipping VOC sample %s: %s", annotation_path, error)
+                    self.skipped.append((str(annotation_path), str(error)))
+        if not self.annotations:
+            raise ValueError(f"no valid VOC samples in {list(image_sets)} under {root}")
+
+    @staticmethod
+    def _read(list_file: Path, year_dir: Path, image_id: str) -> VOCAnnotation:
+        annotation_path = year_dir / "Annotations" / f"{image_id}.xml"
+        image_path = year_dir / "JPEGImages" / f"{image_id}.jpg"
+        for path in (annotation_path, image_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}, listed in {list_file}, does not exist")
+        return read_annotation(annotation_path, image_path, f"{year_dir.name[3:]}/{image_id}")
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def __getitem__(self, index: int) -> Sample:
+        ann = self.annotations[index]
+        image = tv_tensors.Image(decode(ann.image_path))
+        if tuple(image.shape[-2:]) != (ann.height, ann.width):
+            raise ValueError(
+                f"{ann.image_path} is {image.shape[-1]} x {image.shape[-2]} (W x H) but "
+                f"{ann.annotation_path} <size> says {ann.width} x {ann.height}"
+            )
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                ann.boxes.clone(), format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(ann.height, ann.width)
+            ),
+            "labels": ann.labels.clone(),
+            "difficult": ann.difficult.clone(),
+            "truncated": ann.truncated.clone(),
+            "image_id": ann.image_id,
+            "orig_size": torch.tensor([ann.height, ann.width]),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def detection_collate(batch: Sequence[Sample]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Batch detection samples as torchvision detectors expect: lists, not stacked tensors.
+
+    Returns ``(images, targets)``: ``images[i]`` a plain ``(3, H_i, W_i)`` tensor, ``targets[i]``
+    the sample's dict with every ``tv_tensors`` value turned into a plain tensor.
+    """
+    images = [image.as_subclass(Tensor) for image, _ in batch]
+    targets = [
+        {key: value.as_subclass(Tensor) if isinstance(value, Tensor) else value for key, value in target.items()}
+        for _, target in batch
+    ]
+    return images, targets
+
+
+class VOCDataModule(L.LightningDataModule):
+    """VOC detection as in the SSD paper: train on 2007+2012 trainval, evaluate on 2007 test.
+
+    Batches come from :func:`detection_collate`. Train samples go through
+    :func:`presets.detection_train` (``"ssd"`` or ``"ssdlite"``), others only become float.
+    ``num_classes`` counts the background (21), as torchvision detectors do, and
+    ``class_names[label]`` is the name of a label (``class_names[0] == "__background__"``).
+    ``predict`` uses the test sets.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_sets: Sequence[str] = ("2007-trainval", "2012-trainval"),
+        val_sets: Sequence[str] = ("2007-test",),
+        test_sets: Sequence[str] = ("2007-test",),
+        preset: Literal["ssd", "ssdlite"] = "ssd",
+        batch_size: int = 32,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        on_bad_sample: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for image_set in (*train_sets, *val_sets, *test_sets):
+            image_set_file(root, image_set)
+        self.root = root
+        self.image_sets = {"train": list(train_sets), "val": list(val_sets), "test": list(test_sets)}
+        self.train_transform = presets.detection_train(preset)
+        self.eval_transform = presets.detection_eval()
+        self.class_names = ["__background__", *VOC_CLASSES]
+        self.num_classes = len(self.class_names)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.on_bad_sample = on_bad_sample
+
+    def _dataset(self, split: str) -> VOCDetection:
+        transform = self.train_transform if split == "train" else self.eval_transform
+        return VOCDetection(self.root, self.image_sets[split], transform, self.on_bad_sample)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.train_set = self._dataset("train")
+        if stage in ("fit", "validate"):
+            self.val_set = self._dataset("val")
+        if stage in ("test", "predict"):
+            self.test_set = self._dataset("test")
+
+    def _loader(self, dataset: VOCDetection, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=detection_collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
