@@ -1,0 +1,234 @@
+"""Swap a model's convolutions for RefConv / DRConv, and fold them back for deployment.
+
+``convert`` edits any ``nn.Module`` in place (no model code changes) and records what it
+replaced on the model; ``reparameterize`` turns every converted layer into its inference
+form (a plain ``nn.Conv2d`` for RefConv).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from refvision.nn import DRConv, RefConv
+
+logger = logging.getLogger("refvision")
+
+KINDS: dict[str, type[nn.Conv2d]] = {"refconv": RefConv, "drconv": DRConv}
+
+SELECTIONS: dict[str, Callable[[nn.Conv2d], bool]] = {
+    "depthwise": lambda c: c.groups == c.in_channels > 1,
+    "kxk": lambda c: max(c.kernel_size) > 1,
+    "pointwise": lambda c: tuple(c.kernel_size) == (1, 1) and c.groups == 1,
+    "all": lambda c: True,
+}
+
+# A plain attribute (not a buffer): copied by deepcopy, absent from state_dict.
+_REPORT_ATTR = "_refvision_replacements"
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One conv that ``convert`` replaced: its qualified name, the new kind, its geometry."""
+
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+    dilation: tuple[int, int]
+
+
+def convert(
+    model: nn.Module,
+    kind: str,
+    *,
+    select: str = "kxk",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    **options: object,
+) -> nn.Module:
+    """Replace the selected ``nn.Conv2d`` layers of ``model`` by ``kind`` (in place).
+
+    Args:
+        model: any module; its convs are found by walking the module tree (Sequential
+            indices, ModuleDict keys and attributes alike).
+        kind: ``"refconv"`` or ``"drconv"``; the new layer is ``cls.from_conv(conv, **options)``.
+        select: ``"depthwise"`` (``groups == in_channels > 1``), ``"kxk"`` (a kernel
+            side > 1, any groups), ``"pointwise"`` (1x1, ``groups == 1``) or ``"all"``.
+        include: glob pattern(s) on qualified names (``"features.3.conv.*"``); keep only matches.
+        exclude: glob pattern(s); drop matches.
+        options: keyword options of ``from_conv`` (refconv: ``map_k``, ``map_groups``,
+            ``init``; drconv: ``regions``).
+
+    Candidates are convs of exactly type ``nn.Conv2d``: subclasses (already converted
+    layers, ``timm``'s ``Conv2dSame`` / ``StdConv2d``, ...) change the forward pass and are
+    neither replaced nor descended into, so converting twice never nests. DRConv takes
+    ``groups == 1`` convs only. Each new layer keeps its conv's train/eval mode. Either
+    all selected layers are replaced or, on error, none.
+
+    Returns:
+        ``model`` itself. ``conversion_report(model)`` lists what was replaced.
+
+    Raises:
+        ValueError: unknown ``kind`` / ``select``, or nothing matched (a second ``convert``
+            with the same selection matches nothing new and raises).
+        TypeError: an option ``from_conv`` of that kind does not take.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"convert: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
+    if select not in SELECTIONS:
+        raise ValueError(f"convert: unknown select {select!r}; allowed: {', '.join(SELECTIONS)}")
+    cls = KINDS[kind]
+    allowed = [
+        p.name for p in inspect.signature(cls.from_conv).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"convert(kind={kind!r}): unknown option(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    includes, excludes = _patterns(include), _patterns(exclude)
+
+    def wanted(name: str, conv: nn.Conv2d) -> bool:
+        return (
+            type(conv) is nn.Conv2d
+            and SELECTIONS[select](conv)
+            and (kind != "drconv" or conv.groups == 1)
+            and (not includes or any(fnmatch.fnmatchcase(name, p) for p in includes))
+            and not any(fnmatch.fnmatchcase(name, p) for p in excludes)
+        )
+
+    sites = [site for site in _conv_sites(model) if wanted(site[0], site[3])]
+    if not sites:
+        raise ValueError(
+            f"convert: nothing matched kind={kind!r}, select={select!r}, include={include!r}, "
+            f"exclude={exclude!r}; {_census(model)}"
+        )
+
+    new_layers: dict[int, nn.Conv2d] = {}  # by id: a conv shared by two parents stays shared
+    records = []
+    for name, _, _, conv in sites:
+        if id(conv) not in new_layers:
+            try:
+                new_layers[id(conv)] = cls.from_conv(conv, **options).train(conv.training)
+            except ValueError as err:
+                raise ValueError(
+                    f"convert: cannot convert {name!r} ({conv}) to {kind}: {err}"
+                ) from err
+        records.append(Replacement(
+            name, kind, conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
+            tuple(conv.stride), conv.groups, tuple(conv.dilation),
+        ))
+    for _, parent, attr, conv in sites:
+        setattr(parent, attr, new_layers[id(conv)])
+
+    setattr(model, _REPORT_ATTR, [*conversion_report(model), *records])
+    logger.info(
+        "convert: %d conv(s) -> %s (select=%s, include=%r, exclude=%r, options=%r)",
+        len(records), kind, select, include, exclude, options,
+    )
+    return model
+
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inference form of ``model``: RefConv -> ``to_conv()``, DRConv -> ``to_deploy()``.
+
+    Works on a deep copy unless ``inplace`` (a root module that is itself a RefConv/DRConv
+    is always returned as a new module). Train/eval mode of every layer is kept. For a
+    model converted with RefConv only, the result's ``state_dict`` has exactly the keys
+    and shapes of the original architecture, so the vanilla model class loads it with
+    ``strict=True``.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, (RefConv, DRConv)):
+        return _deploy_form(model)
+    new_layers: dict[int, nn.Module] = {}
+    for _, parent, attr, conv in list(_conv_sites(model)):
+        if isinstance(conv, (RefConv, DRConv)):
+            if id(conv) not in new_layers:
+                new_layers[id(conv)] = _deploy_form(conv)
+            setattr(parent, attr, new_layers[id(conv)])
+    return model
+
+
+def conversion_report(model: nn.Module) -> list[Replacement]:
+    """What ``convert`` replaced in ``model``, in order, over all calls.
+
+    A history, not a census: it survives ``copy.deepcopy`` and so also stays on the
+    copy ``reparameterize`` returns, where those layers are plain again.
+    """
+    return list(getattr(model, _REPORT_ATTR, []))
+
+
+def format_report(replacements: Sequence[Replacement]) -> str:
+    """``replacements`` as an aligned text table, one row per layer."""
+    header = ("name", "kind", "in", "out", "kernel", "stride", "groups", "dilation")
+    rows = [header] + [
+        (r.name, r.kind, str(r.in_channels), str(r.out_channels), _dims(r.kernel_size),
+         _dims(r.stride), str(r.groups), _dims(r.dilation))
+        for r in replacements
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(lines)
+
+
+def _deploy_form(layer: RefConv | DRConv) -> nn.Module:
+    deployed = layer.to_conv() if isinstance(layer, RefConv) else layer.to_deploy()
+    return deployed.train(layer.training)
+
+
+def _conv_sites(
+    module: nn.Module, prefix: str = ""
+) -> Iterator[tuple[str, nn.Module, str, nn.Conv2d]]:
+    """(qualified name, parent, attribute in parent, conv) for every Conv2d; convs are leaves.
+
+    Reads ``_modules`` rather than ``named_children()``, which would skip the second
+    attribute holding a shared module.
+    """
+    for attr, child in module._modules.items():
+        name = f"{prefix}.{attr}" if prefix else attr
+        if child is None:
+            continue
+        if isinstance(child, nn.Conv2d):
+            yield name, module, attr, child
+        else:
+            yield from _conv_sites(child, name)
+
+
+def _census(model: nn.Module) -> str:
+    counts: Counter[str] = Counter()
+    for _, _, _, conv in _conv_sites(model):
+        if type(conv) is not nn.Conv2d:
+            counts["converted" if isinstance(conv, (RefConv, DRConv)) else "subclass"] += 1
+            continue
+        for sel in ("kxk", "pointwise", "depthwise"):
+            counts[sel] += SELECTIONS[sel](conv)
+    return (
+        f"model has {counts['kxk']} kxk, {counts['pointwise']} pointwise, "
+        f"{counts['depthwise']} depthwise plain convs, {counts['converted']} already "
+        f"converted, {counts['subclass']} other Conv2d subclasses (left alone)"
+    )
+
+
+def _patterns(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _dims(value: tuple[int, ...]) -> str:
+    return "x".join(map(str, value))

@@ -1,0 +1,79 @@
+"""profile against parameter and multiply-add counts worked out by hand."""
+
+import pytest
+import torch
+from torch import nn
+
+from refvision import RefConv, convert, profile, reparameterize
+from refvision.profile import ModelProfile
+
+# Input 1x3x10x10; every layer keeps 10x10.
+H = W = 10
+STEM = 8 * 3 * 3 * 3            # Conv2d(3, 8, 3): 216 weights
+DEPTHWISE = 8 * 1 * 3 * 3       # Conv2d(8, 8, 3, groups=8): 72 weights
+POINTWISE = 4 * 8 + 4           # Conv2d(8, 4, 1) with bias: 36
+MACS = (8 * H * W) * (3 * 9) + (8 * H * W) * 9 + (4 * H * W) * 8   # 21600 + 7200 + 3200
+# RefConv maps, default groups: stem N = 24 kernels, G = 24 -> (24, 1, 3, 3);
+# depthwise N = 8, G = 1 -> (8, 8, 3, 3). Computing Wt is a conv over a (1, N, 3, 3) image.
+STEM_MAP, DEPTHWISE_MAP = 24 * 1 * 9, 8 * 8 * 9
+MAP_MACS = (24 * 9) * (1 * 9) + (8 * 9) * (8 * 9)
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+    )
+
+
+VANILLA = ModelProfile(
+    params_total=STEM + DEPTHWISE + POINTWISE,
+    params_trainable=STEM + DEPTHWISE + POINTWISE,
+    params_training_only=0,
+    params_frozen=0,
+    flops=MACS,
+)
+
+
+def test_vanilla_counts():
+    assert profile(tiny(), (1, 3, H, W)) == VANILLA
+
+
+def test_refconv_counts_and_deploy_form():
+    model = convert(tiny(), "refconv", select="kxk")
+    train = profile(model, (1, 3, H, W))
+    assert train == ModelProfile(
+        params_total=STEM + DEPTHWISE + POINTWISE + STEM_MAP + DEPTHWISE_MAP,
+        params_trainable=POINTWISE + STEM_MAP + DEPTHWISE_MAP,
+        params_training_only=STEM_MAP + DEPTHWISE_MAP,
+        params_frozen=STEM + DEPTHWISE,
+        flops=MACS + MAP_MACS,
+    )
+    assert profile(reparameterize(model), (1, 3, H, W)) == VANILLA
+    assert model.training and all(m._cache is None for m in model.modules() if isinstance(m, RefConv))
+
+
+def test_frozen_parameters_and_explicit_inputs():
+    model = tiny()
+    model[4].bias.requires_grad_(False)
+    counted = profile(model, inputs=torch.randn(2, 3, H, W))
+    assert counted.params_frozen == 4 and counted.params_trainable == VANILLA.params_total - 4
+    assert counted.flops == 2 * MACS
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(input_shape=(1, 3, H, W), inputs=torch.randn(1, 3, H, W))])
+def test_needs_exactly_one_input_spec(kwargs):
+    with pytest.raises(ValueError, match="exactly one of input_shape or inputs"):
+        profile(tiny(), **kwargs)
+
+
+def test_table():
+    assert str(VANILLA).splitlines() == [
+        "params_total                      324",
+        "params_trainable                  324",
+        "params_training_only                0",
+        "params_frozen                       0",
+        "flops                          32,000",
+    ]
