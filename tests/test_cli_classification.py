@@ -18,7 +18,7 @@ def _args(root: Path, data: Path, *extra: str) -> list[str]:
     return [
         "-c", CONFIG, *extra,
         "--data.root", str(data), "--data.image_size", "32", "--data.resize_size", "32", "--data.batch_size", "8",
-        "--model.image_size", "32", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--model.backbone", "mobilenet_v2", "--model.image_size", "32", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(root),
         "--trainer.enable_progress_bar", "false",
     ]
