@@ -148,3 +148,7 @@ def main(args: Sequence[str] | None = None) -> None:
             sys.exit(f"refvision {argv[0]}: error: {err}")
         return
     lightning_cli(argv)
+
+
+if __name__ == "__main__":
+    main()
