@@ -86,7 +86,7 @@ def test_refconv_fit_reparameterize_test(tmp_path: Path, data: Path, baseline: s
 @pytest.mark.slow
 def test_drconv_fit_reparameterize_test(tmp_path: Path, data: Path, baseline: str) -> None:
     cli = lightning_cli(["fit", *_args(tmp_path / "dr", data, "-c", "configs/conv/drconv.yaml",
-                                       "--model.init_from", baseline, "--model.conv.include", "[features.1*]")])
+                                       "--model.init_from", baseline, "--model.conv.include", "[features.1.*]")])
     deploy = Path(cli.trainer.checkpoint_callback.best_model_path).with_name("best-deploy.ckpt")
     assert deploy.is_file()
     meta = torch.load(deploy, map_location="cpu", weights_only=True)

@@ -14,7 +14,7 @@ from refvision.data.demo import write_imagefolder
     "conv",
     [
         ["-c", "configs/conv/refconv.yaml"],
-        ["-c", "configs/conv/drconv.yaml", "--model.conv.include", "[features.1*,features.2*]"],
+        ["-c", "configs/conv/drconv.yaml", "--model.conv.include", "[features.1.*,features.2.*]"],
     ],
     ids=["refconv", "drconv"],
 )
