@@ -22,6 +22,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode
 
 from refvision.data import presets
+from refvision.data.loader import make_loader
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, TRAIN_CLASSES, TRAIN_IDS
 from refvision.data.decode import decode
 
@@ -148,15 +149,7 @@ class CityscapesDataModule(L.LightningDataModule):
         self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source)
 
     def _loader(self, dataset: CityscapesSegmentation, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, batch_size, train, self.num_workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, train=True)

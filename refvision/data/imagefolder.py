@@ -8,6 +8,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
 
 from refvision.data import presets
+from refvision.data.loader import make_loader
 from refvision.data.decode import decode
 
 DECODABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
@@ -89,15 +90,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.test_set = self._dataset(self.test_split, train=False)
 
     def _loader(self, dataset: ImageFolder, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, self.batch_size, train, self.num_workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

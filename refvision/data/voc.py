@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from refvision.data import presets
+from refvision.data.loader import make_loader
 from refvision.data.decode import decode
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
 
@@ -298,16 +299,7 @@ class VOCDataModule(L.LightningDataModule):
             self.test_set = self._dataset("test")
 
     def _loader(self, dataset: VOCDetection, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=detection_collate,
-        )
+        return make_loader(dataset, self.batch_size, train, self.num_workers, self.pin_memory, detection_collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
