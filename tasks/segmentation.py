@@ -1,0 +1,216 @@
+"""Semantic segmentation: DeepLabV3+ (smp), cross-entropy (optionally OHEM), confusion-matrix mIoU.
+
+Validation and test score full label-resolution logits produced by MMSegmentation's inference
+modes: ``whole`` (the padded image in one pass) or ``slide`` (overlapping windows, logits
+averaged where they overlap), optionally with horizontal-flip and multi-scale test-time
+augmentation. Predictions can be written as Cityscapes PNGs by :class:`SegmentationPredictionWriter`.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchvision.io import write_png
+from torchvision.utils import draw_segmentation_masks
+
+from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE
+from refvision.data.presets import IMAGENET_MEAN, IMAGENET_STD
+from refvision.metrics import MeanIoU, format_table
+from refvision.models.segmentation import build_segmenter
+from refvision.segmentation_inference import ohem_cross_entropy, segment, whole_inference
+from refvision.tasks.base import RefvisionTask
+
+OHEM_THRESH = 0.7
+OHEM_MIN_KEPT = 100_000
+OHEM_MIN_KEPT_PIXELS = 512 * 1024
+"""MMSeg's OHEM setting: pixels whose true-class probability is below 0.7 are kept, and at least
+100 000 per 512x1024 crop; ``min_kept`` scales with the crop area so smaller crops keep the same share."""
+
+InferenceMode = Literal["whole", "slide"]
+
+
+class SegmentationTask(RefvisionTask):
+    """Train and evaluate a DeepLabV3+ segmenter.
+
+    Batches are ``(images (B, 3, H, W) float normalized, masks (B, H, W) int64)`` with class ids
+    ``0..num_classes-1`` and ``ignore_index`` (as :class:`~refvision.data.CityscapesDataModule`
+    gives). Training crops must have H, W divisible by the encoder's output stride.
+
+    Args:
+        encoder: smp encoder name or ``tu-<timm name>`` (see ``refvision.models.build_segmenter``).
+        num_classes: classes of the data (must equal the data module's; at most 255, as
+            predictions are stored as ``uint8`` train-id maps).
+        encoder_weights: smp pretrained encoder tag (``imagenet``) to download, or null.
+        output_stride: 8 or 16; the encoder's last stages become dilated convs.
+        ignore_index: mask value left out of the loss and the metrics.
+        ohem: cross-entropy over hard pixels only (see ``refvision.segmentation_inference.ohem_cross_entropy``).
+        inference: ``whole`` or ``slide`` (see ``refvision.segmentation_inference.segment``), for
+            validation, test and predict.
+        slide_crop: window (h, w) of ``slide`` inference.
+        slide_stride: window step (h, w) of ``slide`` inference.
+        flip: average with the horizontally flipped input at evaluation.
+        scales: evaluation scales (multi-scale test-time augmentation when not ``[1.0]``).
+        example_size: (h, w) of the example input used for profiling and deploy checks.
+        **kwargs: the shared options of :class:`~refvision.tasks.base.RefvisionTask`
+            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``).
+    """
+
+    download_options = ("encoder_weights",)
+    default_conv_include = ["encoder.*"]
+    monitor, monitor_mode = "val/miou", "max"
+
+    def __init__(
+        self,
+        encoder: str = "mobilenet_v2",
+        num_classes: int = 19,
+        encoder_weights: str | None = None,
+        output_stride: int = 8,
+        ignore_index: int = IGNORE_INDEX,
+        ohem: bool = False,
+        inference: InferenceMode = "whole",
+        slide_crop: tuple[int, int] = (512, 1024),
+        slide_stride: tuple[int, int] = (341, 683),
+        flip: bool = False,
+        scales: tuple[float, ...] = (1.0,),
+        example_size: tuple[int, int] = (512, 1024),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if not 1 <= num_classes <= 255:
+            raise ValueError(f"model.num_classes={num_classes}; expected 1..255 (predictions are uint8 train-id maps)")
+        if inference not in ("whole", "slide"):
+            raise ValueError(f"model.inference={inference!r}; allowed: whole, slide")
+        self.encoder, self.num_classes, self.encoder_weights = encoder, num_classes, encoder_weights
+        self.output_stride, self.ignore_index, self.ohem = output_stride, ignore_index, ohem
+        self.inference, self.slide_crop, self.slide_stride = inference, tuple(slide_crop), tuple(slide_stride)
+        self.flip, self.scales, self.example_size = flip, tuple(scales), tuple(example_size)
+        self.configure_model_pipeline()
+        self.val_miou = MeanIoU(num_classes, ignore_index)
+        self.test_miou = MeanIoU(num_classes, ignore_index)
+
+    def build_model(self) -> nn.Module:
+        return build_segmenter(self.encoder, self.num_classes, self.encoder_weights, self.output_stride)
+
+    def raw_forward(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        """Logits ``(B, C, H, W)`` of ``model`` on normalized ``(B, 3, H, W)`` (padded inside to multiples of 16)."""
+        return whole_inference(model, inputs)
+
+    def inputs_of(self, batch: Any) -> Tensor:
+        return batch if isinstance(batch, Tensor) else batch[0]
+
+    def example_inputs(self) -> Tensor:
+        return torch.randn(1, 3, *self.example_size)
+
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} but the data has {data_classes} classes; "
+                f"set --model.num_classes {data_classes}"
+            )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Normalized ``(B, 3, H, W)`` -> class scores ``(B, C, H, W)`` with the configured inference."""
+        return segment(self.model, images, self.num_classes, self.inference, self.slide_crop, self.slide_stride,
+                       self.flip, self.scales)
+
+    def loss(self, logits: Tensor, masks: Tensor) -> Tensor:
+        """Cross-entropy (OHEM when ``ohem``) of logits ``(B, C, H, W)`` against masks ``(B, H, W)``."""
+        if self.ohem:
+            per_image = max(1, round(OHEM_MIN_KEPT * masks[0].numel() / OHEM_MIN_KEPT_PIXELS))
+            return ohem_cross_entropy(logits, masks, self.ignore_index, OHEM_THRESH, per_image * len(masks))
+        return F.cross_entropy(logits, masks, ignore_index=self.ignore_index)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, masks = batch
+        loss = self.loss(self.model(images), masks)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(masks))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, masks = batch
+        self.val_miou.update(self(images), masks)
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_miou.compute()
+        self.val_miou.reset()
+        self.log("val/miou", result["miou"].float(), prog_bar=True)
+        self.log("val/pixel_accuracy", result["pixel_accuracy"].float())
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, masks = batch
+        self.test_miou.update(self(images), masks)
+
+    def on_test_epoch_end(self) -> None:
+        result = self.test_miou.compute()
+        self.test_miou.reset()
+        self.log("test/miou", result["miou"].float())
+        self.log("test/pixel_accuracy", result["pixel_accuracy"].float())
+        self.log("test/mean_accuracy", result["mean_accuracy"].float())
+        names = getattr(self.trainer.datamodule, "class_names", None)
+        rank_zero_info("per-class IoU (test):\n" + format_table(result, names))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Predicted class-id maps ``(B, H, W)`` ``uint8`` at the input resolution."""
+        return self(self.inputs_of(batch)).argmax(dim=1).to(torch.uint8)
+
+
+class SegmentationPredictionWriter(BasePredictionWriter):
+    """Write each prediction of ``refvision predict`` as PNGs under ``output_dir``.
+
+    Per image ``<id>``: ``<id>_trainIds.png`` (``uint8`` class ids), ``<id>_color.png`` (the
+    Cityscapes palette) and ``<id>_overlay.png`` (the input with the colored classes blended in
+    at ``alpha``). ``<id>`` is the sample's index in the predict dataset, 6 digits (the batches
+    carry no file names; for the Cityscapes data module index ``i`` is the ``i``-th val image in
+    sorted file order).
+
+    Add it on the command line with ``--trainer.callbacks+=SegmentationPredictionWriter
+    --trainer.callbacks.output_dir DIR`` (full class path
+    ``refvision.tasks.segmentation.SegmentationPredictionWriter``), and pass
+    ``--return_predictions false`` so the maps are not also kept in memory.
+    """
+
+    def __init__(self, output_dir: str, alpha: float = 0.5) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.alpha = alpha
+        self.palette = torch.tensor(PALETTE, dtype=torch.uint8)
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Tensor,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if int(prediction.max()) >= len(self.palette):
+            raise ValueError(f"prediction holds class {int(prediction.max())}; the palette has {len(self.palette)} colors")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        images = pl_module.inputs_of(batch).detach().cpu()
+        indices = batch_indices or [batch_idx * len(prediction) + i for i in range(len(prediction))]
+        for index, pred, image in zip(indices, prediction.cpu(), images):
+            stem = self.output_dir / f"{index:06d}"
+            write_png(pred.unsqueeze(0), f"{stem}_trainIds.png")
+            write_png(self.palette[pred.long()].permute(2, 0, 1).contiguous(), f"{stem}_color.png")
+            write_png(self.overlay(image, pred), f"{stem}_overlay.png")
+
+    def overlay(self, image: Tensor, pred: Tensor) -> Tensor:
+        """``uint8 (3, H, W)``: normalized ``image`` ``(3, H, W)`` un-normalized, with ``pred`` ``(H, W)`` blended in."""
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+        classes = pred.unique()
+        masks = pred.unsqueeze(0) == classes.view(-1, 1, 1)
+        colors = [tuple(self.palette[c].tolist()) for c in classes.long()]
+        return draw_segmentation_masks(rgb, masks, alpha=self.alpha, colors=colors)
+
