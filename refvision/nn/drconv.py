@@ -23,14 +23,18 @@ Choices made here (see METHODS.md for what the paper and the official code do):
   mask; with ``S = softmax(F)`` over regions and ``g_j = sum_c dL/dY_c * Y^(j)_c``, the guide
   logits get ``dL/dF = S * (g - sum_j S_j g_j)``. Region ``j``'s filter only receives
   gradient from pixels assigned to ``j``.
-* **Cost.** Forward: one dense conv with the shared kernel plus, for the residuals, one
-  conv's worth of GEMMs (pixels are sorted by (sample, region) and each group of columns
-  is multiplied by its own residual only). Backward: one conv's worth of GEMMs for the input
-  gradient and one for the filter gradients; the guide gradient needs every region's
-  response at every pixel (inherent to the rule), computed region by region with ``bmm``
-  so extra memory stays ``O(B * Cout * Ho * Wo)``, for ``m`` convs' worth of FLOPs.
-  The generator's output holds ``B * m * Cout * Cin * kh * kw`` numbers (and its last
-  layer ``m^2 * Cout * Cin`` weights), the price of the paper's generator.
+* **Cost.** Forward: the shared kernel as one ordinary ``F.conv2d``, plus the residuals
+  applied per (sample, region): pixels are sorted by (sample, region), each output pixel's
+  input patch is gathered with ``index_select`` from the channels-last input (no im2col
+  buffer), and each group of patches is multiplied by its own region's residual only: one
+  conv's worth of GEMMs, not ``m``. Backward: one conv's worth of GEMMs each for the input
+  gradient (summed back with ``index_add_``) and for the filter gradients; the guide
+  gradient needs every region's response at every pixel (inherent to the rule), i.e. ``m``
+  convs, computed one region at a time (batch folded into groups) so the extra memory
+  stays ``O(B * Cout * Ho * Wo)``. Only the inputs are saved for backward. Training, eval
+  and no-grad calls share this one code path. The generator's output holds
+  ``B * m * Cout * Cin * kh * kw`` numbers (and its last layer ``m^2 * Cout * Cin``
+  weights), the price of the paper's generator.
 * **Mixed precision.** Under ``torch.autocast`` the guide and generator run in reduced
   precision like any conv; the region conv itself casts its inputs to float32 and runs
   with autocast disabled (forward and backward), returning float32.
@@ -112,6 +116,8 @@ class _RegionConvFunction(torch.autograd.Function):
 
     ``out = conv(x, weight, bias) + D_{r(b,p)}(b) * x_col(b, p)`` with
     ``r(b, p) = argmax_j guide[b, j, p]``. See :func:`drconv2d` for shapes.
+    Saves only its inputs; the input patches are gathered again in backward, so memory is
+    that of a plain conv plus the dynamic filters.
     """
 
     @staticmethod
@@ -128,18 +134,13 @@ class _RegionConvFunction(torch.autograd.Function):
     ) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
             out = F.conv2d(x, weight, bias, stride, padding, dilation)
-            batch, out_channels, out_h, out_w = out.shape
-            kernel_size = weight.shape[-2:]
-            cols = F.unfold(x, kernel_size, dilation, padding, stride)
-            order = _RegionOrder(guide)
-            rows = order.gather(cols)
-            residuals = dynamic.reshape(order.segments, out_channels, -1)
-            out_rows = rows.new_empty(rows.shape[0], out_channels)
-            for segment, part in order.parts():
-                torch.mm(rows[part], residuals[segment].t(), out=out_rows[part])
-            residual_out = out_rows.new_empty(batch, out_channels, out_h * out_w)
-            order.scatter(residual_out, out_rows)
-            out = out + residual_out.view(batch, out_channels, out_h, out_w)
+            patches = _RegionPatches(guide, x.shape, weight.shape[-2:], stride, padding, dilation)
+            rows = patches.gather(x)
+            residuals = _taps_last(dynamic.flatten(0, 1))
+            residual_rows = rows.new_empty(rows.shape[0], out.shape[1])
+            for segment, part in patches.parts():
+                torch.mm(rows[part], residuals[segment].t(), out=residual_rows[part])
+            out = out + patches.unsort(residual_rows)
         ctx.save_for_backward(x, weight, dynamic, guide)
         ctx.geometry = (stride, padding, dilation)
         return out
@@ -152,69 +153,82 @@ class _RegionConvFunction(torch.autograd.Function):
         need_x, need_weight, need_bias, need_dynamic, need_guide = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = grad_dynamic = grad_guide = None
         with torch.autocast(x.device.type, enabled=False):
-            batch, out_channels, out_h, out_w = grad_out.shape
-            kernel_size = weight.shape[-2:]
-            regions = guide.shape[1]
-            grad_flat = grad_out.reshape(batch, out_channels, out_h * out_w)
-            cols = F.unfold(x, kernel_size, dilation, padding, stride)
-            order = _RegionOrder(guide)
-            grad_rows = order.gather(grad_flat)
-
-            if need_x:
-                filters = weight.reshape(1, out_channels, -1) + dynamic.reshape(
-                    order.segments, out_channels, -1
-                )
-                grad_col_rows = grad_rows.new_empty(grad_rows.shape[0], cols.shape[1])
-                for segment, part in order.parts():
-                    torch.mm(grad_rows[part], filters[segment], out=grad_col_rows[part])
-                grad_cols = torch.empty_like(cols)
-                order.scatter(grad_cols, grad_col_rows)
-                grad_x = F.fold(grad_cols, x.shape[-2:], kernel_size, dilation, padding, stride)
-
-            if need_weight or need_dynamic:
-                rows = order.gather(cols)
-                grad_filters = rows.new_zeros(order.segments, out_channels, cols.shape[1])
-                for segment, part in order.parts():
-                    torch.mm(grad_rows[part].t(), rows[part], out=grad_filters[segment])
-                if need_weight:
-                    grad_weight = grad_filters.sum(0).view_as(weight)
-                if need_dynamic:
-                    grad_dynamic = grad_filters.view_as(dynamic)
+            patches = _RegionPatches(guide, x.shape, weight.shape[-2:], stride, padding, dilation)
+            grads = patches.sort(grad_out)
+            residuals = _taps_last(dynamic.flatten(0, 1))
 
             if need_bias:
                 grad_bias = grad_out.sum((0, 2, 3))
 
+            if need_weight or need_dynamic:
+                rows = patches.gather(x)
+                grad_filters = rows.new_zeros(residuals.shape)
+                for segment, part in patches.parts():
+                    torch.mm(grads[part].t(), rows[part], out=grad_filters[segment])
+                del rows
+                grad_filters = _taps_first(grad_filters, weight.shape)
+                if need_weight:
+                    grad_weight = grad_filters.sum(0)
+                if need_dynamic:
+                    grad_dynamic = grad_filters.view_as(dynamic)
+
             if need_guide:
-                # The shared kernel and bias add the same amount to every g_j, which cancels
-                # in g - sum_j S_j g_j, so only the residuals enter g.
-                g = grad_flat.new_empty(batch, regions, out_h * out_w)
-                for j in range(regions):
-                    response = torch.bmm(dynamic[:, j].reshape(batch, out_channels, -1), cols)
-                    g[:, j] = (response * grad_flat).sum(1)
-                soft = torch.softmax(guide, dim=1).view_as(g)
-                grad_guide = (soft * (g - (soft * g).sum(1, keepdim=True))).view_as(guide)
+                geometry = (stride, padding, dilation)
+                grad_guide = _softmax_rule_grad(x, dynamic, guide, grad_out, *geometry)
+
+            if need_x:
+                filters = _taps_last(weight).unsqueeze(0) + residuals
+                grad_rows = grads.new_empty(grads.shape[0], filters.shape[2])
+                for segment, part in patches.parts():
+                    torch.mm(grads[part], filters[segment], out=grad_rows[part])
+                grad_x = patches.scatter(grad_rows)
 
         return grad_x, grad_weight, grad_bias, grad_dynamic, grad_guide, None, None, None
 
 
-class _RegionOrder:
-    """Pixels of a ``(B, m, Ho, Wo)`` guide sorted by (sample, region).
+class _RegionPatches:
+    """Input patches of every output pixel, as rows sorted by (sample, region).
 
-    Segment ``b * m + j`` holds sample ``b``'s pixels assigned to region ``j``; rows of a
-    gathered matrix are contiguous per segment, so each segment is one plain GEMM.
+    Row ``n`` of :meth:`gather` is the ``kh x kw x Cin`` patch (taps-major) that output pixel
+    ``order[n]`` sees; the pixels of sample ``b`` assigned to region ``j`` are one contiguous
+    range of rows (segment ``b * m + j``), so each segment is one plain GEMM. Patches are
+    gathered straight from the channels-last input with ``index_select`` (no im2col buffer).
     """
 
-    def __init__(self, guide: Tensor) -> None:
-        batch, regions = guide.shape[:2]
-        pixels = guide.shape[2] * guide.shape[3]
+    def __init__(
+        self,
+        guide: Tensor,
+        input_shape: torch.Size,
+        kernel_size: torch.Size,
+        stride: Pair,
+        padding: Pair,
+        dilation: Pair,
+    ) -> None:
+        batch, regions, out_h, out_w = guide.shape
+        pixels = out_h * out_w
+        self._input_shape = input_shape
+        self._padding = padding
+        padded_h = input_shape[2] + 2 * padding[0]
+        padded_w = input_shape[3] + 2 * padding[1]
+        device = guide.device
+
         region = guide.argmax(1).view(batch, pixels)
-        offsets = torch.arange(batch, device=guide.device).unsqueeze(1) * regions
-        key = (region + offsets).view(-1)
-        order = torch.argsort(key, stable=True)
-        self.segments = batch * regions
-        self.sample = torch.div(order, pixels, rounding_mode="floor")
-        self.pixel = order - self.sample * pixels
-        self._counts: list[int] = torch.bincount(key, minlength=self.segments).tolist()
+        key = (region + torch.arange(batch, device=device).unsqueeze(1) * regions).view(-1)
+        self._order = torch.argsort(key, stable=True)
+        self._inverse = torch.argsort(self._order)
+        self._counts: list[int] = torch.bincount(key, minlength=batch * regions).tolist()
+
+        sample = torch.div(self._order, pixels, rounding_mode="floor")
+        pixel = self._order - sample * pixels
+        row = torch.div(pixel, out_w, rounding_mode="floor")
+        col = pixel - row * out_w
+        corner = (sample * padded_h + row * stride[0]) * padded_w + col * stride[1]
+        kh, kw = kernel_size
+        tap_rows = torch.arange(kh, device=device) * dilation[0] * padded_w
+        tap_cols = torch.arange(kw, device=device) * dilation[1]
+        taps = (tap_rows.unsqueeze(1) + tap_cols).view(-1)
+        self._taps = (corner.unsqueeze(1) + taps).view(-1)
+        self._out_shape = (batch, out_h, out_w)
 
     def parts(self) -> list[tuple[int, slice]]:
         """``(segment, row slice)`` for every non-empty segment."""
@@ -226,13 +240,69 @@ class _RegionOrder:
             start += count
         return parts
 
-    def gather(self, flat: Tensor) -> Tensor:
-        """``(B, C, L)`` -> ``(B*L, C)`` rows in sorted order."""
-        return flat.transpose(1, 2)[self.sample, self.pixel]
+    def gather(self, x: Tensor) -> Tensor:
+        """``(B, Cin, H, W)`` -> patches ``(B*Ho*Wo, kh*kw*Cin)`` in sorted order."""
+        pad_h, pad_w = self._padding
+        padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
+        channels = x.shape[1]
+        flat = padded.permute(0, 2, 3, 1).reshape(-1, channels)
+        return flat.index_select(0, self._taps).view(self._order.shape[0], -1)
 
-    def scatter(self, flat: Tensor, rows: Tensor) -> None:
-        """Inverse of :meth:`gather`: write sorted ``(B*L, C)`` rows into ``(B, C, L)``."""
-        flat.transpose(1, 2)[self.sample, self.pixel] = rows
+    def scatter(self, rows: Tensor) -> Tensor:
+        """Adjoint of :meth:`gather`: sum patch rows back into a ``(B, Cin, H, W)`` input."""
+        batch, channels, height, width = self._input_shape
+        pad_h, pad_w = self._padding
+        padded = rows.new_zeros(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
+        padded.view(-1, channels).index_add_(0, self._taps, rows.view(-1, channels))
+        return padded[:, pad_h : pad_h + height, pad_w : pad_w + width].permute(0, 3, 1, 2)
+
+    def sort(self, t: Tensor) -> Tensor:
+        """``(B, C, Ho, Wo)`` -> rows ``(B*Ho*Wo, C)`` in sorted order."""
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).index_select(0, self._order)
+
+    def unsort(self, rows: Tensor) -> Tensor:
+        """Inverse of :meth:`sort`: rows ``(B*Ho*Wo, C)`` -> ``(B, C, Ho, Wo)`` (a strided view)."""
+        return rows.index_select(0, self._inverse).view(*self._out_shape, -1).permute(0, 3, 1, 2)
+
+
+def _softmax_rule_grad(
+    x: Tensor,
+    dynamic: Tensor,
+    guide: Tensor,
+    grad_out: Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+) -> Tensor:
+    """``dL/dF = S * (g - sum_j S_j g_j)`` for guide logits ``F`` ``(B, m, Ho, Wo)``.
+
+    ``g_j = sum_c dL/dY_c * Y^(j)_c`` needs region ``j``'s response at every pixel; it is
+    computed one region at a time (one conv per region, batch folded into groups), so the
+    extra memory is one ``(B, Cout, Ho, Wo)`` response. The shared kernel and bias add the
+    same amount to every ``g_j``, which cancels in ``g - sum_j S_j g_j``, so only the
+    residuals enter ``g``.
+    """
+    batch, regions = guide.shape[:2]
+    cin, height, width = x.shape[1:]
+    folded = x.reshape(1, batch * cin, height, width)
+    g = torch.empty_like(guide)
+    for j in range(regions):
+        filters = dynamic[:, j].reshape(-1, *dynamic.shape[-3:])
+        response = F.conv2d(folded, filters, None, stride, padding, dilation, batch)
+        g[:, j] = (response.view_as(grad_out) * grad_out).sum(1)
+    soft = torch.softmax(guide, dim=1)
+    return soft * (g - (soft * g).sum(1, keepdim=True))
+
+
+def _taps_last(filters: Tensor) -> Tensor:
+    """``(..., Cout, Cin, kh, kw)`` -> ``(..., Cout, kh*kw*Cin)``, the patch row order."""
+    return filters.movedim(-3, -1).flatten(-3)
+
+
+def _taps_first(filters: Tensor, weight_shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_taps_last` for ``(S, Cout, kh*kw*Cin)``: ``(S, Cout, Cin, kh, kw)``."""
+    cout, cin, kh, kw = weight_shape
+    return filters.view(-1, cout, kh, kw, cin).movedim(-1, 2)
 
 
 def drconv2d(
@@ -388,6 +458,10 @@ class DRConvDeploy(nn.Module):
     ``m`` times the FLOPs of the conv and holds the unfolded input ``(B, Cin*kh*kw, Ho*Wo)``
     plus all region outputs ``(B, m, Cout, Ho, Wo)``; use it where exportability matters
     more than speed. Outputs equal DRConv's up to float rounding (same region map).
+
+    ONNX: use the dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``). The
+    TorchScript-based one handles 1x1 kernels but rejects the generator's
+    ``adaptive_avg_pool2d`` when the input size is not a multiple of ``kh x kw``.
     """
 
     def __init__(self, conv: DRConv) -> None:
@@ -459,6 +533,8 @@ def _pad_input(
     else:
         pads = [(p, p) for p in _pair(padding)]
     (top, bottom), (left, right) = pads
+    if not any((top, bottom, left, right)):
+        return x, (0, 0)
     if padding_mode == "zeros" and top == bottom and left == right:
         return x, (top, left)
     mode = "constant" if padding_mode == "zeros" else padding_mode

@@ -1,0 +1,297 @@
+"""DRConv against an independent dense reference, its gradient rule, deploy form and export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from drconv_reference import dense_drconv, softmax_rule
+from torch import Tensor, nn
+
+from refvision.nn.drconv import DRConv, DRConvDeploy, drconv2d
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """Tiny shapes: on a busy machine, waking extra threads costs more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# (in, out, kernel, stride, padding, dilation, batch, regions, (H, W), bias, padding_mode)
+CASES = [
+    pytest.param(3, 5, 1, 1, 0, 1, 2, 4, (6, 5), True, "zeros", id="k1-cin!=cout-m4"),
+    pytest.param(4, 4, 3, 1, 1, 1, 3, 8, (7, 7), True, "zeros", id="k3-pad1-m8"),
+    pytest.param(3, 6, 3, 2, 1, 1, 2, 2, (9, 8), False, "zeros", id="k3-stride2-m2-nobias"),
+    pytest.param(4, 3, 3, 1, 2, 2, 2, 4, (8, 8), True, "zeros", id="k3-dilation2-m4"),
+    pytest.param(2, 5, 3, 2, 0, 2, 3, 8, (11, 9), True, "zeros", id="k3-stride2-dil2-m8"),
+    pytest.param(3, 4, 3, 1, 1, 1, 2, 4, (6, 7), True, "reflect", id="k3-reflect-m4"),
+]
+
+
+def randomized_drconv(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    regions: int,
+    dtype: torch.dtype = torch.float64,
+    **conv_kwargs,
+) -> DRConv:
+    """A DRConv whose zero-initialized generator output layer is randomized, so regions differ."""
+    conv = DRConv(
+        in_channels, out_channels, kernel_size, regions=regions, dtype=dtype, **conv_kwargs
+    )
+    with torch.no_grad():
+        conv.generator.expand_weight.normal_(0.0, 0.5)
+        conv.generator.expand_bias.normal_(0.0, 0.1)
+    return conv
+
+
+def all_grads(out: Tensor, grad_out: Tensor, x: Tensor, module: nn.Module) -> dict[str, Tensor]:
+    names, params = zip(*module.named_parameters())
+    grads = torch.autograd.grad(out, (x, *params), grad_out)
+    return dict(zip(("input", *names), grads))
+
+
+@pytest.mark.parametrize(
+    "cin, cout, k, stride, padding, dilation, batch, regions, size, bias, padding_mode", CASES
+)
+def test_matches_dense_reference(
+    cin: int,
+    cout: int,
+    k: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+    batch: int,
+    regions: int,
+    size: tuple[int, int],
+    bias: bool,
+    padding_mode: str,
+) -> None:
+    torch.manual_seed(0)
+    conv = randomized_drconv(
+        cin, cout, k, regions=regions, stride=stride, padding=padding, dilation=dilation,
+        bias=bias, padding_mode=padding_mode,
+    )
+    x = torch.randn(batch, cin, *size, dtype=torch.float64, requires_grad=True)
+
+    reference = dense_drconv(conv, x)
+    used = reference.guide.argmax(1).unique().numel()
+    assert used >= min(regions, 3), f"only {used} of {regions} regions used; the test is weak"
+
+    out = conv(x)
+    torch.testing.assert_close(out, reference.out)
+
+    grad_out = torch.randn_like(out)
+    got = all_grads(out, grad_out, x, conv)
+    expected = all_grads(reference.out, grad_out, x, conv)
+    assert set(got) == {
+        "input", "weight", *(["bias"] if bias else []), "guide_weight", "guide_bias",
+        "generator.reduce_weight", "generator.reduce_bias",
+        "generator.expand_weight", "generator.expand_bias",
+    }
+    for name in got:
+        assert expected[name].abs().sum() > 0, f"reference gradient of {name} is zero"
+        torch.testing.assert_close(got[name], expected[name], msg=f"gradient of {name}")
+
+
+def test_straight_through_reference_gives_softmax_rule() -> None:
+    torch.manual_seed(1)
+    conv = randomized_drconv(3, 4, 3, regions=4, padding=1)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    reference = dense_drconv(conv, x)
+    grad_out = torch.randn_like(reference.out)
+    reference.out.backward(grad_out)
+
+    expected = softmax_rule(reference.guide.detach(), reference.responses.detach(), grad_out)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(reference.guide.grad, expected)
+
+
+def _function_inputs(
+    batch: int, cin: int, cout: int, k: int, regions: int, out_size: tuple[int, int]
+) -> dict[str, Tensor]:
+    double = {"dtype": torch.float64}
+    return {
+        "weight": torch.randn(cout, cin, k, k, **double, requires_grad=True),
+        "bias": torch.randn(cout, **double, requires_grad=True),
+        "dynamic": torch.randn(batch, regions, cout, cin, k, k, **double, requires_grad=True),
+        "guide": torch.randn(batch, regions, *out_size, **double),
+    }
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 2)])
+def test_gradcheck_function(stride: int, padding: int, dilation: int) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 2, 8, 7, dtype=torch.float64, requires_grad=True)
+    probe = torch.zeros(1, 2, 3, 3, dtype=torch.float64)
+    out_size = F.conv2d(x, probe, None, stride, padding, dilation).shape[-2:]
+    t = _function_inputs(2, 2, 3, 3, 3, tuple(out_size))
+
+    def fn(x: Tensor, weight: Tensor, bias: Tensor, dynamic: Tensor) -> Tensor:
+        return drconv2d(x, weight, bias, dynamic, t["guide"], stride, padding, dilation)
+
+    assert torch.autograd.gradcheck(fn, (x, t["weight"], t["bias"], t["dynamic"]))
+
+
+def test_function_guide_gradient_is_softmax_rule() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    t = _function_inputs(2, 3, 4, 3, 5, (5, 6))
+    guide = t["guide"].requires_grad_()
+    out = drconv2d(x, t["weight"], t["bias"], t["dynamic"], guide, padding=1)
+    grad_out = torch.randn_like(out)
+    (grad_guide,) = torch.autograd.grad(out, guide, grad_out)
+
+    responses = torch.stack(
+        [
+            F.conv2d(x[b : b + 1], t["weight"] + t["dynamic"][b, j], t["bias"], padding=1)[0]
+            for b in range(2)
+            for j in range(5)
+        ]
+    ).view(2, 5, 4, 5, 6)
+    expected = softmax_rule(guide.detach(), responses.detach(), grad_out)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(grad_guide, expected)
+
+
+def test_region_filter_gets_gradient_only_from_its_pixels() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    t = _function_inputs(2, 3, 4, 3, 4, (6, 6))
+    guide = t["guide"]
+    guide[:, 3] -= 100.0  # region 3 is never the argmax
+    guide[1, 0] -= 100.0  # sample 1 never uses region 0
+    out = drconv2d(x, t["weight"], t["bias"], t["dynamic"], guide, padding=1)
+    grad_out = torch.randn_like(out)
+    (grad_dynamic,) = torch.autograd.grad(out, t["dynamic"], grad_out)
+
+    assert torch.count_nonzero(grad_dynamic[:, 3]) == 0
+    assert torch.count_nonzero(grad_dynamic[1, 0]) == 0
+    region = guide.argmax(1, keepdim=True)
+    for b, j in [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]:
+        assigned = (grad_out * (region == j))[b : b + 1]
+        expected = torch.nn.grad.conv2d_weight(x[b : b + 1], (4, 3, 3, 3), assigned, padding=1)
+        assert expected.abs().sum() > 0, f"region {j} of sample {b} has no pixels"
+        torch.testing.assert_close(grad_dynamic[b, j], expected)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        pytest.param(nn.Conv2d(5, 7, 1, bias=False), id="k1"),
+        pytest.param(nn.Conv2d(4, 6, 3, stride=2, padding=1), id="k3-stride2-pad1"),
+        pytest.param(
+            nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode="reflect"), id="k3-reflect"
+        ),
+    ],
+)
+def test_from_conv_is_function_preserving_until_trained(conv: nn.Conv2d) -> None:
+    torch.manual_seed(5)
+    drconv = DRConv.from_conv(conv, regions=4)
+    x = torch.randn(2, conv.in_channels, 9, 10)
+    assert torch.equal(drconv(x), conv(x))
+    assert torch.equal(drconv.state_dict()["weight"], conv.weight)
+
+    optimizer = torch.optim.SGD(drconv.parameters(), lr=0.1)
+    drconv(x).square().mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert not torch.allclose(drconv(x), conv(x), atol=1e-4)
+
+
+def test_geometry_changed_after_construction_is_honoured() -> None:
+    torch.manual_seed(6)
+    conv = randomized_drconv(3, 4, 3, regions=4, padding=1)
+    conv.stride, conv.dilation, conv.padding = (2, 2), (2, 2), (2, 2)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    out = conv(x)
+    assert out.shape == F.conv2d(x, conv.weight, stride=2, padding=2, dilation=2).shape
+    torch.testing.assert_close(out, dense_drconv(conv, x).out)
+
+
+def test_deploy_matches_eval_and_exports(tmp_path) -> None:
+    import onnxruntime
+    torch.manual_seed(7)
+    conv = randomized_drconv(4, 6, 3, regions=4, dtype=torch.float32, padding=1).eval()
+    x = torch.randn(2, 4, 10, 9)
+    deploy = conv.to_deploy().eval()
+    assert isinstance(deploy, DRConvDeploy)
+    assert deploy.state_dict().keys() == conv.state_dict().keys()
+    with torch.no_grad():
+        expected = conv(x)
+        torch.testing.assert_close(deploy(x), expected, rtol=1e-5, atol=1e-5)
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(deploy, (x,), dynamic_shapes=({0: batch},))
+    torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+    path = tmp_path / "drconv.onnx"
+    torch.onnx.export(deploy, (x,), path, dynamo=True, dynamic_shapes=({0: batch},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x3 = torch.randn(3, 4, 10, 9)
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(onnx_out), conv(x3), rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_bf16_cpu_forward_backward() -> None:
+    torch.manual_seed(8)
+    conv = randomized_drconv(4, 6, 3, regions=4, dtype=torch.float32, padding=1)
+    with torch.no_grad():
+        conv.generator.expand_weight.mul_(0.1)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    reference = conv(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    out.float().square().mean().backward()
+
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in conv.parameters())
+    error = (out.float() - reference).norm() / reference.norm()
+    assert error < 0.05, f"bf16 output relative error {error:.3f}"
+
+
+def test_groups_other_than_one_raise() -> None:
+    with pytest.raises(ValueError, match="groups=2"):
+        DRConv(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="groups=4"):
+        DRConv.from_conv(nn.Conv2d(4, 4, 3, groups=4))
+
+
+def test_no_conv2d_children_and_repr() -> None:
+    conv = DRConv(4, 6, 3, regions=5)
+    assert [m for m in conv.modules() if isinstance(m, nn.Conv2d)] == [conv]
+    assert "regions=5" in repr(conv)
+    assert conv.guide_weight.shape == (5, 4, 3, 3)
+    assert conv.generator(torch.randn(2, 4, 7, 7)).shape == (2, 5, 6, 4, 3, 3)
+
+
+DEVICES = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_matches_reference_and_runs_under_fp16_autocast(device: str) -> None:
+    torch.manual_seed(9)
+    conv = randomized_drconv(4, 5, 3, regions=8, padding=1, stride=2).to(device)
+    x = torch.randn(3, 4, 12, 11, dtype=torch.float64, device=device, requires_grad=True)
+    out = conv(x)
+    reference = dense_drconv(conv, x)
+    torch.testing.assert_close(out, reference.out)
+    grad_out = torch.randn_like(out)
+    got = all_grads(out, grad_out, x, conv)
+    expected = all_grads(reference.out, grad_out, x, conv)
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], msg=f"gradient of {name}")
+
+    conv = conv.float()
+    with torch.autocast(device, dtype=torch.float16):
+        out = conv(x.detach().float())
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in conv.parameters())
