@@ -19,6 +19,8 @@ from lightning.pytorch.cli import LightningCLI
 
 import refvision.data  # noqa: F401  (registers the data modules for short class names)
 import refvision.tasks.classification  # noqa: F401  (registers the tasks for short class names)
+import refvision.tasks.detection  # noqa: F401
+import refvision.tasks.segmentation  # noqa: F401
 from refvision.callbacks import DeployCheckpoint
 from refvision.convert import reparameterize
 from refvision.deploy import load_task_checkpoint, reparameterize_checkpoint
@@ -30,6 +32,7 @@ workflow subcommands:
   reparameterize  --ckpt IN --output OUT [--overwrite]   write the deploy checkpoint of IN
   profile         -c CONFIG [-c ...] [--ckpt CKPT]      params / FLOPs / latency, train vs deploy form
   demo            [--root DIR]                           the whole refocus workflow on generated data
+  export          --ckpt IN --output OUT --format FMT    ONNX / TorchScript / ExportedProgram of the deploy form
 """
 
 
@@ -131,10 +134,27 @@ def demo_command(argv: Sequence[str]) -> None:
     run_demo(cfg.root, cfg.tasks)
 
 
+def export_command(argv: Sequence[str]) -> None:
+    from refvision.export import FORMATS, export_checkpoint
+
+    parser = ArgumentParser(prog="refvision export",
+                            description="Export the deploy form of a checkpoint's raw network (no post-processing).")
+    parser.add_argument("--ckpt", required=True, help="train or deploy checkpoint (loaded with weights_only=True)")
+    parser.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx | torchscript | exported-program")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--check", type=bool, default=True, help="run the written file and compare it with PyTorch")
+    cfg = parser.parse_args(list(argv))
+    print(export_checkpoint(cfg.ckpt, cfg.output, cfg.format, opset=cfg.opset, overwrite=cfg.overwrite,
+                            check=cfg.check))
+
+
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "reparameterize": reparameterize_command,
     "profile": profile_command,
     "demo": demo_command,
+    "export": export_command,
 }
 
 
