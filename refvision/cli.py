@@ -2,7 +2,7 @@
 
 ``refvision fit|validate|test|predict`` is a :class:`~lightning.pytorch.cli.LightningCLI` whose
 model is any refvision task and whose data is any LightningDataModule, both chosen by
-``class_path`` in the (composable) ``-c`` configs. ``reparameterize``, ``profile`` and ``demo``
+``class_path`` in the (composable) ``-c`` configs. ``reparameterize``, ``profile``, ``export`` and ``demo``
 are handled here, before LightningCLI parses, so one entry point serves all.
 """
 
