@@ -1,0 +1,253 @@
+"""Object detection: torchvision SSD / SSDLite, SSD's multibox loss, Pascal VOC mAP@0.5 (+ COCO mAP).
+
+Batches are ``(images, targets)`` as :class:`~refvision.data.VOCDataModule` gives them:
+``images[i]`` a ``(3, H_i, W_i)`` float tensor in [0, 1] and ``targets[i]`` a dict with
+``boxes`` ``(N, 4)`` xyxy (0-based continuous pixels), ``labels`` ``(N,)`` int64 in
+``1..num_classes - 1``, ``difficult`` ``(N,)`` bool and ``image_id``. The detector resizes
+and normalizes internally and maps its detections back to each input image's pixels.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes
+
+from refvision.metrics import VOCMeanAveragePrecision, format_table
+from refvision.models.detection import build_detector
+from refvision.tasks.base import RefvisionTask
+
+Detection = dict[str, Any]
+"""One image's detections: ``boxes`` ``(D, 4)`` xyxy in input pixels, ``scores`` ``(D,)``,
+``labels`` ``(D,)`` int64 (0 is background, never predicted), and ``image_id`` in ``predict``."""
+
+
+def ssd_raw_outputs(model: nn.Module, images: Sequence[Tensor] | Tensor) -> Tensor:
+    """Pre-NMS outputs of a torchvision ``SSD`` on ``images``, as one ``(B, A * (4 + C))`` tensor.
+
+    ``images`` is a list of ``(3, H_i, W_i)`` tensors in [0, 1] or a ``(B, 3, H, W)`` batch. They
+    go through ``model.transform`` (resize to the model size, normalize), the backbone and the
+    head; the result concatenates the box regression ``(B, A, 4)`` and the class logits
+    ``(B, A, C)`` of all ``A`` anchors, each flattened per image. Anchor decoding, score
+    thresholding and NMS are left out: they are not parameterized, and they would turn a tiny
+    numerical difference into a different set of boxes.
+    """
+    image_list, _ = model.transform(list(images))
+    outputs = model.head(list(model.backbone(image_list.tensors).values()))
+    return torch.cat([outputs["bbox_regression"].flatten(1), outputs["cls_logits"].flatten(1)], 1)
+
+
+class SSDRawOutputs(nn.Module):
+    """``forward(images) = ssd_raw_outputs(model, images)``: what profiling and export trace.
+
+    SSD's post-processing (per-class thresholds, NMS, variable-length outputs) cannot be traced,
+    so FLOPs and parameters are those of transform + backbone + head.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Sequence[Tensor] | Tensor) -> Tensor:
+        return ssd_raw_outputs(self.model, images)
+
+
+class DetectionTask(RefvisionTask):
+    """Train and evaluate an SSD detector (see the module docstring for the batch format).
+
+    Args:
+        detector: ``ssd300_vgg16``, ``ssdlite320_mobilenet_v3_large`` or ``ssdlite320_mobilenet_v2``
+            (see ``refvision.models.build_detector``).
+        num_classes: classes including the background (21 for VOC); must equal the data module's.
+        weights_backbone: torchvision ImageNet weight name of the backbone to download
+            (``DEFAULT``, ``IMAGENET1K_V1``, ``IMAGENET1K_FEATURES`` for VGG16), or null.
+        image_size: square side the SSDLite models resize to (default 320; SSD300 only takes 300).
+        eval_mode: VOC AP interpolation: ``11points`` (VOC2007, the SSD paper) or ``area`` (VOC2010+).
+        norm_momentum: BatchNorm running-statistics momentum of every norm layer, or null to keep
+            the detector's (SSDLite: 0.03, set for torchvision's 660-epoch schedule; with a few
+            hundred steps such slow statistics lag far behind the weights and spoil evaluation).
+        **kwargs: the shared options of :class:`~refvision.tasks.base.RefvisionTask`
+            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``).
+
+    By default only the backbone's feature layers are converted (``conv.include`` widens it, e.g.
+    ``[backbone.*]`` adds the extra layers, ``[head.*]`` the prediction heads).
+    """
+
+    download_options = ("weights_backbone",)
+    default_conv_include = ["backbone.features.*"]
+    monitor, monitor_mode = "val/map", "max"
+
+    def __init__(
+        self,
+        detector: str = "ssdlite320_mobilenet_v3_large",
+        num_classes: int = 21,
+        weights_backbone: str | None = None,
+        image_size: int | None = None,
+        eval_mode: Literal["11points", "area"] = "11points",
+        norm_momentum: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes={num_classes}; expected at least 2 (the background included)")
+        if norm_momentum is not None and not 0 < norm_momentum <= 1:
+            raise ValueError(f"model.norm_momentum={norm_momentum}; expected a value in (0, 1] or null")
+        self.detector, self.num_classes, self.weights_backbone = detector, num_classes, weights_backbone
+        self.image_size, self.eval_mode, self.norm_momentum = image_size, eval_mode, norm_momentum
+        self.configure_model_pipeline()
+        self.val_map = VOCMeanAveragePrecision(num_classes - 1, eval_mode=eval_mode)
+        self.test_map = VOCMeanAveragePrecision(num_classes - 1, eval_mode=eval_mode)
+
+    def build_model(self) -> nn.Module:
+        model = build_detector(self.detector, self.num_classes, self.weights_backbone, self.image_size)
+        if self.norm_momentum is not None:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = self.norm_momentum
+        return model
+
+    def raw_forward(self, model: nn.Module, inputs: Sequence[Tensor] | Tensor) -> Tensor:
+        """Pre-NMS outputs ``(B, A * (4 + C))``; see :func:`ssd_raw_outputs`."""
+        return ssd_raw_outputs(model, inputs)
+
+    def profile_module(self) -> nn.Module:
+        return SSDRawOutputs(self.model)
+
+    def example_inputs(self) -> list[Tensor]:
+        """One ``(3, S, S)`` image at the model's input size ``S``."""
+        height, width = self.model.transform.fixed_size
+        return [torch.rand(3, height, width)]
+
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} (background included) but the data has {data_classes} "
+                f"classes counting the background; set --model.num_classes {data_classes}"
+            )
+
+    def forward(self, images: Sequence[Tensor]) -> list[Detection]:
+        """Detections per image, boxes in each input image's pixels (the model must be in eval mode)."""
+        return self.model(list(images))
+
+    def training_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(images, targets)
+        loss = sum(losses.values())
+        batch_size = len(images)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> None:
+        images, targets = batch
+        self.val_map.update(self(images), targets)
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_map.compute()
+        self.val_map.reset()
+        self.log("val/map", result["map"].float(), prog_bar=True)
+        self.log("val/coco_map", result["coco_map"].float())
+
+    def test_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> None:
+        images, targets = batch
+        self.test_map.update(self(images), targets)
+
+    def on_test_epoch_end(self) -> None:
+        result = self.test_map.compute()
+        self.test_map.reset()
+        self.log("test/map", result["map"].float())
+        self.log("test/coco_map", result["coco_map"].float())
+        self.log("test/coco_map_50", result["coco_map_50"].float())
+        names = getattr(self.trainer.datamodule, "class_names", None)
+        names = names[1:] if names is not None else self.test_map.class_names
+        rank_zero_info(f"per-class AP@0.5 ({self.eval_mode}, test):\n" + format_table(result, names))
+
+    def predict_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> list[Detection]:
+        """Detections per image (see :data:`Detection`), each with the ``image_id`` of its target."""
+        images, targets = batch
+        detections = self(images)
+        for detection, target in zip(detections, targets):
+            detection["image_id"] = target["image_id"]
+        return detections
+
+
+class DetectionPredictionWriter(BasePredictionWriter):
+    """Write the detections of ``refvision predict`` under ``output_dir``.
+
+    - ``detections.json``: one record per image, ``{"image_id", "boxes" (xyxy, pixels of the
+      image as the data module yields it: the original image for VOCDataModule), "scores",
+      "labels", "class_names"}``, keeping detections with ``score >= score_threshold``. Under
+      several processes each writes ``detections.rank<r>.json``.
+    - ``<image_id>.png`` per image (``/`` in ids becomes ``_``): the image with those boxes
+      drawn, labelled ``<class> <score>``.
+
+    ``class_names[label]`` names a label (background first); default: the data module's
+    ``class_names``, else the label number. Add it on the command line with
+    ``--trainer.callbacks+=refvision.tasks.detection.DetectionPredictionWriter
+    --trainer.callbacks.output_dir DIR``, and pass ``--return_predictions false`` so the
+    detections are not also kept in memory.
+    """
+
+    def __init__(self, output_dir: str, score_threshold: float = 0.3, class_names: list[str] | None = None) -> None:
+        super().__init__(write_interval="batch_and_epoch")
+        self.output_dir = Path(output_dir)
+        self.score_threshold = score_threshold
+        self.class_names = class_names
+        self._records: list[dict[str, Any]] = []
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._records = []
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: list[Detection],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        names = self.class_names or getattr(trainer.datamodule, "class_names", None)
+        for image, detection in zip(pl_module.inputs_of(batch), prediction):
+            keep = detection["scores"] >= self.score_threshold
+            boxes = detection["boxes"][keep].detach().cpu()
+            scores = detection["scores"][keep].detach().cpu()
+            labels = detection["labels"][keep].detach().cpu()
+            label_names = [names[i] if names is not None and i < len(names) else str(i) for i in labels.tolist()]
+            self._records.append({
+                "image_id": detection["image_id"],
+                "boxes": [[round(v, 2) for v in box] for box in boxes.tolist()],
+                "scores": [round(s, 4) for s in scores.tolist()],
+                "labels": labels.tolist(),
+                "class_names": label_names,
+            })
+            rgb = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+            drawn = draw_bounding_boxes(
+                rgb, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(label_names, scores.tolist())],
+                colors=[_color(i) for i in labels.tolist()], width=2,
+            )
+            write_png(drawn, str(self.output_dir / f"{str(detection['image_id']).replace('/', '_')}.png"))
+
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+    ) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        name = "detections.json" if trainer.world_size == 1 else f"detections.rank{trainer.global_rank}.json"
+        (self.output_dir / name).write_text(json.dumps(self._records, indent=1))
+
+
+def _color(label: int) -> tuple[int, int, int]:
+    """A fixed, well-spread RGB color per label (torchvision's palette rule)."""
+    return tuple(label * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1))
