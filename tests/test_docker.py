@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -40,10 +41,22 @@ def _instructions(path: Path) -> list[list[tuple[str, str]]]:
             continue
         instruction, _, args = logical.strip().partition(" ")
         logical = ""
-        if instruction.upper() == "FROM":
+        if instruction.upper() == "FROM" or not stages:  # stage 0 holds the ARGs before the first FROM
             stages.append([])
         stages[-1].append((instruction.upper(), " ".join(args.split())))
-    return stages
+    return stages[1:] if stages[0][0][0] != "FROM" else stages
+
+
+def _global_args() -> dict[str, str]:
+    """The ``ARG name=default`` lines before the first ``FROM``."""
+    args = {}
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("FROM "):
+            return args
+        if line.startswith("ARG "):
+            name, _, default = line[4:].strip().partition("=")
+            args[name] = default
+    return args
 
 
 def _final_stage() -> dict[str, list[str]]:
@@ -91,11 +104,29 @@ def test_build_installs_the_whole_context_from_the_lock() -> None:
     assert ("COPY", ". .") in build
 
 
-def test_base_python_is_the_locked_interpreter() -> None:
+def test_python_is_the_locked_interpreter() -> None:
     # requirements.lock is `pip freeze` of this virtual environment (see the Makefile's lock target).
-    (base,) = [args.split()[0] for args in (stage[0][1] for stage in _instructions(DOCKERFILE))
-               if args.startswith("python:")]
-    assert base.startswith(f"python:{sys.version_info.major}.{sys.version_info.minor}-")
+    run = " ".join(args for stage in _instructions(DOCKERFILE) for instruction, args in stage if instruction == "RUN")
+    (installed,) = re.findall(r"uv python install (\S+)", run)
+    assert installed == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert f'"$(uv python find {installed})" -m venv /opt/venv' in run
+    final = _final_stage()
+    assert "/opt/python /opt/python" in " ".join(final["COPY"]), "the venv's interpreter must reach the final stage"
+
+
+def test_gpu_base_is_the_cuda_runtime_of_the_locked_torch() -> None:
+    base = _global_args()["BASE_IMAGE"]
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-runtime-ubuntu(\d+\.\d+)", base)
+    assert match, base
+    lock = dict(line.partition("==")[::2] for line in (REPO / "requirements.lock").read_text().splitlines())
+    # torch's own CUDA version (the wheel's build) and the CUDA runtime wheel it loads.
+    assert torch.version.cuda == f"{match[1]}.{match[2]}"
+    runtime = lock["nvidia-cuda-runtime"].split(".")
+    assert runtime[:2] == [match[1], match[2]]
+    assert lock["torch"] == torch.__version__.split("+")[0]
+    # Every stage builds on the selected base (the GPU default or the CPU build arg).
+    froms = [stage[0][1] for stage in _instructions(DOCKERFILE)]
+    assert froms[1:] == ["${BASE_IMAGE} AS base", "base AS build", "base"], froms
 
 
 def test_project_pins_agree_with_the_lock() -> None:
