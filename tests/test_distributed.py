@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.plugins import TorchSyncBatchNorm
+from torch import nn
 
-from refvision.data.demo import write_imagefolder
+from refvision.deploy import reparameterize_checkpoint
+from refvision.nn.refconv import RefConv
+from refvision.tasks.segmentation import SegmentationTask
+from refvision.data.demo import write_cityscapes, write_imagefolder, write_vocdevkit
 
 REFVISION = [sys.executable, "-m", "refvision.cli"]
 
@@ -55,3 +60,83 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
           "--trainer.default_root_dir", str(tmp_path / "t1")], tmp_path)
     assert _logged(tmp_path / "t2", "test/top1") == _logged(tmp_path / "t1", "test/top1")
     assert torch.load(deploy, weights_only=True)["hyper_parameters"]["conv"] == {"kind": "none"}
+
+
+def _fit_refconv_then_test(tmp_path: Path, common: list[str], key: str, epochs: int = 1) -> None:
+    """DDP ``fit`` with RefConv, then ``test`` of its deploy checkpoint with 2 processes and with 1."""
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    root = tmp_path / "fit"
+    refconv = str(Path(__file__).resolve().parents[1] / "configs/conv/refconv.yaml")
+    _run(["fit", *common, "-c", refconv, *ddp, "--trainer.max_epochs", str(epochs),
+          "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps", "0",
+          "--trainer.default_root_dir", str(root)], tmp_path)
+    assert sorted(p.name for p in root.rglob("*.ckpt")) == ["best-deploy.ckpt", "best.ckpt", "last.ckpt"]
+    deploy = next(root.rglob("best-deploy.ckpt"))
+    _run(["test", *common, *ddp, "--ckpt_path", str(deploy), "--trainer.default_root_dir", str(tmp_path / "t2")],
+         tmp_path)
+    _run(["test", *common, "--trainer.devices", "1", "--ckpt_path", str(deploy),
+          "--trainer.default_root_dir", str(tmp_path / "t1")], tmp_path)
+    single = _logged(tmp_path / "t1", key)
+    # Same images, same per-rank batch size as the single process: the reduced metric is the same
+    # up to float summation order; a rank's share missing or counted twice moves it by far more.
+    assert 0.0 < single <= 1.0
+    assert _logged(tmp_path / "t2", key) == pytest.approx(single, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_detection_map_matches_single_process(tmp_path: Path) -> None:
+    # 4 test images, batch 2: each rank evaluates one whole batch; mAP needs every rank's detections.
+    data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=8, num_test=4, size=(48, 64))
+    repo = Path(__file__).resolve().parents[1]
+    common = [
+        "-c", str(repo / "configs/demo/detection.yaml"), "--data.root", str(data), "--data.batch_size", "2",
+        "--data.pin_memory", "false", "--model.image_size", "64", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ]
+    # A few epochs: after 2 steps from scratch no box reaches IoU 0.5 and every mAP is 0.
+    _fit_refconv_then_test(tmp_path, common, "test/map", epochs=6)
+
+
+@pytest.mark.slow
+def test_ddp_segmentation_miou_matches_single_process(tmp_path: Path) -> None:
+    # `--trainer.sync_batchnorm true` is GPU-only (torch's DDP refuses SyncBatchNorm on CPU); its
+    # effect on refvision's models is covered by test_sync_batchnorm_keeps_the_checkpoint_format.
+    data = write_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=4, size=(64, 128))
+    repo = Path(__file__).resolve().parents[1]
+    common = [
+        "-c", str(repo / "configs/demo/segmentation.yaml"), "--data.root", str(data), "--data.batch_size", "2",
+        "--data.val_batch_size", "2", "--data.pin_memory", "false", "--data.crop_size", "[64,128]",
+        "--model.example_size", "[64,128]", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ]
+    _fit_refconv_then_test(tmp_path, common, "test/miou", epochs=4)
+
+
+def test_sync_batchnorm_keeps_the_checkpoint_format(tmp_path: Path) -> None:
+    # What `--trainer.sync_batchnorm true` does to the LightningModule before DDP wraps it.
+    task = SegmentationTask(num_classes=5, conv={"kind": "refconv"}, trainable="refocus_only", example_size=(64, 64))
+    plain_keys = list(task.state_dict())
+    TorchSyncBatchNorm().apply(task)
+    synced = [m for m in task.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert synced and not any(type(m) is nn.BatchNorm2d for m in task.modules())
+    task.train()  # refocus_only keeps every norm layer's statistics, SyncBatchNorm included
+    assert not any(m.training for m in synced)
+    assert list(task.state_dict()) == plain_keys
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained transform, not the zero-initialized one
+        for module in task.modules():
+            if isinstance(module, RefConv):
+                module.refocus_weight.normal_(std=0.01)
+    path = tmp_path / "synced.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "refvision": {"task": "refvision.tasks.segmentation.SegmentationTask"}}, path)
+    # The deploy path reads the checkpoint into plain BatchNorm layers and folds it exactly.
+    report = reparameterize_checkpoint(path, tmp_path / "deploy.ckpt")
+    assert report.max_abs_diff < 1e-4
+    task.eval()
+    deployed = torch.load(tmp_path / "deploy.ckpt", weights_only=True)["state_dict"]
+    plain = SegmentationTask(num_classes=5, example_size=(64, 64)).eval()
+    plain.load_state_dict(deployed, strict=True)
+    inputs = task.example_inputs()
+    with torch.no_grad():
+        assert torch.allclose(plain.model(inputs), task.model(inputs), atol=1e-4)
