@@ -76,6 +76,8 @@ class RefvisionTask(LightningModule):
     monitor: ClassVar[str] = "val/loss"
     monitor_mode: ClassVar[str] = "min"
     """The validation metric that picks ``best.ckpt`` (and so the deploy checkpoint)."""
+    num_classes_note: ClassVar[str] = ""
+    """How this task counts ``num_classes``, quoted in the class-count mismatch error."""
 
     def __init__(
         self,
@@ -130,6 +132,16 @@ class RefvisionTask(LightningModule):
             model = reparameterize(model, inplace=True)
         set_trainable(model, self.trainable)
         self.model = model
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose ``num_classes`` differs from the model's ``num_classes``."""
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
+        model_classes = getattr(self, "num_classes", None)
+        if data_classes is not None and model_classes is not None and data_classes != model_classes:
+            raise ValueError(
+                f"model.num_classes={model_classes}{self.num_classes_note} but the data has {data_classes} "
+                f"classes{self.num_classes_note}; set --model.num_classes {data_classes}"
+            )
 
     def train(self, mode: bool = True) -> "RefvisionTask":
         super().train(mode)

@@ -55,14 +55,6 @@ class ClassificationTask(RefvisionTask):
     def example_inputs(self) -> Tensor:
         return torch.randn(1, 3, self.image_size, self.image_size)
 
-    def setup(self, stage: str) -> None:
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
-        if data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(
-                f"model.num_classes={self.num_classes} but the data has {data_classes} classes; "
-                f"set --model.num_classes {data_classes}"
-            )
-
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> logits ``(B, num_classes)``."""
         return self.model(images)

@@ -81,6 +81,7 @@ class DetectionTask(RefvisionTask):
     """
 
     download_options = ("weights_backbone",)
+    num_classes_note = " (background included)"
     default_conv_include = ["backbone.features.*"]
     monitor, monitor_mode = "val/map", "max"
 
@@ -125,14 +126,6 @@ class DetectionTask(RefvisionTask):
         """One ``(3, S, S)`` image at the model's input size ``S``."""
         height, width = self.model.transform.fixed_size
         return [torch.rand(3, height, width)]
-
-    def setup(self, stage: str) -> None:
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
-        if data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(
-                f"model.num_classes={self.num_classes} (background included) but the data has {data_classes} "
-                f"classes counting the background; set --model.num_classes {data_classes}"
-            )
 
     def forward(self, images: Sequence[Tensor]) -> list[Detection]:
         """Detections per image, boxes in each input image's pixels (the model must be in eval mode)."""

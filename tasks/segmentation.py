@@ -108,14 +108,6 @@ class SegmentationTask(RefvisionTask):
     def example_inputs(self) -> Tensor:
         return torch.randn(1, 3, *self.example_size)
 
-    def setup(self, stage: str) -> None:
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
-        if data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(
-                f"model.num_classes={self.num_classes} but the data has {data_classes} classes; "
-                f"set --model.num_classes {data_classes}"
-            )
-
     def forward(self, images: Tensor) -> Tensor:
         """Normalized ``(B, 3, H, W)`` -> class scores ``(B, C, H, W)`` with the configured inference."""
         return segment(self.model, images, self.num_classes, self.inference, self.slide_crop, self.slide_stride,

@@ -100,6 +100,12 @@ def _args(root: Path, data: Path, *extra: str) -> list[str]:
     ]
 
 
+def test_class_count_must_match_the_data(tmp_path: Path) -> None:
+    data = write_cityscapes(tmp_path / "cityscapes", num_train=1, num_val=1, size=(64, 128))
+    with pytest.raises(ValueError, match=r"model\.num_classes=5 but the data has 19 classes; set --model\.num_classes 19"):
+        main(["fit", *_args(tmp_path / "run", data), "--model.num_classes", "5"])
+
+
 @pytest.mark.slow
 def test_cli_fit_refconv_deploy_test_predict(tmp_path: Path) -> None:
     data = write_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=2, size=(64, 128))
