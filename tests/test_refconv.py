@@ -230,15 +230,16 @@ def test_eval_cache_reuses_and_invalidates():
     assert clone._cache is None and "_cache" not in str(list(clone.state_dict()))
 
 
-def test_autocast_runs_the_transform_in_weight_dtype():
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_runs_the_transform_in_weight_dtype(amp_dtype: torch.dtype):
     torch.manual_seed(0)
     layer = RefConv(4, 4, 3, padding=1, groups=4)
     x = torch.randn(2, 4, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=amp_dtype):
         wt = layer.refocused_weight()
         y = layer(x)
     assert wt.dtype == torch.float32 and torch.equal(wt, layer.refocused_weight())
-    assert y.dtype == torch.bfloat16
+    assert y.dtype == amp_dtype
     y.float().sum().backward()
     assert layer.refocus_weight.grad is not None and layer.refocus_weight.grad.dtype == torch.float32
 
