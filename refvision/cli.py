@@ -44,17 +44,27 @@ class RefvisionCLI(LightningCLI):
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RefvisionCLI:
-    """Run (or only build, ``run=False``) the Lightning part of the command on ``args``."""
-    return RefvisionCLI(
-        RefvisionTask,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        parser_kwargs={"epilog": EXTRA_COMMANDS_HELP},
-        save_config_kwargs={"overwrite": True},
-    )
+    """Run (or only build, ``run=False``) the Lightning part of the command on ``args``.
+
+    ``args`` given: the process's own command line is not read (``refvision demo`` runs several
+    of these), so it is hidden from LightningCLI, which would otherwise warn about both.
+    """
+    argv = sys.argv
+    if args is not None:
+        sys.argv = argv[:1]
+    try:
+        return RefvisionCLI(
+            RefvisionTask,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            parser_kwargs={"epilog": EXTRA_COMMANDS_HELP},
+            save_config_kwargs={"overwrite": True},
+        )
+    finally:
+        sys.argv = argv
 
 
 def reparameterize_command(argv: Sequence[str]) -> None:
