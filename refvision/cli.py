@@ -9,6 +9,7 @@ are handled here, before LightningCLI parses, so one entry point serves all.
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,13 +47,12 @@ class RefvisionCLI(LightningCLI):
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RefvisionCLI:
     """Run (or only build, ``run=False``) the Lightning part of the command on ``args``.
 
-    ``args`` given: the process's own command line is not read (``refvision demo`` runs several
-    of these), so it is hidden from LightningCLI, which would otherwise warn about both.
+    ``args`` given, the process's own command line is not parsed (``refvision demo`` runs several
+    such commands); LightningCLI's warning about having both is silenced. ``sys.argv`` itself is
+    left alone: Lightning's DDP launcher starts the other ranks with it.
     """
-    argv = sys.argv
-    if args is not None:
-        sys.argv = argv[:1]
-    try:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return RefvisionCLI(
             RefvisionTask,
             LightningDataModule,
@@ -63,8 +63,6 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Refvis
             parser_kwargs={"epilog": EXTRA_COMMANDS_HELP},
             save_config_kwargs={"overwrite": True},
         )
-    finally:
-        sys.argv = argv
 
 
 def reparameterize_command(argv: Sequence[str]) -> None:
