@@ -11,12 +11,14 @@ import torch
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 
+from refvision.data.demo import write_cityscapes, write_imagefolder, write_vocdevkit
 from refvision.deploy import reparameterize_checkpoint
 from refvision.nn.refconv import RefConv
 from refvision.tasks.segmentation import SegmentationTask
-from refvision.data.demo import write_cityscapes, write_imagefolder, write_vocdevkit
 
 REFVISION = [sys.executable, "-m", "refvision.cli"]
+REPO = Path(__file__).resolve().parents[1]
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
 
 def _run(args: list[str], cwd: Path) -> None:
@@ -32,64 +34,63 @@ def _logged(root: Path, key: str) -> float:
     return values[0]
 
 
+def _ddp_fit(tmp_path: Path, args: list[str], root: Path) -> Path:
+    """``fit`` on 2 processes of a model with RefConv layers; returns its deploy checkpoint."""
+    # Frozen RefConv bases must not trip DDP's unused-parameter check.
+    _run(["fit", *args, *DDP, "--trainer.default_root_dir", str(root)], tmp_path)
+    ckpts = sorted(p.name for p in root.rglob("*.ckpt"))
+    assert ckpts == ["best-deploy.ckpt", "best.ckpt", "last.ckpt"]  # rank 0 wrote each once
+    return next(root.rglob("best-deploy.ckpt"))
+
+
+def _test_on_two_and_one(tmp_path: Path, common: list[str], deploy: Path, key: str) -> tuple[float, float]:
+    """``test`` of ``deploy`` with 2 processes and with 1: the logged ``key`` of each."""
+    _run(["test", *common, *DDP, "--ckpt_path", str(deploy), "--trainer.default_root_dir", str(tmp_path / "t2")],
+         tmp_path)
+    _run(["test", *common, "--trainer.devices", "1", "--ckpt_path", str(deploy),
+          "--trainer.default_root_dir", str(tmp_path / "t1")], tmp_path)
+    return _logged(tmp_path / "t2", key), _logged(tmp_path / "t1", key)
+
+
 @pytest.mark.slow
 def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
     # 4 classes x 4 val images, batch 4: each of the 2 ranks sees 2 whole batches, no padding.
     data = write_imagefolder(tmp_path / "images", train_per_class=4, val_per_class=4, size=32)
-    repo = Path(__file__).resolve().parents[1]
     common = [
-        "-c", str(repo / "configs/demo/classification.yaml"), "-c", str(repo / "configs/conv/refconv.yaml"),
+        "-c", str(REPO / "configs/demo/classification.yaml"), "-c", str(REPO / "configs/conv/refconv.yaml"),
         "--data.root", str(data), "--data.image_size", "32", "--data.resize_size", "32", "--data.batch_size", "4",
         "--model.backbone", "mobilenet_v2", "--model.image_size", "32", "--trainer.enable_progress_bar", "false",
         "--trainer.accelerator", "cpu",
     ]
-    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
     baseline = tmp_path / "baseline"
-    _run(["fit", *common[:2], *common[4:], *ddp, "--trainer.max_epochs", "1",
+    _run(["fit", *common[:2], *common[4:], *DDP, "--trainer.max_epochs", "1",
           "--trainer.limit_train_batches", "2", "--trainer.default_root_dir", str(baseline)], tmp_path)
     best = next(baseline.glob("lightning_logs/version_0/checkpoints/best.ckpt"))
-    refocus = tmp_path / "refocus"
-    # Frozen RefConv bases must not trip DDP's unused-parameter check.
-    _run(["fit", *common, *ddp, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-          "--model.init_from", str(best), "--trainer.default_root_dir", str(refocus)], tmp_path)
-    ckpts = sorted(p.name for p in refocus.rglob("*.ckpt"))
-    assert ckpts == ["best-deploy.ckpt", "best.ckpt", "last.ckpt"]  # rank 0 wrote each once
-    deploy = next(refocus.rglob("best-deploy.ckpt"))
-    _run(["test", *common, *ddp, "--ckpt_path", str(deploy), "--trainer.default_root_dir", str(tmp_path / "t2")], tmp_path)
-    _run(["test", *common, "--trainer.devices", "1", "--ckpt_path", str(deploy),
-          "--trainer.default_root_dir", str(tmp_path / "t1")], tmp_path)
-    assert _logged(tmp_path / "t2", "test/top1") == _logged(tmp_path / "t1", "test/top1")
+    deploy = _ddp_fit(tmp_path, [*common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                                 "--model.init_from", str(best)], tmp_path / "refocus")
+    two, one = _test_on_two_and_one(tmp_path, common, deploy, "test/top1")
+    assert two == one
     assert torch.load(deploy, weights_only=True)["hyper_parameters"]["conv"] == {"kind": "none"}
 
 
-def _fit_refconv_then_test(tmp_path: Path, common: list[str], key: str, epochs: int = 1) -> None:
+def _fit_refconv_then_test(tmp_path: Path, common: list[str], key: str, epochs: int) -> None:
     """DDP ``fit`` with RefConv, then ``test`` of its deploy checkpoint with 2 processes and with 1."""
-    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    root = tmp_path / "fit"
-    refconv = str(Path(__file__).resolve().parents[1] / "configs/conv/refconv.yaml")
-    _run(["fit", *common, "-c", refconv, *ddp, "--trainer.max_epochs", str(epochs),
-          "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps", "0",
-          "--trainer.default_root_dir", str(root)], tmp_path)
-    assert sorted(p.name for p in root.rglob("*.ckpt")) == ["best-deploy.ckpt", "best.ckpt", "last.ckpt"]
-    deploy = next(root.rglob("best-deploy.ckpt"))
-    _run(["test", *common, *ddp, "--ckpt_path", str(deploy), "--trainer.default_root_dir", str(tmp_path / "t2")],
-         tmp_path)
-    _run(["test", *common, "--trainer.devices", "1", "--ckpt_path", str(deploy),
-          "--trainer.default_root_dir", str(tmp_path / "t1")], tmp_path)
-    single = _logged(tmp_path / "t1", key)
+    deploy = _ddp_fit(tmp_path, [*common, "-c", str(REPO / "configs/conv/refconv.yaml"), "--trainer.max_epochs",
+                                 str(epochs), "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps",
+                                 "0"], tmp_path / "fit")
+    two, single = _test_on_two_and_one(tmp_path, common, deploy, key)
     # Same images, same per-rank batch size as the single process: the reduced metric is the same
     # up to float summation order; a rank's share missing or counted twice moves it by far more.
     assert 0.0 < single <= 1.0
-    assert _logged(tmp_path / "t2", key) == pytest.approx(single, abs=1e-6)
+    assert two == pytest.approx(single, abs=1e-6)
 
 
 @pytest.mark.slow
 def test_ddp_detection_map_matches_single_process(tmp_path: Path) -> None:
     # 4 test images, batch 2: each rank evaluates one whole batch; mAP needs every rank's detections.
     data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=8, num_test=4, size=(48, 64))
-    repo = Path(__file__).resolve().parents[1]
     common = [
-        "-c", str(repo / "configs/demo/detection.yaml"), "--data.root", str(data), "--data.batch_size", "2",
+        "-c", str(REPO / "configs/demo/detection.yaml"), "--data.root", str(data), "--data.batch_size", "2",
         "--data.pin_memory", "false", "--model.image_size", "64", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false",
     ]
@@ -102,9 +103,8 @@ def test_ddp_segmentation_miou_matches_single_process(tmp_path: Path) -> None:
     # `--trainer.sync_batchnorm true` is GPU-only (torch's DDP refuses SyncBatchNorm on CPU); its
     # effect on refvision's models is covered by test_sync_batchnorm_keeps_the_checkpoint_format.
     data = write_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=4, size=(64, 128))
-    repo = Path(__file__).resolve().parents[1]
     common = [
-        "-c", str(repo / "configs/demo/segmentation.yaml"), "--data.root", str(data), "--data.batch_size", "2",
+        "-c", str(REPO / "configs/demo/segmentation.yaml"), "--data.root", str(data), "--data.batch_size", "2",
         "--data.val_batch_size", "2", "--data.pin_memory", "false", "--data.crop_size", "[64,128]",
         "--model.example_size", "[64,128]", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false",

@@ -28,9 +28,10 @@ BIN = Path(sys.executable).parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 
 
-def _instructions(path: Path) -> list[list[tuple[str, str]]]:
-    """``[(INSTRUCTION, arguments)]`` per build stage; continuation lines joined, comments dropped."""
-    stages: list[list[tuple[str, str]]] = []
+def _parse(path: Path) -> list[list[tuple[str, str]]]:
+    """``[(INSTRUCTION, arguments)]``: first what precedes the first ``FROM``, then one list per
+    build stage; continuation lines joined, comments dropped."""
+    stages: list[list[tuple[str, str]]] = [[]]
     logical = ""
     for line in path.read_text().splitlines():
         if line.lstrip().startswith("#") or not line.strip():
@@ -41,22 +42,20 @@ def _instructions(path: Path) -> list[list[tuple[str, str]]]:
             continue
         instruction, _, args = logical.strip().partition(" ")
         logical = ""
-        if instruction.upper() == "FROM" or not stages:  # stage 0 holds the ARGs before the first FROM
+        if instruction.upper() == "FROM":
             stages.append([])
         stages[-1].append((instruction.upper(), " ".join(args.split())))
-    return stages[1:] if stages[0][0][0] != "FROM" else stages
+    return stages
+
+
+def _instructions(path: Path) -> list[list[tuple[str, str]]]:
+    """The build stages of :func:`_parse`."""
+    return _parse(path)[1:]
 
 
 def _global_args() -> dict[str, str]:
     """The ``ARG name=default`` lines before the first ``FROM``."""
-    args = {}
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.startswith("FROM "):
-            return args
-        if line.startswith("ARG "):
-            name, _, default = line[4:].strip().partition("=")
-            args[name] = default
-    return args
+    return dict(args.partition("=")[::2] for instruction, args in _parse(DOCKERFILE)[0] if instruction == "ARG")
 
 
 def _final_stage() -> dict[str, list[str]]:

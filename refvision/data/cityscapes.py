@@ -15,14 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode
 
 from refvision.data import presets
-from refvision.data.loader import make_loader
+from refvision.data.loader import SplitDataModule
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, TRAIN_CLASSES, TRAIN_IDS
 from refvision.data.decode import decode
 
@@ -104,7 +103,7 @@ def _label_file(image: Path, label_dir: Path, label_source: LabelSource) -> Path
     return chosen
 
 
-class CityscapesDataModule(L.LightningDataModule):
+class CityscapesDataModule(SplitDataModule):
     """Cityscapes train / val with MMSegmentation's DeepLabV3+ augmentation.
 
     Train batches: ``(images (B, 3, *crop_size) float32 normalized, masks (B, *crop_size) int64)``
@@ -147,18 +146,9 @@ class CityscapesDataModule(L.LightningDataModule):
         if stage == "fit":
             self.train_set = CityscapesSegmentation(self.root, "train", self.train_transform, self.label_source)
         self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source)
+        self.test_set = self.val_set
 
-    def _loader(self, dataset: CityscapesSegmentation, batch_size: int, train: bool) -> DataLoader:
-        return make_loader(dataset, batch_size, train, self.num_workers, self.pin_memory)
+    @property
+    def eval_batch_size(self) -> int:
+        return self.val_batch_size
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, train=False)

@@ -2,13 +2,11 @@
 
 from pathlib import Path
 
-import lightning as L
-from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
 
 from refvision.data import presets
-from refvision.data.loader import make_loader
+from refvision.data.loader import SplitDataModule
 from refvision.data.decode import decode
 
 DECODABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
@@ -35,7 +33,7 @@ def _class_names(split_dir: Path) -> list[str]:
     return names
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Train / val / test image folders with torchvision's classification reference presets.
 
     Batches are ``(images (B, 3, image_size, image_size) float32 normalized, labels (B,) int64)``.
@@ -89,17 +87,3 @@ class ImageFolderDataModule(L.LightningDataModule):
         if stage in ("test", "predict"):
             self.test_set = self._dataset(self.test_split, train=False)
 
-    def _loader(self, dataset: ImageFolder, train: bool) -> DataLoader:
-        return make_loader(dataset, self.batch_size, train, self.num_workers, self.pin_memory)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)

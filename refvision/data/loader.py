@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
+import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -28,3 +29,42 @@ def make_loader(
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
     )
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Base of the data modules: the train / val / test / predict loaders over their datasets.
+
+    Subclasses set ``batch_size``, ``num_workers`` and ``pin_memory`` in ``__init__`` and
+    ``train_set`` / ``val_set`` / ``test_set`` in ``setup`` (``test_set`` also serves predict).
+    :attr:`eval_batch_size` sizes the val / test / predict loaders, :attr:`collate_fn` batches
+    the samples (``None``: PyTorch's default collate).
+    """
+
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    train_set: Dataset
+    val_set: Dataset
+    test_set: Dataset
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Batch size of the val / test / predict loaders; the training one by default."""
+        return self.batch_size
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return make_loader(dataset, batch_size, train, self.num_workers, self.pin_memory, self.collate_fn)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

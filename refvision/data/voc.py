@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from refvision.data import presets
-from refvision.data.loader import make_loader
+from refvision.data.loader import SplitDataModule
 from refvision.data.decode import decode
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
 
@@ -249,7 +248,7 @@ def detection_collate(batch: Sequence[Sample]) -> tuple[list[Tensor], list[dict[
     return images, targets
 
 
-class VOCDataModule(L.LightningDataModule):
+class VOCDataModule(SplitDataModule):
     """VOC detection as in the SSD paper: train on 2007+2012 trainval, evaluate on 2007 test.
 
     Batches come from :func:`detection_collate`. Train samples go through
@@ -258,6 +257,8 @@ class VOCDataModule(L.LightningDataModule):
     ``class_names[label]`` is the name of a label (``class_names[0] == "__background__"``).
     ``predict`` uses the test sets.
     """
+
+    collate_fn = staticmethod(detection_collate)
 
     def __init__(
         self,
@@ -298,17 +299,3 @@ class VOCDataModule(L.LightningDataModule):
         if stage in ("test", "predict"):
             self.test_set = self._dataset("test")
 
-    def _loader(self, dataset: VOCDetection, train: bool) -> DataLoader:
-        return make_loader(dataset, self.batch_size, train, self.num_workers, self.pin_memory, detection_collate)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
