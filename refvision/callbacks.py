@@ -6,9 +6,8 @@ from pathlib import Path
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
+from refvision.convert import converted_layers
 from refvision.deploy import reparameterize_checkpoint
-from refvision.nn.drconv import DRConv
-from refvision.nn.refconv import RefConv
 
 log = logging.getLogger("refvision")
 
@@ -16,14 +15,14 @@ log = logging.getLogger("refvision")
 class DeployCheckpoint(Callback):
     """At the end of ``fit``, write ``<best>-deploy.ckpt`` next to the best checkpoint.
 
-    Only for models with RefConv/DRConv layers. Logs the train- vs deploy-form parameters and
+    Only for models with conv-method layers. Logs the train- vs deploy-form parameters and
     FLOPs and the largest output difference of the two forms on the first validation batch,
     both to the console and to the trainer's logger (``deploy/*``). Runs on rank 0 only.
     """
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not any(isinstance(m, (RefConv, DRConv)) for m in pl_module.modules()):
+        if not converted_layers(pl_module):
             return
         ckpt = trainer.checkpoint_callback
         source = ckpt and (ckpt.best_model_path or ckpt.last_model_path)

@@ -1,8 +1,9 @@
-"""Swap a model's convolutions for RefConv / DRConv, and fold them back for deployment.
+"""Swap a model's convolutions for a conv method, and fold them back for deployment.
 
 ``convert`` edits any ``nn.Module`` in place (no model code changes) and records what it
 replaced on the model; ``reparameterize`` turns every converted layer into its inference
-form (a plain ``nn.Conv2d`` for RefConv).
+form (``ConvMethod.fuse``: a plain ``nn.Conv2d`` for RefConv) and folds timm's
+re-parameterizable blocks (MobileOne, RepVGG, FastViT) the way timm does.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from refvision.nn import DRConv, RefConv
+from refvision.nn import ConvMethod, get_method, method_name
 
 logger = logging.getLogger("refvision")
-
-KINDS: dict[str, type[nn.Conv2d]] = {"refconv": RefConv, "drconv": DRConv}
 
 SELECTIONS: dict[str, Callable[[nn.Conv2d], bool]] = {
     "depthwise": lambda c: c.groups == c.in_channels > 1,
@@ -50,7 +49,7 @@ class Replacement:
 
 def convert(
     model: nn.Module,
-    kind: str,
+    kind: str | type[ConvMethod],
     *,
     select: str = "kxk",
     include: str | Sequence[str] | None = None,
@@ -62,33 +61,39 @@ def convert(
     Args:
         model: any module; its convs are found by walking the module tree (Sequential
             indices, ModuleDict keys and attributes alike).
-        kind: ``"refconv"`` or ``"drconv"``; the new layer is ``cls.from_conv(conv, **options)``.
+        kind: a registered method (``"refconv"``, ``"drconv"``, ``"acconv"``, see
+            ``refvision.nn.registered_methods``), a ``module.ClassName`` path of a
+            :class:`~refvision.nn.ConvMethod` subclass, or the class itself; the new layer is
+            ``cls.from_conv(conv, **options)``.
         select: ``"depthwise"`` (``groups == in_channels > 1``), ``"kxk"`` (a kernel
             side > 1, any groups), ``"pointwise"`` (1x1, ``groups == 1``) or ``"all"``.
         include: glob pattern(s) on qualified names (``"features.3.conv.*"``); keep only matches.
         exclude: glob pattern(s); drop matches.
         options: keyword options of ``from_conv`` (refconv: ``map_k``, ``map_groups``,
-            ``init``; drconv: ``regions``).
+            ``init``; drconv: ``regions``; acconv: ``init``).
 
-    Candidates are convs of exactly type ``nn.Conv2d``: subclasses (already converted
-    layers, ``timm``'s ``Conv2dSame`` / ``StdConv2d``, ...) change the forward pass and are
-    neither replaced nor descended into, so converting twice never nests. DRConv takes
-    ``groups == 1`` convs only. Each new layer keeps its conv's train/eval mode. Either
-    all selected layers are replaced or, on error, none.
+    Candidates are convs of exactly type ``nn.Conv2d`` that the method ``accepts`` (DRConv:
+    ``groups == 1``): subclasses (already converted layers, ``timm``'s ``Conv2dSame`` /
+    ``StdConv2d``, ...) change the forward pass and are neither replaced nor descended into,
+    so converting twice never nests. A selected conv whose kernel holds NaN or inf is refused.
+    Each new layer keeps its conv's train/eval mode. Either all selected layers are replaced
+    or, on error, none.
 
     Returns:
         ``model`` itself. ``conversion_report(model)`` lists what was replaced.
 
     Raises:
-        ValueError: unknown ``kind`` / ``select``, or nothing matched (a second ``convert``
-            with the same selection matches nothing new and raises).
+        ValueError: unknown ``kind`` / ``select``, nothing matched (a second ``convert``
+            with the same selection matches nothing new and raises), or a selected conv the
+            method cannot take (non-finite or, for RefConv, all-zero kernel; named in the message).
         TypeError: an option ``from_conv`` of that kind does not take.
     """
-    if kind not in KINDS:
-        raise ValueError(f"convert: unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
+    cls = kind if isinstance(kind, type) else get_method(kind)
+    if not issubclass(cls, ConvMethod):
+        raise ValueError(f"convert: {cls!r} is not a refvision.nn.ConvMethod subclass")
+    kind = method_name(cls)
     if select not in SELECTIONS:
         raise ValueError(f"convert: unknown select {select!r}; allowed: {', '.join(SELECTIONS)}")
-    cls = KINDS[kind]
     allowed = [
         p.name for p in inspect.signature(cls.from_conv).parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
@@ -105,7 +110,7 @@ def convert(
         return (
             type(conv) is nn.Conv2d
             and SELECTIONS[select](conv)
-            and (kind != "drconv" or conv.groups == 1)
+            and cls.accepts(conv)
             and (not includes or any(fnmatch.fnmatchcase(name, p) for p in includes))
             and not any(fnmatch.fnmatchcase(name, p) for p in excludes)
         )
@@ -121,6 +126,11 @@ def convert(
     records = []
     for name, _, _, conv in sites:
         if id(conv) not in new_layers:
+            if not bool(conv.weight.detach().isfinite().all()):
+                raise ValueError(
+                    f"convert: cannot convert {name!r} ({conv}) to {kind}: its weight holds NaN or inf; "
+                    "the basis must be a trained, finite kernel (check the checkpoint loaded before converting)"
+                )
             try:
                 new_layers[id(conv)] = cls.from_conv(conv, **options).train(conv.training)
             except ValueError as err:
@@ -143,25 +153,44 @@ def convert(
 
 
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The inference form of ``model``: RefConv -> ``to_conv()``, DRConv -> ``to_deploy()``.
+    """The inference form of ``model``: every conv method replaced by its ``fuse()``.
 
-    Works on a deep copy unless ``inplace`` (a root module that is itself a RefConv/DRConv
-    is always returned as a new module). Train/eval mode of every layer is kept. For a
-    model converted with RefConv only, the result's ``state_dict`` has exactly the keys
-    and shapes of the original architecture, so the vanilla model class loads it with
-    ``strict=True``.
+    timm's re-parameterizable blocks are folded too, by the rule of
+    ``timm.utils.reparameterize_model``: a module with ``fuse`` is replaced by what it returns,
+    one with ``reparameterize`` or ``switch_to_deploy`` is switched in place. Works on a deep
+    copy unless ``inplace`` (a root module that is itself foldable is always returned as a new
+    module). For a model converted with a method that ``folds_to_conv`` (RefConv, ACConv), the
+    result's ``state_dict`` has exactly the keys and shapes of the original architecture, so the
+    vanilla model class loads it with ``strict=True``.
     """
     if not inplace:
         model = copy.deepcopy(model)
-    if isinstance(model, (RefConv, DRConv)):
-        return _deploy_form(model)
-    new_layers: dict[int, nn.Module] = {}
-    for _, parent, attr, conv in list(_conv_sites(model)):
-        if isinstance(conv, (RefConv, DRConv)):
-            if id(conv) not in new_layers:
-                new_layers[id(conv)] = _deploy_form(conv)
-            setattr(parent, attr, new_layers[id(conv)])
+    if isinstance(model, ConvMethod):
+        return model.fuse()
+    fused: dict[int, nn.Module] = {}  # by id: a module shared by two parents stays shared
+
+    def fold(module: nn.Module) -> None:
+        for attr, child in list(module._modules.items()):
+            if child is None:
+                continue
+            if isinstance(child, ConvMethod) or callable(getattr(child, "fuse", None)):
+                if id(child) not in fused:
+                    fused[id(child)] = child.fuse()
+                setattr(module, attr, fused[id(child)])
+                continue
+            for switch in ("reparameterize", "switch_to_deploy"):
+                if callable(getattr(child, switch, None)):
+                    getattr(child, switch)()
+                    break
+            fold(child)
+
+    fold(model)
     return model
+
+
+def converted_layers(model: nn.Module) -> list[tuple[str, ConvMethod]]:
+    """``(qualified name, layer)`` of every conv-method layer in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ConvMethod)]
 
 
 def conversion_report(model: nn.Module) -> list[Replacement]:
@@ -186,11 +215,6 @@ def format_report(replacements: Sequence[Replacement]) -> str:
     return "\n".join(lines)
 
 
-def _deploy_form(layer: RefConv | DRConv) -> nn.Module:
-    deployed = layer.to_conv() if isinstance(layer, RefConv) else layer.to_deploy()
-    return deployed.train(layer.training)
-
-
 def _conv_sites(
     module: nn.Module, prefix: str = ""
 ) -> Iterator[tuple[str, nn.Module, str, nn.Conv2d]]:
@@ -213,7 +237,7 @@ def _census(model: nn.Module) -> str:
     counts: Counter[str] = Counter()
     for _, _, _, conv in _conv_sites(model):
         if type(conv) is not nn.Conv2d:
-            counts["converted" if isinstance(conv, (RefConv, DRConv)) else "subclass"] += 1
+            counts["converted" if isinstance(conv, ConvMethod) else "subclass"] += 1
             continue
         for sel in ("kxk", "pointwise", "depthwise"):
             counts[sel] += SELECTIONS[sel](conv)

@@ -18,9 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from refvision.convert import reparameterize
+from refvision.convert import converted_layers, reparameterize
 from refvision.deploy import load_task_checkpoint
-from refvision.nn import DRConv, RefConv
 
 ExportFormat = Literal["onnx", "torchscript", "exported-program"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "exported-program")
@@ -115,7 +114,7 @@ def export_checkpoint(
         raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
     task, _ = load_task_checkpoint(source)
     example = task.example_inputs()
-    reparameterized = any(isinstance(m, (RefConv, DRConv)) for m in task.model.modules())
+    reparameterized = bool(converted_layers(task.model))
     fold_gap = None
     if reparameterized:
         with torch.no_grad():

@@ -15,20 +15,20 @@ import torch
 from mmengine.analysis import FlopAnalyzer
 from torch import nn
 
-from refvision.nn import RefConv
+from refvision.nn import ConvMethod
 
 
 @dataclass(frozen=True)
 class ModelProfile:
     """Counts for one model.
 
-    - ``params_total``: every parameter plus every RefConv basis (a buffer, but part of
-      the model's kernel); ``params_total == params_trainable + params_frozen``.
+    - ``params_total``: every parameter plus every conv method's basis held as a buffer
+      (RefConv's; part of the model's kernel); ``params_total == params_trainable + params_frozen``.
     - ``params_trainable``: parameters with ``requires_grad``.
     - ``params_training_only``: numbers that disappear under ``reparameterize``
-      (RefConv ``refocus_weight``); ``params_total - params_training_only`` is the
-      deployed model's ``params_total``.
-    - ``params_frozen``: RefConv bases and parameters without ``requires_grad``.
+      (``ConvMethod.training_only_numel``: RefConv's ``refocus_weight``, ACConv's branches);
+      ``params_total - params_training_only`` is the deployed model's ``params_total``.
+    - ``params_frozen``: basis buffers and parameters without ``requires_grad``.
     - ``flops``: multiply-adds of one forward pass in eval mode, as counted by
       mmengine's ``FlopAnalyzer``: one fused multiply-add = one flop for convs and
       matmuls, its own estimates for normalization and pooling, 0 for ops it has no
@@ -66,11 +66,11 @@ def profile(
     if (input_shape is None) == (inputs is None):
         raise ValueError("profile: give exactly one of input_shape or inputs")
     params = list(model.parameters())
-    refconvs = [m for m in model.modules() if isinstance(m, RefConv)]
+    converted = [m for m in model.modules() if isinstance(m, ConvMethod)]
     trainable = sum(p.numel() for p in params if p.requires_grad)
     frozen = sum(p.numel() for p in params if not p.requires_grad)
-    frozen += sum(m.weight.numel() for m in refconvs)
-    training_only = sum(m.refocus_weight.numel() for m in refconvs)
+    frozen += sum(basis.numel() for m in converted if (basis := m.frozen_basis()) is not None)
+    training_only = sum(m.training_only_numel() for m in converted)
 
     if inputs is None:
         reference = next(iter([*params, *model.buffers()]), torch.empty(0))

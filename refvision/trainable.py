@@ -2,10 +2,11 @@
 
 - ``all``: every parameter (baselines, the continued-baseline control, DRConv fine-tuning).
   RefConv bases are frozen buffers by construction and never train.
-- ``all_but_basis``: everything except the converted convs' pretrained kernels (RefConv's basis,
-  DRConv's static kernel) -- what RefConv's public code trains.
-- ``refocus_only``: only the parameters the method adds (RefConv's refocusing weights, DRConv's
-  guide and filter generator) -- what the RefConv paper describes. Normalization layers then also
+- ``all_but_basis``: everything except the converted convs' pretrained kernels (``weight`` of
+  every :class:`~refvision.nn.ConvMethod`) -- what RefConv's public code trains.
+- ``refocus_only``: only the parameters the method adds (``ConvMethod.method_parameters``:
+  RefConv's refocusing weights, DRConv's guide and filter generator) -- what the RefConv paper
+  describes. Normalization layers then also
   keep their running statistics (see :func:`freeze_norm_statistics`).
 """
 
@@ -13,13 +14,10 @@ from typing import Literal, get_args
 
 from torch import nn
 
-from refvision.nn.drconv import DRConv
-from refvision.nn.refconv import RefConv
+from refvision.nn import ConvMethod
 
 TrainableMode = Literal["all", "all_but_basis", "refocus_only"]
 TRAINABLE_MODES: tuple[str, ...] = get_args(TrainableMode)
-
-_DRCONV_BASIS = ("weight", "bias")
 
 
 def set_trainable(model: nn.Module, mode: str) -> None:
@@ -31,17 +29,16 @@ def set_trainable(model: nn.Module, mode: str) -> None:
     if mode not in TRAINABLE_MODES:
         raise ValueError(f"model.trainable={mode!r}; allowed: {', '.join(TRAINABLE_MODES)}")
     model.requires_grad_(mode != "refocus_only")
-    converted = [m for m in model.modules() if isinstance(m, (RefConv, DRConv))]
+    converted = [m for m in model.modules() if isinstance(m, ConvMethod)]
     if mode == "refocus_only":
         if not converted:
-            raise ValueError("model.trainable='refocus_only' needs converted convs (model.conv.kind refconv or drconv)")
+            raise ValueError("model.trainable='refocus_only' needs converted convs (model.conv.kind other than none)")
         for module in converted:
-            for name, param in module.named_parameters(recurse=True):
-                added = name == "refocus_weight" if isinstance(module, RefConv) else name not in _DRCONV_BASIS
-                param.requires_grad_(added)
+            for _, param in module.method_parameters():
+                param.requires_grad_(True)
     elif mode == "all_but_basis":
         for module in converted:
-            if isinstance(module, DRConv):
+            if isinstance(module.weight, nn.Parameter):
                 module.weight.requires_grad_(False)
 
 

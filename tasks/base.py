@@ -15,16 +15,24 @@ from torch import Tensor, nn
 
 from refvision.checkpoint import load_init_from
 from refvision.convert import convert, reparameterize
+from refvision.nn import get_method
 from refvision.trainable import TrainableMode, freeze_norm_statistics, set_trainable
 
 
 class ConvConfig(TypedDict, total=False):
-    """``model.conv``: which convs become what. Method options go to ``refvision.convert``."""
+    """``model.conv``: which convs become what (see ``refvision.convert``).
 
-    kind: Literal["none", "refconv", "drconv"]
+    ``kind`` is ``none``, a registered method (``refconv``, ``drconv``, ``acconv``) or the class
+    path of a user's :class:`~refvision.nn.ConvMethod`. ``options`` are that method's
+    ``from_conv`` keywords; ``map_k``, ``map_groups``, ``init`` and ``regions`` are shorthands
+    for the built-in methods' options.
+    """
+
+    kind: str
     select: Literal["depthwise", "kxk", "pointwise", "all"]
     include: list[str] | None
     exclude: list[str] | None
+    options: dict[str, Any]
     map_k: int
     map_groups: int | None
     init: Literal["default", "zeros"]
@@ -52,7 +60,7 @@ OPTIM_DEFAULTS: OptimConfig = {
     "warmup_epochs": 0.0, "warmup_factor": 0.01, "schedule": "cosine", "poly_power": 0.9,
     "min_lr_ratio": 0.0, "norm_bias_weight_decay": None,
 }
-_METHOD_OPTIONS = ("map_k", "map_groups", "init", "regions")
+_OPTION_SHORTHANDS = ("map_k", "map_groups", "init", "regions")
 
 
 class RefvisionTask(LightningModule):
@@ -125,7 +133,8 @@ class RefvisionTask(LightningModule):
         kind = self.conv_config["kind"]
         if kind != "none":
             include = self.conv_config.get("include") or self.default_conv_include
-            options = {k: self.conv_config[k] for k in _METHOD_OPTIONS if k in self.conv_config}
+            options = {k: self.conv_config[k] for k in _OPTION_SHORTHANDS if k in self.conv_config}
+            options.update(self.conv_config.get("options") or {})
             convert(model, kind, select=self.conv_config.get("select", "kxk"), include=include,
                     exclude=self.conv_config.get("exclude"), **options)
         if self.deploy:
@@ -170,19 +179,20 @@ class RefvisionTask(LightningModule):
     def deploy_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """Hyper-parameters of the deploy form of a model trained with ``hparams``.
 
-        RefConv folds into the original architecture (``conv.kind: none``); DRConv keeps its
-        conversion and switches to its inference form (``deploy: true``).
+        A method that ``folds_to_conv`` (RefConv, ACConv) folds into the original architecture
+        (``conv.kind: none``); any other (DRConv) keeps its conversion and is built in its
+        inference form (``deploy: true``).
         """
         out = {**hparams, "init_from": None}
         for key in cls.download_options:
             if key in out:
                 out[key] = None
         kind = (out.get("conv") or {}).get("kind", "none")
-        if kind == "refconv":
-            out["conv"] = {"kind": "none"}
-            out["trainable"] = "all"
-        elif kind == "drconv":
-            out["deploy"] = True
+        if kind != "none":
+            if get_method(kind).folds_to_conv:
+                out["conv"] = {"kind": "none"}
+            else:
+                out["deploy"] = True
             out["trainable"] = "all"
         return out
 

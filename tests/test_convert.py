@@ -175,7 +175,7 @@ def test_nothing_matched_names_the_selection(mobilenet_v2):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(kind="repvgg"), ValueError, "unknown kind 'repvgg'; allowed: refconv, drconv"),
+    (dict(kind="repvgg"), ValueError, "conv kind 'repvgg' is unknown; registered: acconv, drconv, refconv"),
     (dict(kind="refconv", select="3x3"), ValueError,
      "unknown select '3x3'; allowed: depthwise, kxk, pointwise, all"),
     (dict(kind="refconv", map_size=3), TypeError,

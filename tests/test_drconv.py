@@ -221,7 +221,7 @@ def test_deploy_matches_eval_and_exports(tmp_path) -> None:
     torch.manual_seed(7)
     conv = randomized_drconv(4, 6, 3, regions=4, dtype=torch.float32, padding=1).eval()
     x = torch.randn(2, 4, 10, 9)
-    deploy = conv.to_deploy().eval()
+    deploy = conv.fuse().eval()
     assert isinstance(deploy, DRConvDeploy)
     assert deploy.state_dict().keys() == conv.state_dict().keys()
     with torch.no_grad():

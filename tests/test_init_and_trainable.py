@@ -92,7 +92,7 @@ def test_trainable_regimes_drconv() -> None:
 
 
 def test_refocus_only_needs_a_converted_model_and_modes_are_checked() -> None:
-    with pytest.raises(ValueError, match="refocus_only.*refconv or drconv"):
+    with pytest.raises(ValueError, match="refocus_only.*needs converted convs"):
         set_trainable(_net(), "refocus_only")
     with pytest.raises(ValueError, match="trainable='some'.*all_but_basis"):
         set_trainable(_net(), "some")

@@ -97,7 +97,7 @@ def test_refocused_weight_and_forward_match_reference(name):
     y = layer(x)
     assert y.shape == plain(x).shape == expected.shape
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.to_conv()(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.fuse()(x), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("conv_kwargs", [
@@ -126,7 +126,7 @@ def test_honours_stride_dilation_padding_changed_after_construction():
     expected = F.conv2d(x, layer.refocused_weight(), layer.bias, 1, 2, 2, 4)
     assert layer(x).shape == (1, 4, 9, 9)
     torch.testing.assert_close(layer(x), expected)
-    torch.testing.assert_close(layer.to_conv()(x), expected)
+    torch.testing.assert_close(layer.fuse()(x), expected)
     assert torch.equal(layer.refocus_weight, refocus_before)
 
 
@@ -168,7 +168,7 @@ def test_from_conv_copies_geometry_mode_and_checkpoint_keys():
     assert torch.equal(layer.weight, conv.weight)
     assert "map_k=3" in repr(layer) and "map_groups=24" in repr(layer)
 
-    deployed = layer.to_conv()
+    deployed = layer.fuse()
     assert type(deployed) is nn.Conv2d and not deployed.training
     assert {k: v.shape for k, v in deployed.state_dict().items()} == {
         k: v.shape for k, v in conv.state_dict().items()}

@@ -43,6 +43,7 @@ Choices made here (see METHODS.md for what the paper and the official code do):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -51,6 +52,8 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.common_types import _size_2_t
 from torch.nn.modules.utils import _pair
+
+from refvision.nn.method import ConvMethod, register_method
 
 __all__ = ["DRConv", "DRConvDeploy", "RegionFilterGenerator", "drconv2d"]
 
@@ -338,7 +341,8 @@ def drconv2d(
     )
 
 
-class DRConv(nn.Conv2d):
+@register_method
+class DRConv(ConvMethod):
     """Dynamic region-aware conv, a drop-in for a ``groups=1`` ``nn.Conv2d``.
 
     ``weight`` ``(Cout, Cin, kh, kw)`` and ``bias`` are the shared (static) kernel, under the
@@ -351,6 +355,8 @@ class DRConv(nn.Conv2d):
 
     Input ``(B, Cin, H, W)``; output ``(B, Cout, Ho, Wo)`` as for ``nn.Conv2d``.
     """
+
+    kind = "drconv"
 
     def __init__(
         self,
@@ -440,9 +446,18 @@ class DRConv(nn.Conv2d):
         dynamic = self.generator(x)
         return drconv2d(x_in, self.weight, self.bias, dynamic, guide, stride, padding, dilation)
 
-    def to_deploy(self) -> DRConvDeploy:
+    @classmethod
+    def accepts(cls, conv: nn.Conv2d) -> bool:
+        return conv.groups == 1
+
+    def fuse(self) -> DRConvDeploy:
         """An inference copy (:class:`DRConvDeploy`) with the same eval outputs."""
-        return DRConvDeploy(self)
+        return DRConvDeploy(self).train(self.training)
+
+    def to_deploy(self) -> DRConvDeploy:
+        """Deprecated name of :meth:`fuse`."""
+        warnings.warn("DRConv.to_deploy() is deprecated; use fuse()", DeprecationWarning, stacklevel=2)
+        return self.fuse()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, regions={self.regions}"

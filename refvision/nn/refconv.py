@@ -3,7 +3,7 @@
 Cai, Ding et al., "RefConv: Re-parameterized Refocusing Convolution for Powerful
 ConvNets", arXiv 2310.10563. The layer computes ``Wt = Wb + T(Wb)`` where ``Wb`` is
 the frozen (pretrained) kernel and ``T`` a small grouped conv over ``Wb`` viewed as an
-image, then convolves the input with ``Wt``. ``to_conv`` stores ``Wt`` in a plain
+image, then convolves the input with ``Wt``. ``fuse`` stores ``Wt`` in a plain
 ``nn.Conv2d``: the deployed model is the original architecture.
 """
 
@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from refvision.nn.method import ConvMethod, register_method
+
 _INITS = ("default", "zeros")
 
 
-class RefConv(nn.Conv2d):
+@register_method
+class RefConv(ConvMethod):
     """Drop-in ``nn.Conv2d`` with a frozen basis kernel and a trainable refocusing map.
 
     Shapes, with ``N = out_channels * in_channels / groups`` and
@@ -53,6 +57,8 @@ class RefConv(nn.Conv2d):
     baseline's weights, or build it with :meth:`from_conv`.
     """
 
+    kind = "refconv"
+    folds_to_conv = True
     weight: Tensor
 
     def __init__(
@@ -165,7 +171,7 @@ class RefConv(nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self._weight_for_forward(), self.bias)
 
-    def to_conv(self) -> nn.Conv2d:
+    def fuse(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing the same function: weight ``Wt`` (detached), bias copied.
 
         Same channels, kernel, stride, padding, dilation, groups, padding mode, device,
@@ -184,6 +190,11 @@ class RefConv(nn.Conv2d):
         # `padding` was patched later: keep the padding this layer actually applies.
         conv._reversed_padding_repeated_twice = list(self._reversed_padding_repeated_twice)
         return conv.train(self.training)
+
+    def to_conv(self) -> nn.Conv2d:
+        """Deprecated name of :meth:`fuse`."""
+        warnings.warn("RefConv.to_conv() is deprecated; use fuse()", DeprecationWarning, stacklevel=2)
+        return self.fuse()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, map_k={self.map_k}, map_groups={self.map_groups}"
