@@ -157,7 +157,9 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     timm's re-parameterizable blocks are folded too, by the rule of
     ``timm.utils.reparameterize_model``: a module with ``fuse`` is replaced by what it returns,
-    one with ``reparameterize`` or ``switch_to_deploy`` is switched in place. Works on a deep
+    one with ``reparameterize`` or ``switch_to_deploy`` is switched in place -- but children
+    before their parent (timm goes parent first), so that a block folding its branch convs
+    reads the effective kernels of conv methods inside them. Works on a deep
     copy unless ``inplace`` (a root module that is itself foldable is always returned as a new
     module). For a model converted with a method that ``folds_to_conv`` (RefConv, ACConv), the
     result's ``state_dict`` has exactly the keys and shapes of the original architecture, so the
@@ -170,9 +172,13 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     fused: dict[int, nn.Module] = {}  # by id: a module shared by two parents stays shared
 
     def fold(module: nn.Module) -> None:
+        # Children first: a timm block folds the kernels of its branch convs, so a conv method
+        # inside a branch must already be a plain conv holding its effective kernel.
         for attr, child in list(module._modules.items()):
             if child is None:
                 continue
+            if not isinstance(child, ConvMethod):
+                fold(child)
             if isinstance(child, ConvMethod) or callable(getattr(child, "fuse", None)):
                 if id(child) not in fused:
                     fused[id(child)] = child.fuse()
@@ -182,7 +188,6 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
                 if callable(getattr(child, switch, None)):
                     getattr(child, switch)()
                     break
-            fold(child)
 
     fold(model)
     return model
