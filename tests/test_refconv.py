@@ -1,6 +1,5 @@
 """RefConv against an independent float64 re-implementation of Wt = Wb + T(Wb)."""
 
-import copy
 import itertools
 
 import numpy as np
@@ -191,45 +190,6 @@ def test_invalid_options(kwargs, match):
         RefConv(3, 4, 3, **kwargs)
 
 
-def test_eval_cache_reuses_and_invalidates():
-    torch.manual_seed(0)
-    layer = RefConv(4, 4, 3, padding=1, groups=4).eval()
-    calls = []
-    compute = layer.refocused_weight
-
-    def counting():
-        calls.append(1)
-        return compute()
-
-    layer.refocused_weight = counting
-    x = torch.randn(1, 4, 6, 6)
-
-    def expected():
-        return F.conv2d(x.to(layer.weight.dtype), compute(), layer.bias, 1, 1, 1, 4)
-
-    with torch.no_grad():
-        first = layer(x)
-        assert torch.equal(layer(x), first) and len(calls) == 1
-
-        layer.refocus_weight.add_(1)
-        assert torch.equal(layer(x), expected()) and not torch.allclose(layer(x), first)
-        assert len(calls) == 2
-
-        state = {k: v + 0.5 for k, v in layer.state_dict().items()}
-        layer.load_state_dict(state)
-        assert torch.equal(layer(x), expected()) and len(calls) == 3
-
-        layer.double()
-        out = layer(x.double())
-        assert out.dtype == torch.float64 and torch.equal(out, expected())
-        assert len(calls) == 4
-
-    layer(x.double())  # grad enabled: no cache, the graph must reach refocus_weight
-    assert len(calls) == 5
-    clone = copy.deepcopy(layer)
-    assert clone._cache is None and "_cache" not in str(list(clone.state_dict()))
-
-
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_runs_the_transform_in_weight_dtype(amp_dtype: torch.dtype):
     torch.manual_seed(0)
@@ -242,18 +202,3 @@ def test_autocast_runs_the_transform_in_weight_dtype(amp_dtype: torch.dtype):
     assert y.dtype == amp_dtype
     y.float().sum().backward()
     assert layer.refocus_weight.grad is not None and layer.refocus_weight.grad.dtype == torch.float32
-
-
-def test_eval_cache_is_dropped_by_module_conversions():
-    # .half().float() may hand back storage at the old address with the old version
-    # count, which the cache key cannot tell apart: any .to()/.half()/... drops the cache.
-    torch.manual_seed(0)
-    layer = RefConv(8, 8, 3, padding=1, groups=8).eval()
-    x = torch.randn(1, 8, 6, 6)
-    with torch.no_grad():
-        layer(x)
-        assert layer._cache is not None
-        layer.half().float()
-        assert layer._cache is None
-        expected = F.conv2d(x, layer.refocused_weight(), layer.bias, 1, 1, 1, 8)
-        assert torch.equal(layer(x), expected)

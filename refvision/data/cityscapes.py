@@ -21,9 +21,10 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode
 
 from refvision.data import presets
-from refvision.data.loader import SplitDataModule
+from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, TRAIN_CLASSES, TRAIN_IDS
-from refvision.data.decode import decode
+from refvision.data.decode import BadImageError, decode, read_header
+from refvision.data.loader import SplitDataModule
 
 LAYOUT = (
     "root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
@@ -40,8 +41,12 @@ class CityscapesSegmentation(Dataset[Sample]):
 
     Mask values are train ids 0..18 and 255 (ignored). ``label_source="auto"`` reads an image's
     ``labelTrainIds`` file when present, else its ``labelIds`` file. Label files are paired
-    with images when the dataset is built (a missing one raises); values and sizes are checked
-    per sample, each error naming the file.
+    with images when the dataset is built (a missing one raises) and the headers of both are
+    read then: empty or non-image files, and label files that are not 8-bit PNGs (a 16-bit
+    label PNG), are found before training. Values, sizes and decoding are checked per sample.
+    Each error names the file. ``on_bad_sample="raise"`` raises; ``"skip"`` logs and drops the
+    pairs that fail at construction (listed in :attr:`skipped`) and returns a
+    :class:`BadSample` for a pair that fails to load.
     """
 
     def __init__(
@@ -50,7 +55,9 @@ class CityscapesSegmentation(Dataset[Sample]):
         split: Literal["train", "val", "test"] = "train",
         transforms: Callable[[tv_tensors.Image, tv_tensors.Mask], Sample] | None = None,
         label_source: LabelSource = "auto",
+        on_bad_sample: OnBadSample = "raise",
     ) -> None:
+        check_policy(on_bad_sample)
         if label_source not in ("auto", "labelIds", "labelTrainIds"):
             raise ValueError(f"label_source must be 'auto', 'labelIds' or 'labelTrainIds', got {label_source!r}")
         image_dir = Path(root) / "leftImg8bit" / split
@@ -61,34 +68,67 @@ class CityscapesSegmentation(Dataset[Sample]):
         if not images:
             raise FileNotFoundError(f"no Cityscapes images match {image_dir / pattern}; expected layout {LAYOUT}")
         label_dir = Path(root) / "gtFine" / split
+        self.root = root
         self.transforms = transforms
-        self.samples = [(image, _label_file(image, label_dir, label_source)) for image in images]
+        self.on_bad_sample = on_bad_sample
+        pairs = [(image, _label_file(image, label_dir, label_source)) for image in images]
+        self.samples, self.skipped = check_files(pairs, _check_pair, on_bad_sample, str(Path(root) / "*" / split))
+        if not self.samples:
+            raise ValueError(f"no valid Cityscapes samples in {image_dir}")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> Sample | BadSample:
         image_path, label_path = self.samples[index]
-        image = tv_tensors.Image(decode(image_path))
-        label = decode(label_path, ImageReadMode.UNCHANGED)
-        if label.shape[0] != 1:
-            raise ValueError(f"{label_path}: expected a single-channel label image, got {label.shape[0]} channels")
-        label = label[0]
-        if label.shape != image.shape[-2:]:
-            raise ValueError(
-                f"{label_path} is {tuple(label.shape)} (H, W) but {image_path} is {tuple(image.shape[-2:])}"
-            )
-        is_train_ids = label_path.name.endswith("_labelTrainIds.png")
-        valid = TRAIN_IDS if is_train_ids else LABEL_IDS
-        unknown = set(label.unique().tolist()) - valid
-        if unknown:
-            kind = "train ids (0..18, 255)" if is_train_ids else "Cityscapes label ids (0..33)"
-            raise ValueError(f"{label_path}: values {sorted(unknown)} are not {kind}")
-        train_ids = label if is_train_ids else ID_TO_TRAINID[label.long()]
-        mask = tv_tensors.Mask(train_ids.to(torch.int64))
+        try:
+            image, mask = _load(image_path, label_path)
+        except (ValueError, FileNotFoundError) as error:
+            if self.on_bad_sample == "raise":
+                raise
+            return BadSample(str(image_path), str(error))
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask
+
+
+def _check_pair(pair: tuple[Path, Path]) -> None:
+    image_path, label_path = pair
+    read_header(image_path)
+    _check_label_header(label_path)
+
+
+def _check_label_header(label_path: Path) -> None:
+    header = read_header(label_path)
+    if header.format != "png" or header.bit_depth != 8:
+        depth = f"{header.bit_depth}-bit " if header.bit_depth is not None else ""
+        raise BadImageError(
+            f"{label_path}: a {depth}{header.format.upper()} label image; Cityscapes labels are 8-bit "
+            "single-channel PNGs (labelIds 0..33 or labelTrainIds 0..18, 255)"
+        )
+
+
+def _load(image_path: Path, label_path: Path) -> Sample:
+    """Decode and check one pair: ``(Image (3, H, W) uint8, Mask (H, W) int64 train ids)``."""
+    image = tv_tensors.Image(decode(image_path))
+    label = decode(label_path, ImageReadMode.UNCHANGED)
+    if label.dtype != torch.uint8:
+        raise BadImageError(f"{label_path}: a {label.dtype} label image; Cityscapes labels are 8-bit PNGs")
+    if label.shape[0] != 1:
+        raise ValueError(f"{label_path}: expected a single-channel label image, got {label.shape[0]} channels")
+    label = label[0]
+    if label.shape != image.shape[-2:]:
+        raise ValueError(
+            f"{label_path} is {tuple(label.shape)} (H, W) but {image_path} is {tuple(image.shape[-2:])}"
+        )
+    is_train_ids = label_path.name.endswith("_labelTrainIds.png")
+    valid = TRAIN_IDS if is_train_ids else LABEL_IDS
+    unknown = set(label.unique().tolist()) - valid
+    if unknown:
+        kind = "train ids (0..18, 255)" if is_train_ids else "Cityscapes label ids (0..33)"
+        raise ValueError(f"{label_path}: values {sorted(unknown)} are not {kind}")
+    train_ids = label if is_train_ids else ID_TO_TRAINID[label.long()]
+    return image, tv_tensors.Mask(train_ids.to(torch.int64))
 
 
 def _label_file(image: Path, label_dir: Path, label_source: LabelSource) -> Path:
@@ -124,9 +164,12 @@ class CityscapesDataModule(SplitDataModule):
         pin_memory: bool = True,
         label_source: LabelSource = "auto",
         eval_size: tuple[int, int] | None = None,
+        on_bad_sample: OnBadSample = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_policy(on_bad_sample)
+        self.on_bad_sample = on_bad_sample
         for split in ("train", "val"):
             path = Path(root) / "leftImg8bit" / split
             if not path.is_dir():
@@ -144,8 +187,10 @@ class CityscapesDataModule(SplitDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.train_set = CityscapesSegmentation(self.root, "train", self.train_transform, self.label_source)
-        self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source)
+            self.train_set = CityscapesSegmentation(
+                self.root, "train", self.train_transform, self.label_source, self.on_bad_sample
+            )
+        self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source, self.on_bad_sample)
         self.test_set = self.val_set
 
     @property

@@ -1,16 +1,19 @@
 """Classification data from an image-folder tree: ``root/{train,val[,test]}/<class>/<image>``."""
 
+import logging
+import os
 from pathlib import Path
+from typing import Any
 
 from torchvision import tv_tensors
 from torchvision.datasets import ImageFolder
 
 from refvision.data import presets
+from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy, describe
+from refvision.data.decode import READABLE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, BadImageError, decode, read_header
 from refvision.data.loader import SplitDataModule
-from refvision.data.decode import decode
 
-DECODABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-"""Files ``torchvision.io.decode_image`` reads; other files in class folders are ignored."""
+logger = logging.getLogger("refvision")
 
 LAYOUT = "root/train/<class>/<image>, root/val/<class>/<image>, optional root/test/<class>/<image>"
 
@@ -20,8 +23,73 @@ def decode_rgb(path: str) -> tv_tensors.Image:
     return tv_tensors.Image(decode(path))
 
 
-def _is_decodable(path: str) -> bool:
-    return path.lower().endswith(DECODABLE_SUFFIXES)
+def _check_image(path: str) -> None:
+    if path.lower().endswith(UNREADABLE_IMAGE_SUFFIXES):
+        raise BadImageError(
+            f"{path}: {Path(path).suffix} images are not read (readable: {', '.join(READABLE_SUFFIXES)}); convert it"
+        )
+    read_header(path)
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ``ImageFolder`` over every image file, checked when it is built.
+
+    Files with a suffix in ``READABLE_SUFFIXES`` are samples (JPEG, PNG, WebP, GIF, BMP,
+    TIFF, PPM: see :mod:`refvision.data.decode`). Their first bytes are read at construction:
+    missing, empty and non-image files, and files with a suffix in
+    ``UNREADABLE_IMAGE_SUFFIXES`` (HEIC, AVIF, ...), are bad samples — one error naming them
+    under ``on_bad_sample="raise"``, logged and left out under ``"skip"`` (listed in
+    :attr:`skipped`). Other files (``.txt``, ``.DS_Store``, ...) are logged by name and not
+    used. A class folder without image files is an error naming the folder. Under ``"skip"``,
+    ``__getitem__`` returns a :class:`BadSample` for a file that fails to decode (truncated).
+    """
+
+    def __init__(self, root: str, transform: Any = None, on_bad_sample: OnBadSample = "raise") -> None:
+        check_policy(on_bad_sample)
+        self.on_bad_sample = on_bad_sample
+        self.skipped: list[tuple[str, str]] = []
+        super().__init__(root, transform, loader=decode_rgb)
+
+    def make_dataset(  # type: ignore[override]
+        self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
+    ) -> list[tuple[str, int]]:
+        candidates: list[tuple[str, int]] = []
+        ignored: list[tuple[str, str]] = []
+        for class_name, class_index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+            class_dir = os.path.join(directory, class_name)
+            found = 0
+            for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):
+                for name in sorted(names):
+                    path = os.path.join(folder, name)
+                    if name.lower().endswith(READABLE_SUFFIXES + UNREADABLE_IMAGE_SUFFIXES):
+                        candidates.append((path, class_index))
+                        found += 1
+                    else:
+                        ignored.append((path, ""))
+            if not found:
+                raise FileNotFoundError(
+                    f"class folder {class_dir} holds no image files ({', '.join(READABLE_SUFFIXES)}); "
+                    f"remove the folder or add images (expected layout {LAYOUT})"
+                )
+        if ignored:
+            logger.warning("ignoring %d file(s) that are not images: %s", len(ignored), describe(ignored))
+        samples, self.skipped = check_files(
+            candidates, lambda item: _check_image(item[0]), self.on_bad_sample, directory
+        )
+        return samples
+
+    def __getitem__(self, index: int) -> Any:
+        """``(transform(image), class index)``, or a :class:`BadSample` under ``"skip"``."""
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (BadImageError, FileNotFoundError) as error:
+            if self.on_bad_sample == "raise":
+                raise
+            return BadSample(path, str(error))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
 
 
 def _class_names(split_dir: Path) -> list[str]:
@@ -39,6 +107,8 @@ class ImageFolderDataModule(SplitDataModule):
     Batches are ``(images (B, 3, image_size, image_size) float32 normalized, labels (B,) int64)``.
     Class folders are sorted by name (``ImageFolder`` order) and must be identical in every split.
     ``test`` and ``predict`` use ``root/test`` when it exists, else ``root/val``.
+    Every image file is checked at ``setup`` and decode failures are handled while loading,
+    both by ``on_bad_sample`` (see :class:`CheckedImageFolder`).
     """
 
     def __init__(
@@ -53,9 +123,12 @@ class ImageFolderDataModule(SplitDataModule):
         auto_augment: str | None = None,
         random_erase: float = 0.0,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        on_bad_sample: OnBadSample = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_policy(on_bad_sample)
+        self.on_bad_sample = on_bad_sample
         self.root = Path(root)
         self.test_split = "test" if (self.root / "test").is_dir() else "val"
         self.class_names = _class_names(self.root / "train")
@@ -75,9 +148,9 @@ class ImageFolderDataModule(SplitDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
 
-    def _dataset(self, split: str, train: bool) -> ImageFolder:
+    def _dataset(self, split: str, train: bool) -> CheckedImageFolder:
         transform = self.train_transform if train else self.eval_transform
-        return ImageFolder(str(self.root / split), transform, loader=decode_rgb, is_valid_file=_is_decodable)
+        return CheckedImageFolder(str(self.root / split), transform, self.on_bad_sample)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -6,6 +6,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from refvision.data.bad_samples import DropBadSamples, SkippingDataLoader
+
 
 def make_loader(
     dataset: Dataset,
@@ -17,9 +19,11 @@ def make_loader(
 ) -> DataLoader:
     """Training loaders shuffle and drop the last partial batch; the others keep order and every sample.
 
-    Workers persist across epochs whenever there are any.
+    Workers persist across epochs whenever there are any. Samples a dataset returns as
+    ``BadSample`` (its ``on_bad_sample="skip"``) are dropped from their batch and reported by
+    name when the pass over the loader ends (see :mod:`refvision.data.bad_samples`).
     """
-    return DataLoader(
+    return SkippingDataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
@@ -27,7 +31,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        collate_fn=collate_fn,
+        collate_fn=DropBadSamples(collate_fn),
     )
 
 

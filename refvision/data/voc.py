@@ -6,8 +6,9 @@ Layout (``root`` is the ``VOCdevkit`` folder)::
     root/VOC<year>/JPEGImages/<id>.jpg
     root/VOC<year>/ImageSets/Main/<split>.txt     one image id per line
 
-Every annotation is parsed and validated when the dataset is built, so a bad file fails before
-training starts; images are decoded (and their size checked against the XML) per sample.
+Every annotation is parsed and validated, and every image's header read, when the dataset is
+built, so a bad file fails before training starts; images are decoded (and their size checked
+against the XML) per sample.
 """
 
 import logging
@@ -24,8 +25,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from refvision.data import presets
+from refvision.data.bad_samples import BadSample, OnBadSample, check_policy
+from refvision.data.decode import decode, read_header
 from refvision.data.loader import SplitDataModule
-from refvision.data.decode import decode
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
 
 logger = logging.getLogger("refvision")
@@ -161,12 +163,16 @@ class VOCDetection(Dataset[Sample]):
     with ``boxes`` (``BoundingBoxes`` XYXY ``(N, 4)``, 0-based continuous, ``canvas_size=(H, W)``),
     ``labels`` ``(N,) int64`` in 1..20, ``difficult`` and ``truncated`` ``(N,) bool``,
     ``image_id`` ``"<year>/<id>"`` and ``orig_size`` ``(2,) int64`` ``(H, W)``, then passed
-    through ``transforms(image, target)`` when given.
+    through ``transforms(image, target)`` when given. ``keep_difficult=False`` removes the
+    objects marked difficult from the targets (training targets as MMDetection's VOC
+    pipeline and ssd.pytorch build them); ``True`` keeps them, flagged (evaluation needs them).
 
-    ``on_bad_sample="raise"`` raises on the first bad annotation or missing file;
-    ``"skip"`` logs each one, drops it and records ``(path, reason)`` in :attr:`skipped`.
-    Undecodable images and images whose size disagrees with their XML raise in ``__getitem__``
-    under both policies.
+    An id listed twice (in one ImageSets file or across the image sets) is a ``ValueError``
+    naming the file(s) and the id, under both policies. ``on_bad_sample="raise"`` raises on the
+    first bad annotation, missing file or non-image file (header check), and in
+    ``__getitem__`` on an image that does not decode or whose size disagrees with its XML;
+    ``"skip"`` logs and drops the first kind (recorded as ``(path, reason)`` in
+    :attr:`skipped`) and returns a :class:`BadSample` for the second.
     """
 
     def __init__(
@@ -174,19 +180,30 @@ class VOCDetection(Dataset[Sample]):
         root: str,
         image_sets: Sequence[str] = ("2007-trainval",),
         transforms: Callable[[tv_tensors.Image, dict[str, Any]], Sample] | None = None,
-        on_bad_sample: Literal["raise", "skip"] = "raise",
+        on_bad_sample: OnBadSample = "raise",
+        keep_difficult: bool = True,
     ) -> None:
-        if on_bad_sample not in ("raise", "skip"):
-            raise ValueError(f"on_bad_sample must be 'raise' or 'skip', got {on_bad_sample!r}")
+        check_policy(on_bad_sample)
+        self.on_bad_sample = on_bad_sample
+        self.keep_difficult = keep_difficult
         self.transforms = transforms
         self.annotations: list[VOCAnnotation] = []
         self.skipped: list[tuple[str, str]] = []
+        repeated = sorted({name for name in image_sets if list(image_sets).count(name) > 1})
+        if repeated:
+            raise ValueError(f"image sets {repeated} are given more than once in {list(image_sets)}")
+        listed_in: dict[tuple[Path, str], Path] = {}
         for image_set in image_sets:
             list_file = image_set_file(root, image_set)
             year_dir = list_file.parents[2]
-            ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-            if not ids:
-                raise ValueError(f"image set file {list_file} ({image_set}) lists no images")
+            ids = _read_ids(list_file, image_set)
+            for image_id in ids:
+                earlier = listed_in.setdefault((year_dir, image_id), list_file)
+                if earlier != list_file:
+                    raise ValueError(
+                        f"image id {image_id!r} of {year_dir.name} is listed in both {earlier} and {list_file}; "
+                        "each image may appear in only one of the image sets combined"
+                    )
             for image_id in ids:
                 annotation_path = year_dir / "Annotations" / f"{image_id}.xml"
                 try:
@@ -206,32 +223,61 @@ class VOCDetection(Dataset[Sample]):
         for path in (annotation_path, image_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}, listed in {list_file}, does not exist")
-        return read_annotation(annotation_path, image_path, f"{year_dir.name[3:]}/{image_id}")
+        annotation = read_annotation(annotation_path, image_path, f"{year_dir.name[3:]}/{image_id}")
+        read_header(image_path)
+        return annotation
 
     def __len__(self) -> int:
         return len(self.annotations)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> Sample | BadSample:
         ann = self.annotations[index]
-        image = tv_tensors.Image(decode(ann.image_path))
-        if tuple(image.shape[-2:]) != (ann.height, ann.width):
-            raise ValueError(
-                f"{ann.image_path} is {image.shape[-1]} x {image.shape[-2]} (W x H) but "
-                f"{ann.annotation_path} <size> says {ann.width} x {ann.height}"
-            )
+        try:
+            image = self._image(ann)
+        except (ValueError, FileNotFoundError) as error:
+            if self.on_bad_sample == "raise":
+                raise
+            return BadSample(str(ann.image_path), str(error))
+        keep = slice(None) if self.keep_difficult else ~ann.difficult
         target = {
             "boxes": tv_tensors.BoundingBoxes(
-                ann.boxes.clone(), format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(ann.height, ann.width)
+                ann.boxes[keep].clone(), format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(ann.height, ann.width)
             ),
-            "labels": ann.labels.clone(),
-            "difficult": ann.difficult.clone(),
-            "truncated": ann.truncated.clone(),
+            "labels": ann.labels[keep].clone(),
+            "difficult": ann.difficult[keep].clone(),
+            "truncated": ann.truncated[keep].clone(),
             "image_id": ann.image_id,
             "orig_size": torch.tensor([ann.height, ann.width]),
         }
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+    @staticmethod
+    def _image(ann: VOCAnnotation) -> tv_tensors.Image:
+        image = tv_tensors.Image(decode(ann.image_path))
+        if tuple(image.shape[-2:]) != (ann.height, ann.width):
+            raise ValueError(
+                f"{ann.image_path} is {image.shape[-1]} x {image.shape[-2]} (W x H) but "
+                f"{ann.annotation_path} <size> says {ann.width} x {ann.height}"
+            )
+        return image
+
+
+def _read_ids(list_file: Path, image_set: str) -> list[str]:
+    """The ids of an ImageSets file, one per line; an empty list or a repeated id is an error."""
+    ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"image set file {list_file} ({image_set}) lists no images")
+    seen: dict[str, int] = {}
+    for line_number, image_id in enumerate(ids, start=1):
+        if image_id in seen:
+            raise ValueError(
+                f"image set file {list_file} lists id {image_id!r} twice (entries {seen[image_id]} and "
+                f"{line_number}); each id may appear once"
+            )
+        seen[image_id] = line_number
+    return ids
 
 
 def detection_collate(batch: Sequence[Sample]) -> tuple[list[Tensor], list[dict[str, Any]]]:
@@ -255,7 +301,10 @@ class VOCDataModule(SplitDataModule):
     :func:`presets.detection_train` (``"ssd"`` or ``"ssdlite"``), others only become float.
     ``num_classes`` counts the background (21), as torchvision detectors do, and
     ``class_names[label]`` is the name of a label (``class_names[0] == "__background__"``).
-    ``predict`` uses the test sets.
+    ``predict`` uses the test sets. ``train_difficult=False`` (default) leaves objects marked
+    difficult out of the training targets, as MMDetection's VOC configs and ssd.pytorch do;
+    ``True`` trains on them too, as the original Caffe SSD (``train_on_diff_gt``). Val / test
+    targets always keep them, flagged, so evaluation counts them as neither TP nor FP.
     """
 
     collate_fn = staticmethod(detection_collate)
@@ -270,10 +319,12 @@ class VOCDataModule(SplitDataModule):
         batch_size: int = 32,
         num_workers: int = 4,
         pin_memory: bool = True,
-        on_bad_sample: Literal["raise", "skip"] = "raise",
+        on_bad_sample: OnBadSample = "raise",
+        train_difficult: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_policy(on_bad_sample)
         for image_set in (*train_sets, *val_sets, *test_sets):
             image_set_file(root, image_set)
         self.root = root
@@ -286,10 +337,13 @@ class VOCDataModule(SplitDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.on_bad_sample = on_bad_sample
+        self.train_difficult = train_difficult
 
     def _dataset(self, split: str) -> VOCDetection:
-        transform = self.train_transform if split == "train" else self.eval_transform
-        return VOCDetection(self.root, self.image_sets[split], transform, self.on_bad_sample)
+        train = split == "train"
+        transform = self.train_transform if train else self.eval_transform
+        keep_difficult = self.train_difficult or not train
+        return VOCDetection(self.root, self.image_sets[split], transform, self.on_bad_sample, keep_difficult)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

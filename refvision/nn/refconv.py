@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +114,6 @@ class RefConv(ConvMethod):
             nn.init.zeros_(self.refocus_weight)
         else:
             nn.init.kaiming_uniform_(self.refocus_weight, a=math.sqrt(5))
-        self._cache: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_conv(
@@ -169,7 +167,10 @@ class RefConv(ConvMethod):
         return basis + mapped.view_as(basis)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self._weight_for_forward(), self.bias)
+        # Wt is recomputed on every call, in eval mode too: a cached Wt goes stale when weights
+        # change through `.data` (EMA / weight averaging), which no version counter records.
+        # The deploy form (`fuse`) is the way to run without the transform.
+        return self._conv_forward(input, self.refocused_weight(), self.bias)
 
     def fuse(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing the same function: weight ``Wt`` (detached), bias copied.
@@ -198,34 +199,6 @@ class RefConv(ConvMethod):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, map_k={self.map_k}, map_groups={self.map_groups}"
-
-    def _weight_for_forward(self) -> Tensor:
-        # Inference reuses Wt until a weight changes. Tracing/compiling always records
-        # the transform so the captured graph does not depend on cache state.
-        if (
-            self.training
-            or torch.is_grad_enabled()
-            or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()
-        ):
-            return self.refocused_weight()
-        key = tuple(
-            (t._version, t.data_ptr(), t.device, t.dtype)
-            for t in (self.refocus_weight, self.weight)
-        )
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.refocused_weight())
-        return self._cache[1]
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RefConv:
-        # .to()/.half() may hand back storage at a recycled address with an unchanged
-        # version counter, which the cache key alone could not tell apart.
-        self._cache = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        # Keep the cached kernel out of deepcopy/pickle.
-        return {**self.__dict__, "_cache": None}
 
 
 def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
