@@ -1,41 +1,196 @@
-"""``init_from``: load weights into a freshly built model before conversion.
+"""Reading checkpoint files without running code, and ``init_from``: weights into a freshly built model.
 
-Accepted sources are anything mmengine's ``CheckpointLoader`` resolves: a local file, a
-``torchvision://<model>`` name, an ``http(s)://`` URL. Accepted contents: a Lightning
-checkpoint (``state_dict`` with the task's ``model.`` prefix), an mmengine/torchvision-reference
-checkpoint (``state_dict`` / ``model``), or a plain state dict.
+Every checkpoint refvision reads (``--ckpt_path``, ``init_from``, ``reparameterize``, ``export``,
+``profile --ckpt``) goes through :func:`read_checkpoint`: ``torch.load(weights_only=True)`` with
+only :data:`SAFE_GLOBALS` allowed on top of torch's own tensor / container types, or safetensors.
+A file that needs any other pickled object is refused, never unpickled. ``http(s)://`` and
+``torchvision://<model>`` sources are downloaded to the torch hub cache first, then read the same way.
+
+What ``init_from`` accepts inside the file is described in :mod:`refvision.models.weights`.
 """
 
+import argparse
+import contextlib
+import dataclasses
 import logging
 import os
+import pickle
+import urllib.parse
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
-from mmengine.runner.checkpoint import CheckpointLoader
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from refvision.models.weights import explain_download_failure
+from refvision.models.weights import explain_download_failure, external_state_dict, map_keys
 
 log = logging.getLogger("refvision")
 
-LIGHTNING_PREFIX = "model."
-"""The tasks keep their network as ``self.model``: Lightning checkpoints prefix its keys so."""
+SAFE_GLOBALS: list[type] = [argparse.Namespace]
+"""Types allowed in a checkpoint beyond torch's weights-only defaults (tensors, dict, OrderedDict,
+Counter, list, tuple, str, numbers): ``argparse.Namespace`` is the ``args`` of torchvision's
+reference training scripts. It is rebuilt from a plain dict of its attributes; nothing is called."""
 
 
-def extract_state_dict(checkpoint: dict, prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Return the network's state dict from a loaded ``checkpoint``.
+class CheckpointError(ValueError):
+    """A checkpoint file that refvision will not or cannot read; the message names the file."""
+
+
+@contextlib.contextmanager
+def safe_checkpoint_globals() -> Iterator[None]:
+    """Allow :data:`SAFE_GLOBALS` in ``torch.load(weights_only=True)`` calls made inside the block."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        yield
+
+
+def resolve_source(source: str | os.PathLike, option: str) -> Path:
+    """The local file behind ``source``: a path, or an ``http(s)://`` / ``torchvision://`` download.
+
+    Downloads go to ``$TORCH_HOME/hub/checkpoints/<file name>`` (as ``torch.hub`` does) and are
+    reused from there. Raises ``FileNotFoundError`` naming ``option`` for a missing local file.
+    """
+    text = str(source)
+    if text.startswith("torchvision://"):
+        from mmengine.runner.checkpoint import get_torchvision_models
+
+        urls = get_torchvision_models()
+        name = text[len("torchvision://"):]
+        if name not in urls:
+            raise ValueError(f"{option}={text!r}: torchvision has no weights named {name!r}")
+        text = urls[name]
+    if text.startswith(("http://", "https://")):
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(text).path).name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            log.info("%s: downloading %s to %s", option, text, target)
+            with explain_download_failure(text, option):
+                torch.hub.download_url_to_file(text, str(target), progress=False)
+        return target
+    if "://" in text:
+        raise ValueError(f"{option}={text!r}: unsupported source; give a local file, an http(s):// URL "
+                         "or torchvision://<model>")
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}={text!r}: no such file")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint", source: str | None = None) -> Any:
+    """Load local file ``path`` without running code (see the module docstring), tensors on CPU.
+
+    Errors name ``option`` and ``source`` (the URL that ``path`` was downloaded from, if any).
+
+    Raises:
+        CheckpointError: the file is empty, truncated or not a checkpoint, or it holds pickled
+            objects other than tensors and plain containers (the message lists them and what to do).
+    """
+    path = Path(path)
+    name = f"{option} {source} (downloaded to {path})" if source and str(source) != str(path) else f"{option} {path}"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{name}: the file is empty (0 bytes); an interrupted copy or save? "
+                              "Use another checkpoint, e.g. last.ckpt or an earlier one.")
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except SafetensorError as err:
+            raise CheckpointError(f"{name}: not a readable safetensors file ({err}); truncated?") from None
+    try:
+        with safe_checkpoint_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_needs_pickle_message(name, path, err)) from None
+    except (EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(_unreadable_message(name, path, err)) from None
+    except RuntimeError as err:
+        if "zip archive" in str(err) or "PytorchStreamReader" in str(err) or "magic number" in str(err):
+            raise CheckpointError(_unreadable_message(name, path, err)) from None
+        raise
+
+
+def _unreadable_message(name: str, path: Path, err: BaseException) -> str:
+    return (f"{name}: not a complete PyTorch checkpoint ({path.stat().st_size} bytes; "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unexpected end of file'}). "
+            "The file is truncated or is not a checkpoint; use another one, e.g. last.ckpt or an earlier save.")
+
+
+def _needs_pickle_message(name: str, path: Path, err: BaseException) -> str:
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - old (non-zip) format: fall back to torch's own message
+        needed = []
+    what = ", ".join(needed) if needed else str(err).splitlines()[0]
+    hint = ""
+    if any(n.startswith("mmengine.") or n.startswith("numpy.") for n in needed):
+        hint = (" OpenMMLab training checkpoints keep the logger state ('message_hub') next to the weights; "
+                "the published model-zoo files (tools/model_converters/publish_model.py) do not.")
+    return (f"{name} needs pickle to load: it holds objects other than tensors and plain containers "
+            f"({what}). Unpickling them could run arbitrary code, so refvision loads checkpoints with "
+            f"torch.load(weights_only=True) only.{hint} If you trust the file, keep only its weights: "
+            f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+            f"torch.save({{'state_dict': c.get('state_dict', c.get('model', c))}}, '{path}.weights.pth')\" "
+            "and pass the new file.")
+
+
+def describe_checkpoint(checkpoint: Any) -> str:
+    """A one-line account of what a loaded checkpoint holds (task, format, tensor count, top-level keys)."""
+    if not isinstance(checkpoint, dict):
+        return f"a {type(checkpoint).__name__}, not a dict"
+    task = task_of(checkpoint)
+    keys = ", ".join(map(str, list(checkpoint)[:6])) + (" ..." if len(checkpoint) > 6 else "")
+    if task:
+        hp = checkpoint.get("hyper_parameters") or {}
+        details = ", ".join(f"{k}={hp[k]}" for k in ("backbone", "detector", "encoder", "num_classes") if k in hp)
+        return f"a refvision {task.rpartition('.')[2]} checkpoint ({details})"
+    tensors = sum(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    if tensors == len(checkpoint):
+        return f"a plain state dict of {tensors} tensors (first keys: {keys})"
+    return f"a dict with keys {keys}"
+
+
+def task_of(checkpoint: Any) -> str | None:
+    """The class path of the refvision task that wrote ``checkpoint``, if it says."""
+    if not isinstance(checkpoint, dict):
+        return None
+    hp = checkpoint.get("hyper_parameters")
+    return (checkpoint.get("refvision") or {}).get("task") or (hp.get("_class_path") if isinstance(hp, dict) else None)
+
+
+def check_task_checkpoint(source: str | os.PathLike, task_class: str | None,
+                          option: str = "--ckpt_path") -> tuple[Path, dict]:
+    """Resolve, read and check a Lightning checkpoint meant for a model of class path ``task_class``.
+
+    Returns ``(local path, loaded checkpoint)``. Raises :class:`CheckpointError` for a file that
+    is not a Lightning checkpoint (``init_from`` is the option for bare weights) or was written by
+    another refvision task (e.g. a detection checkpoint given to the segmentation config).
+    """
+    path = resolve_source(source, option)
+    checkpoint = read_checkpoint(path, option, str(source))
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{option} {source}: not a Lightning checkpoint (no 'state_dict'); it holds {describe_checkpoint(checkpoint)}. "
+            "To start from bare or external weights use --model.init_from."
+        )
+    task = task_of(checkpoint)
+    if task and task_class and task.rpartition(".")[2] != str(task_class).rpartition(".")[2]:
+        raise CheckpointError(
+            f"{option} {source} holds {describe_checkpoint(checkpoint)}, but the config builds {task_class}; "
+            "pass a checkpoint of the same task (or the config that wrote this one)."
+        )
+    return path, checkpoint
+
+
+def extract_state_dict(checkpoint: Any, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Return the network's state dict from a loaded ``checkpoint`` (any format of :func:`external_state_dict`).
 
     ``prefix`` keeps only keys that start with it and strips it (e.g. ``backbone.`` to take a
-    detector's backbone). ``None`` strips :data:`LIGHTNING_PREFIX` when every key carries it.
+    detector's backbone). ``None`` strips the format's own prefix (Lightning's ``model.``).
     """
-    state = checkpoint
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("the checkpoint holds no state dict (expected keys 'state_dict' or 'model', or tensors)")
-    if prefix is None:
-        prefix = LIGHTNING_PREFIX if state and all(k.startswith(LIGHTNING_PREFIX) for k in state) else ""
+    state, default_prefix, _ = external_state_dict(checkpoint)
+    prefix = default_prefix if prefix is None else prefix
     if not prefix:
         return dict(state)
     picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -44,39 +199,78 @@ def extract_state_dict(checkpoint: dict, prefix: str | None = None) -> dict[str,
     return picked
 
 
-def load_init_from(model: nn.Module, source: str, prefix: str | None = None, strict: bool = True) -> None:
-    """Load ``source`` into ``model`` (in place), as described in the module docstring.
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_init_from` matched: keys are those of the target module."""
+
+    source: str
+    format: str
+    target: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+    def __str__(self) -> str:
+        where = f"model.{self.target}" if self.target else "the model"
+        lines = [f"init_from {self.source} ({self.format}) into {where}: {len(self.loaded)} tensors loaded, "
+                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"]
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                lines.append(f"  {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        for key, theirs, ours in self.mismatched[:8]:
+            lines.append(f"  shape of {key}: file {list(theirs)} vs model {list(ours)}")
+        return "\n".join(lines)
+
+
+def load_init_from(model: nn.Module, source: str, prefix: str | None = None, strict: bool = True) -> LoadReport:
+    """Load ``source`` into ``model`` (in place) and return the :class:`LoadReport`.
+
+    The weights go into the whole model or, when they fit it better, into one direct child
+    (smp encoder weights into a segmenter's ``encoder``). With ``strict`` every tensor of the
+    target must be loaded, none left over and no shape differ; without, the tensors that fit are
+    loaded and the rest is reported (e.g. a 1000-class head skipped for a 10-class model).
 
     Raises:
         FileNotFoundError: a local path that does not exist.
-        ValueError: keys or shapes that do not fit ``model``; the message lists the first
-            missing / unexpected / mismatched keys and names ``init_prefix`` / ``init_strict``.
-        WeightsUnavailableError: a URL or named weight that cannot be downloaded.
+        CheckpointError: a file that cannot be read safely (see :func:`read_checkpoint`).
+        ValueError: keys or shapes that do not fit ``model``; the message is the load report
+            and names ``init_prefix`` / ``init_strict``.
+        WeightsUnavailableError: a URL that cannot be downloaded.
     """
-    is_local = "://" not in source
-    if is_local and not os.path.isfile(source):
-        raise FileNotFoundError(f"model.init_from={source!r}: no such file")
-    with explain_download_failure(source, "model.init_from"):
-        checkpoint = CheckpointLoader.load_checkpoint(source, map_location="cpu")
+    checkpoint = read_checkpoint(resolve_source(source, "model.init_from"), "model.init_from", source)
     try:
-        state = extract_state_dict(checkpoint, prefix)
+        _, _, fmt = external_state_dict(checkpoint)
+        state = map_keys(extract_state_dict(checkpoint, prefix), model)
     except ValueError as err:
-        raise ValueError(f"model.init_from={source!r}: {err}") from None
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if mismatched or (strict and (missing or unexpected)):
-        details = "; ".join(
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected))
-            if keys
-        )
+        raise ValueError(f"model.init_from={source!r} ({describe_checkpoint(checkpoint)}): {err}") from None
+    report = _best_placement(model, state, source, fmt)
+    if not report.loaded or (strict and (report.mismatched or report.missing or report.unexpected)):
         raise ValueError(
-            f"model.init_from={source!r} does not fit {type(model).__name__}: {details}. "
-            "Use model.init_prefix to pick a sub-tree of the checkpoint, or model.init_strict=false "
-            "to allow missing/unexpected keys (shapes must still match)."
+            f"model.init_from={source!r} does not fit {type(model).__name__}; the file holds "
+            f"{describe_checkpoint(checkpoint)}.\n{report}\nUse model.init_prefix to pick a sub-tree of the "
+            "checkpoint, or model.init_strict=false to load the tensors that fit and skip the others (reported)."
         )
-    model.load_state_dict(state, strict=False)
-    log.info("init_from %s: loaded %d tensors (%d missing, %d unexpected)", source, len(state) - len(unexpected),
-             len(missing), len(unexpected))
+    target = model.get_submodule(report.target) if report.target else model
+    target.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    log.log(logging.WARNING if report.missing or report.unexpected or report.mismatched else logging.INFO,
+            "%s", report)
+    return report
+
+
+def _best_placement(model: nn.Module, state: dict[str, torch.Tensor], source: str, fmt: str) -> LoadReport:
+    """The report for loading ``state`` into the model or the direct child it fits best."""
+    candidates = [""] + [name for name, _ in model.named_children()]
+    reports = []
+    for name in candidates:
+        own = (model.get_submodule(name) if name else model).state_dict()
+        loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+        reports.append(LoadReport(
+            source=source, format=fmt, target=name, loaded=loaded,
+            missing=[k for k in own if k not in state],
+            unexpected=[k for k in state if k not in own],
+            mismatched=[(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                        if k in own and own[k].shape != v.shape],
+        ))
+    # The whole model wins ties: a child is chosen only when strictly more tensors land in it.
+    return max(reports, key=lambda r: (len(r.loaded), r.target == ""))

@@ -23,6 +23,7 @@ import refvision.tasks.classification  # noqa: F401  (registers the tasks for sh
 import refvision.tasks.detection  # noqa: F401
 import refvision.tasks.segmentation  # noqa: F401
 from refvision.callbacks import DeployCheckpoint
+from refvision.checkpoint import check_task_checkpoint, safe_checkpoint_globals
 from refvision.convert import reparameterize
 from refvision.deploy import load_task_checkpoint, reparameterize_checkpoint
 from refvision.profile import profile
@@ -38,10 +39,30 @@ workflow subcommands:
 
 
 class RefvisionCLI(LightningCLI):
-    """LightningCLI with the deploy-checkpoint callback always on."""
+    """LightningCLI with the deploy-checkpoint callback always on and ``--ckpt_path`` read safely."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyper-parameters here and the Trainer loads it later (a URL
+        # with weights_only=False). Download and check it first (readable, no pickle, this task's);
+        # both then read the local file weights-only.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+            model_class = self.config[subcommand].get("model.class_path")
+            self.config[subcommand]["ckpt_path"] = str(check_task_checkpoint(ckpt_path, model_class)[0])
+        with safe_checkpoint_globals():
+            super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        config = self.config_init[subcommand]
+        if config.get("weights_only") is False:
+            raise ValueError("--weights_only false: refvision loads checkpoints with weights_only=True only")
+        config["weights_only"] = True
+        with safe_checkpoint_globals():
+            super()._run_subcommand(subcommand)
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RefvisionCLI:

@@ -16,6 +16,7 @@ from typing import Any
 import lightning
 import torch
 
+from refvision.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint, resolve_source, task_of
 from refvision.convert import reparameterize
 from refvision.profile import ModelProfile, profile
 
@@ -49,17 +50,22 @@ class DeployReport:
 
 
 def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """Rebuild the task saved in ``path`` (loaded with ``weights_only=True``) with its weights.
+    """Rebuild the task saved in local file ``path`` with its weights (read by :func:`read_checkpoint`).
 
     Returns ``(task, hparams)``; nothing is downloaded or loaded besides the checkpoint itself.
+
+    Raises:
+        CheckpointError: an unreadable or unsafe file, or one that is not a refvision task checkpoint.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' key)")
+    checkpoint = read_checkpoint(resolve_source(path, "--ckpt"), "--ckpt")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"--ckpt {path}: not a Lightning checkpoint (no 'state_dict'); it holds "
+                              f"{describe_checkpoint(checkpoint)}")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path = hparams.get("_class_path") or (checkpoint.get("refvision") or {}).get("task")
+    class_path = task_of(checkpoint)
     if not class_path:
-        raise ValueError(f"{path}: the checkpoint does not say which task class wrote it")
+        raise CheckpointError(f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
+                              f"it holds {describe_checkpoint(checkpoint)}")
     task_cls = _import(class_path)
     hparams = {k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS}
     hparams = {**hparams, "init_from": None, **{k: None for k in task_cls.download_options if k in hparams}}

@@ -38,10 +38,22 @@ def test_prefix_picks_a_subtree() -> None:
 def test_mismatch_names_the_keys_and_the_options(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save(nn.Sequential(nn.Conv2d(3, 16, 3)).state_dict(), path)
-    with pytest.raises(ValueError, match=r"shape mismatch \(2\): 0\.weight, 0\.bias.*init_strict"):
+    with pytest.raises(ValueError, match=r"(?s)2 shape mismatches.*shape of 0\.weight: file \[16, 3, 3, 3\] vs model "
+                                         r"\[8, 3, 3, 3\].*init_strict"):
         load_init_from(_net(), str(path))
     with pytest.raises(FileNotFoundError, match="no-such.pth"):
         load_init_from(_net(), str(tmp_path / "no-such.pth"))
+
+
+def test_non_strict_skips_other_shapes_and_reports_them(tmp_path: Path) -> None:
+    source = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 10, 1))
+    path = tmp_path / "ten-classes.pth"
+    torch.save(source.state_dict(), path)
+    target = _net()
+    head = target[3].weight.clone()
+    report = load_init_from(target, str(path), strict=False)
+    assert [key for key, _, _ in report.mismatched] == ["3.weight", "3.bias"]
+    assert torch.equal(target[0].weight, source[0].weight) and torch.equal(target[3].weight, head)
 
 
 def test_non_strict_allows_missing_keys(tmp_path: Path) -> None:
@@ -51,8 +63,9 @@ def test_non_strict_allows_missing_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="missing"):
         load_init_from(_net(), str(path))
     target = _net()
-    load_init_from(target, str(path), strict=False)
+    report = load_init_from(target, str(path), strict=False)
     assert torch.equal(target[0].weight, source[0].weight)
+    assert report.loaded == ["0.weight", "0.bias"] and "1.running_mean" in report.missing
 
 
 def test_offline_download_names_option_and_local_alternative() -> None:
