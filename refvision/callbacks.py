@@ -38,8 +38,8 @@ class DeployCheckpoint(Callback):
         report = reparameterize_checkpoint(source, output, overwrite=True, inputs=inputs)
         log.info("deploy checkpoint:\n%s", report)
         print(f"\nDeploy checkpoint (re-parameterized from {source}):\n{report}")
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(
+        for logger in trainer.loggers:
+            logger.log_metrics(
                 {
                     "deploy/params_train": report.train.params_total,
                     "deploy/params_deploy": report.deploy.params_total,

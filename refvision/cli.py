@@ -6,6 +6,7 @@ model is any refvision task and whose data is any LightningDataModule, both chos
 are handled here, before LightningCLI parses, so one entry point serves all.
 """
 
+import os
 import statistics
 import sys
 import time
@@ -15,8 +16,10 @@ from typing import Any
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning import LightningDataModule
+from lightning import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import refvision.data  # noqa: F401  (registers the data modules for short class names)
 import refvision.tasks.classification  # noqa: F401  (registers the tasks for short class names)
@@ -39,7 +42,8 @@ workflow subcommands:
 
 
 class RefvisionCLI(LightningCLI):
-    """LightningCLI with the deploy-checkpoint callback always on and ``--ckpt_path`` read safely."""
+    """LightningCLI with the deploy-checkpoint callback always on, ``--ckpt_path`` read safely, and
+    TensorBoard + CSV loggers by default."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
@@ -63,6 +67,25 @@ class RefvisionCLI(LightningCLI):
         config["weights_only"] = True
         with safe_checkpoint_globals():
             super()._run_subcommand(subcommand)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
+
+
+def default_loggers(root_dir: str) -> list[Logger]:
+    """TensorBoard (first: it names the checkpoint folder) and CSV, both in ``root_dir/lightning_logs/version_<n>``.
+
+    ``--trainer.logger`` left unset (or ``true``) means these; any other value is used as given.
+    """
+    board = TensorBoardLogger(root_dir, version=SLURMEnvironment.job_id())
+    table = CSVLogger(root_dir, version=board.version)
+    # Open the CSV log (rank 0) before TensorBoard writes into the shared folder, which the CSV
+    # logger would otherwise take for a stale run and warn about.
+    table.experiment  # noqa: B018
+    return [board, table]
 
 
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RefvisionCLI:

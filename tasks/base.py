@@ -1,20 +1,32 @@
-"""The part every refvision task shares: build -> ``init_from`` -> convert -> freeze, and the optimizer.
+"""The part every refvision task shares: build -> ``init_from`` -> convert -> freeze, evaluation, the optimizer.
 
 A task subclass builds its network in ``build_model`` and says how to run it raw
 (``raw_forward``: one tensor of pre-post-processing outputs, used to compare train and deploy
 forms). Everything about how a conv is implemented stays behind ``convert`` / ``reparameterize``.
+
+Evaluation is owned here: one metric per stage (``val``, ``test``) from ``create_metric``, fed
+by ``evaluation_step``, computed, logged (``logged_metrics``) and reset at the end of each stage.
+At ``test`` the per-class table is printed and saved as CSV and the task's figures are saved as
+PNG, all in the trainer's ``log_dir`` (rank 0 writes), and the figures go to TensorBoard too.
 """
 
 import math
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypedDict
 
 import torch
 from lightning import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.figure import Figure
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from refvision.checkpoint import load_init_from
 from refvision.convert import convert, reparameterize
+from refvision.metrics.figures import figure_to_rgb, save_figure
+from refvision.metrics.table import PerClassTable
 from refvision.nn import get_method
 from refvision.trainable import TrainableMode, freeze_norm_statistics, set_trainable
 
@@ -219,6 +231,86 @@ class RefvisionTask(LightningModule):
         warmup = min(total - 1, int(cfg["warmup_epochs"] * per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=_schedule(cfg, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    logged_metrics: ClassVar[dict[str, tuple[str, ...]]] = {"val": (), "test": ()}
+    """Keys of the metric's ``compute()`` result logged as ``<stage>/<key>``, per stage."""
+
+    def create_metric(self) -> Metric:
+        """A fresh metric for one evaluation stage; ``compute()`` returns a dict of tensors."""
+        raise NotImplementedError
+
+    def configure_metrics(self) -> None:
+        """Create the ``val`` and ``test`` metrics (``eval_metrics``). Subclasses call it in ``__init__``."""
+        self.eval_metrics = nn.ModuleDict({stage: self.create_metric() for stage in ("val", "test")})
+
+    def evaluation_step(self, batch: Any, stage: str) -> tuple[Any, Any]:
+        """Run the model on an evaluation batch: ``(preds, targets)`` for the metric's ``update``.
+
+        May log per-batch values such as a loss under ``<stage>/``.
+        """
+        raise NotImplementedError
+
+    def eval_class_names(self) -> list[str]:
+        """Names of the classes, in label order: the data module's ``class_names``, else the label ids."""
+        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer else None
+        return list(names) if names is not None else [str(i) for i in range(getattr(self, "num_classes", 0))]
+
+    def per_class_table(self, result: dict[str, Any]) -> PerClassTable | None:
+        """The per-class table of a ``test`` result (printed and saved as CSV), or None."""
+        return None
+
+    def evaluation_figures(self, result: dict[str, Any]) -> dict[str, Figure]:
+        """Figures of a ``test`` result by file stem (saved as ``<stem>.png``)."""
+        return {}
+
+    def evaluation_tables(self, result: dict[str, Any]) -> dict[str, PerClassTable]:
+        """Further tables of a ``test`` result by file stem, saved as ``<stem>.csv`` (not printed)."""
+        return {}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_metrics["val"].update(*self.evaluation_step(batch, "val"))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_metrics["test"].update(*self.evaluation_step(batch, "test"))
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def _end_evaluation(self, stage: str) -> None:
+        metric = self.eval_metrics[stage]
+        result = metric.compute()  # synchronised across processes
+        metric.reset()
+        for key in self.logged_metrics[stage]:
+            name = f"{stage}/{key}"
+            self.log(name, result[key].float(), prog_bar=name == self.monitor)
+        if stage == "test":
+            self._report(result)
+
+    def _report(self, result: dict[str, Any]) -> None:
+        """Print the per-class table; save it (CSV) and the figures (PNG, and to TensorBoard) on rank 0."""
+        log_dir = Path(self.trainer.log_dir)  # a broadcast: every rank takes part
+        if not self.trainer.is_global_zero:
+            return
+        table = self.per_class_table(result)
+        tables = self.evaluation_tables(result)
+        if table is not None:
+            path = table.save_csv(log_dir / "test_per_class.csv")
+            rank_zero_info(f"{table.title} (saved to {path}):\n{table.render()}")
+        for stem, extra in tables.items():
+            extra.save_csv(log_dir / f"{stem}.csv")
+        boards = [logger.experiment for logger in self.trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        for stem, figure in self.evaluation_figures(result).items():
+            save_figure(figure, log_dir / f"{stem}.png")
+            if boards:
+                image = figure_to_rgb(figure)
+                for board in boards:
+                    board.add_image(stem.replace("test_", "test/", 1), image, self.global_step, dataformats="HWC")
+        rank_zero_info(f"test tables and figures: {log_dir}")
 
 
 def _schedule(cfg: OptimConfig, warmup: int, total: int):

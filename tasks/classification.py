@@ -4,10 +4,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from refvision.metrics.figures import confusion_matrix
+from refvision.metrics.table import PerClassTable, confusion_table
 from refvision.models.classification import build_classifier
 from refvision.tasks.base import RefvisionTask
 
@@ -27,6 +30,7 @@ class ClassificationTask(RefvisionTask):
 
     download_options = ("weights",)
     monitor, monitor_mode = "val/top1", "max"
+    logged_metrics = {"val": ("top1", "top5"), "test": ("top1", "top5")}
 
     def __init__(
         self,
@@ -42,12 +46,7 @@ class ClassificationTask(RefvisionTask):
         self.backbone, self.num_classes, self.weights = backbone, num_classes, weights
         self.label_smoothing, self.image_size = label_smoothing, image_size
         self.configure_model_pipeline()
-        top_k = min(5, num_classes)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top_k)
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top_k)
-        self.test_per_class = MulticlassAccuracy(num_classes, top_k=1, average=None)
+        self.configure_metrics()
 
     def build_model(self) -> nn.Module:
         return build_classifier(self.backbone, self.num_classes, self.weights)
@@ -65,31 +64,32 @@ class ClassificationTask(RefvisionTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def create_metric(self) -> MetricCollection:
+        """``top1``, ``top5`` (top-min(5, C)), ``accuracy_per_class`` ``(C,)`` and ``confusion_matrix`` ``(C, C)``."""
+        c = self.num_classes
+        return MetricCollection({
+            "top1": MulticlassAccuracy(c, top_k=1),
+            "top5": MulticlassAccuracy(c, top_k=min(5, c)),
+            "accuracy_per_class": MulticlassAccuracy(c, top_k=1, average=None),
+            "confusion_matrix": MulticlassConfusionMatrix(c),
+        }, compute_groups=False)
+
+    def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, labels = batch
         logits = self(images)
-        self.val_top1(logits, labels)
-        self.val_top5(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True)
-        self.log("val/top1", self.val_top1, prog_bar=True)
-        self.log("val/top5", self.val_top5)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), batch_size=len(labels), sync_dist=True)
+        return logits, labels
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.test_top1(logits, labels)
-        self.test_top5(logits, labels)
-        self.test_per_class.update(logits, labels)
-        self.log("test/top1", self.test_top1)
-        self.log("test/top5", self.test_top5)
+    def per_class_table(self, result: dict[str, Tensor]) -> PerClassTable:
+        return PerClassTable(tuple(self.eval_class_names()), {"top-1": result["accuracy_per_class"]},
+                             {"top-1": float(result["top1"])}, "mean", "per-class accuracy (test)")
 
-    def on_test_epoch_end(self) -> None:
-        per_class = self.test_per_class.compute()
-        self.test_per_class.reset()
-        names = getattr(self.trainer.datamodule, "class_names", None) or [str(i) for i in range(self.num_classes)]
-        width = max(len(n) for n in names)
-        lines = [f"{'class':<{width}}  top-1"] + [f"{n:<{width}}  {100 * a:6.2f}" for n, a in zip(names, per_class.tolist())]
-        rank_zero_info("per-class accuracy (test):\n" + "\n".join(lines))
+    def evaluation_tables(self, result: dict[str, Tensor]) -> dict[str, PerClassTable]:
+        return {"test_confusion_matrix": confusion_table(result["confusion_matrix"], self.eval_class_names())}
+
+    def evaluation_figures(self, result: dict[str, Tensor]) -> dict[str, Figure]:
+        return {"test_confusion_matrix": confusion_matrix(result["confusion_matrix"], self.eval_class_names(),
+                                                          "confusion matrix (test), rows normalised")}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """``{"label": (B,), "score": (B,)}``: arg-max class and its softmax probability."""

@@ -9,18 +9,21 @@ and normalizes internally and maps its detections back to each input image's pix
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from refvision.metrics import VOCMeanAveragePrecision, format_table
+from refvision.metrics import VOCMeanAveragePrecision
+from refvision.metrics.figures import per_class_bars, precision_recall_curves
+from refvision.metrics.table import PerClassTable, per_class_table
 from refvision.models.detection import build_detector
 from refvision.tasks.base import RefvisionTask
 
@@ -84,6 +87,7 @@ class DetectionTask(RefvisionTask):
     num_classes_note = " (background included)"
     default_conv_include = ["backbone.features.*"]
     monitor, monitor_mode = "val/map", "max"
+    logged_metrics = {"val": ("map", "coco_map"), "test": ("map", "coco_map", "coco_map_50")}
 
     def __init__(
         self,
@@ -104,8 +108,7 @@ class DetectionTask(RefvisionTask):
         self.detector, self.num_classes, self.weights_backbone = detector, num_classes, weights_backbone
         self.image_size, self.eval_mode, self.norm_momentum = image_size, eval_mode, norm_momentum
         self.configure_model_pipeline()
-        self.val_map = VOCMeanAveragePrecision(num_classes - 1, eval_mode=eval_mode)
-        self.test_map = VOCMeanAveragePrecision(num_classes - 1, eval_mode=eval_mode)
+        self.configure_metrics()
 
     def build_model(self) -> nn.Module:
         model = build_detector(self.detector, self.num_classes, self.weights_backbone, self.image_size)
@@ -141,29 +144,31 @@ class DetectionTask(RefvisionTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
-    def validation_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> None:
+    def create_metric(self) -> VOCMeanAveragePrecision:
+        return VOCMeanAveragePrecision(self.num_classes - 1, eval_mode=self.eval_mode)
+
+    def evaluation_step(
+        self, batch: tuple[list[Tensor], list[dict[str, Any]]], stage: str
+    ) -> tuple[list[Detection], list[dict[str, Any]]]:
         images, targets = batch
-        self.val_map.update(self(images), targets)
+        return self(images), targets
 
-    def on_validation_epoch_end(self) -> None:
-        result = self.val_map.compute()
-        self.val_map.reset()
-        self.log("val/map", result["map"].float(), prog_bar=True)
-        self.log("val/coco_map", result["coco_map"].float())
+    def eval_class_names(self) -> list[str]:
+        """Names of the foreground labels ``1..num_classes - 1`` (the rows of the per-class results)."""
+        return super().eval_class_names()[1:]
 
-    def test_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> None:
-        images, targets = batch
-        self.test_map.update(self(images), targets)
+    def per_class_table(self, result: dict[str, Any]) -> PerClassTable:
+        return replace(per_class_table(result, self.eval_class_names()), title=f"per-class {self._ap_name()}")
 
-    def on_test_epoch_end(self) -> None:
-        result = self.test_map.compute()
-        self.test_map.reset()
-        self.log("test/map", result["map"].float())
-        self.log("test/coco_map", result["coco_map"].float())
-        self.log("test/coco_map_50", result["coco_map_50"].float())
-        names = getattr(self.trainer.datamodule, "class_names", None)
-        names = names[1:] if names is not None else self.test_map.class_names
-        rank_zero_info(f"per-class AP@0.5 ({self.eval_mode}, test):\n" + format_table(result, names))
+    def evaluation_figures(self, result: dict[str, Any]) -> dict[str, Figure]:
+        names = self.eval_class_names()
+        return {
+            "test_ap_per_class": per_class_bars(names, result["ap_per_class"], self._ap_name(), "AP"),
+            "test_pr_curves": precision_recall_curves(result["pr_curves"], names, result["ap_per_class"]),
+        }
+
+    def _ap_name(self) -> str:
+        return f"AP@{self.eval_metrics['test'].iou_threshold} ({self.eval_mode}, test)"
 
     def predict_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> list[Detection]:
         """Detections per image (see :data:`Detection`), each with the ``image_id`` of its target."""

@@ -14,14 +14,16 @@ import torch
 import torch.nn.functional as F
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchvision.io import write_png
 from torchvision.utils import draw_segmentation_masks
 
 from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE
 from refvision.data.presets import IMAGENET_MEAN, IMAGENET_STD
-from refvision.metrics import MeanIoU, format_table
+from refvision.metrics import MeanIoU
+from refvision.metrics.figures import confusion_matrix, per_class_bars, segmentation_grid
+from refvision.metrics.table import PerClassTable, confusion_table
 from refvision.models.segmentation import build_segmenter
 from refvision.segmentation_inference import ohem_cross_entropy, segment, whole_inference
 from refvision.tasks.base import RefvisionTask
@@ -64,6 +66,9 @@ class SegmentationTask(RefvisionTask):
     download_options = ("encoder_weights",)
     default_conv_include = ["encoder.*"]
     monitor, monitor_mode = "val/miou", "max"
+    logged_metrics = {"val": ("miou", "pixel_accuracy"), "test": ("miou", "pixel_accuracy", "mean_accuracy")}
+    figure_samples = 4
+    """Test images shown in the image / ground truth / prediction figure (the first ones of rank 0)."""
 
     def __init__(
         self,
@@ -92,8 +97,8 @@ class SegmentationTask(RefvisionTask):
         self.inference, self.slide_crop, self.slide_stride = inference, tuple(slide_crop), tuple(slide_stride)
         self.flip, self.scales, self.example_size = flip, tuple(scales), tuple(example_size)
         self.configure_model_pipeline()
-        self.val_miou = MeanIoU(num_classes, ignore_index)
-        self.test_miou = MeanIoU(num_classes, ignore_index)
+        self.configure_metrics()
+        self._samples: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def build_model(self) -> nn.Module:
         return build_segmenter(self.encoder, self.num_classes, self.encoder_weights, self.output_stride)
@@ -126,32 +131,59 @@ class SegmentationTask(RefvisionTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(masks))
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def create_metric(self) -> MeanIoU:
+        return MeanIoU(self.num_classes, self.ignore_index)
+
+    def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, masks = batch
-        self.val_miou.update(self(images), masks)
+        logits = self(images)
+        if stage == "test" and len(self._samples) < self.figure_samples:
+            keep = self.figure_samples - len(self._samples)
+            preds = logits[:keep].argmax(dim=1).to(torch.uint8)
+            self._samples += zip(to_rgb(images[:keep]).cpu(), masks[:keep].cpu(), preds.cpu())
+        return logits, masks
 
-    def on_validation_epoch_end(self) -> None:
-        result = self.val_miou.compute()
-        self.val_miou.reset()
-        self.log("val/miou", result["miou"].float(), prog_bar=True)
-        self.log("val/pixel_accuracy", result["pixel_accuracy"].float())
+    def on_test_epoch_start(self) -> None:
+        self._samples = []
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        images, masks = batch
-        self.test_miou.update(self(images), masks)
+    def per_class_table(self, result: dict[str, Any]) -> PerClassTable:
+        columns = {"IoU": result["iou_per_class"], "accuracy": result["accuracy_per_class"]}
+        means = {"IoU": float(result["miou"]), "accuracy": float(result["mean_accuracy"])}
+        return PerClassTable(tuple(self.eval_class_names()), columns, means, "mean", "per-class IoU and accuracy (test)")
 
-    def on_test_epoch_end(self) -> None:
-        result = self.test_miou.compute()
-        self.test_miou.reset()
-        self.log("test/miou", result["miou"].float())
-        self.log("test/pixel_accuracy", result["pixel_accuracy"].float())
-        self.log("test/mean_accuracy", result["mean_accuracy"].float())
-        names = getattr(self.trainer.datamodule, "class_names", None)
-        rank_zero_info("per-class IoU (test):\n" + format_table(result, names))
+    def evaluation_tables(self, result: dict[str, Any]) -> dict[str, PerClassTable]:
+        return {"test_confusion_matrix": confusion_table(result["confusion_matrix"], self.eval_class_names())}
+
+    def evaluation_figures(self, result: dict[str, Any]) -> dict[str, Figure]:
+        names = self.eval_class_names()
+        figures = {
+            "test_iou_per_class": per_class_bars(names, result["iou_per_class"], "IoU per class (test)", "IoU"),
+            "test_confusion_matrix": confusion_matrix(result["confusion_matrix"], names,
+                                                      "confusion matrix (test), rows normalised"),
+        }
+        if self._samples:
+            images, masks, preds = (torch.stack(part) for part in zip(*self._samples))
+            palette = _palette(self.num_classes)
+            figures["test_samples"] = segmentation_grid(images, masks, preds, palette, self.ignore_index)
+        self._samples = []
+        return figures
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Predicted class-id maps ``(B, H, W)`` ``uint8`` at the input resolution."""
         return self(self.inputs_of(batch)).argmax(dim=1).to(torch.uint8)
+
+
+def to_rgb(images: Tensor) -> Tensor:
+    """``uint8 (B, 3, H, W)`` RGB of the normalized model inputs ``(B, 3, H, W)``."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _palette(num_classes: int) -> Tensor:
+    """``(num_classes, 3) uint8``: the Cityscapes palette, extended by torchvision's color rule where it ends."""
+    extra = [[c * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1)] for c in range(len(PALETTE), num_classes)]
+    return torch.tensor([*PALETTE, *extra][:num_classes], dtype=torch.uint8)
 
 
 class SegmentationPredictionWriter(BasePredictionWriter):

@@ -47,6 +47,22 @@ def voc_eval(
         annotations: image id -> objects ``{"name", "bbox", "difficult"}`` of all classes.
         classname: the class evaluated (objects compare their ``name`` to it).
     """
+    curve = voc_curve(detections, annotations, classname, ovthresh, group_ties)
+    if curve is None:
+        return float("nan")
+    if len(curve[0]) == 0:
+        return 0.0
+    return voc_ap(*curve, use_07_metric)
+
+
+def voc_curve(
+    detections: list[tuple[int, float, list[float]]],
+    annotations: dict[int, list[dict]],
+    classname: int,
+    ovthresh: float = 0.5,
+    group_ties: bool = True,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(rec, prec)`` of one class as the devkit computes them (empty without detections), None without positives."""
     class_recs = {}
     npos = 0
     for imagename, objects in annotations.items():
@@ -57,9 +73,9 @@ def voc_eval(
         npos = npos + sum(~difficult)
         class_recs[imagename] = {"bbox": bbox, "difficult": difficult, "det": det}
     if npos == 0:
-        return float("nan")
+        return None
     if len(detections) == 0:
-        return 0.0
+        return np.zeros(0), np.zeros(0)
 
     image_ids = [x[0] for x in detections]
     confidence = np.array([x[1] for x in detections], dtype=np.float64)
@@ -113,4 +129,4 @@ def voc_eval(
     if group_ties:
         last = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
         rec, prec = rec[last], prec[last]
-    return voc_ap(rec, prec, use_07_metric)
+    return rec, prec

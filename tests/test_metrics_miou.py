@@ -146,5 +146,5 @@ def test_format_table() -> None:
     metric = MeanIoU(3, class_names=["road", "sky", "car"])
     metric.update(torch.tensor([[[0, 0], [0, 1]]]), torch.zeros(1, 2, 2, dtype=torch.long))
     lines = format_table(metric.compute(), metric.class_names).splitlines()
-    assert [line.split() for line in lines[1:4]] == [["road", "75.00"], ["sky", "0.00"], ["car", "-"]]
+    assert [line.split() for line in lines[2:5]] == [["road", "75.00"], ["sky", "0.00"], ["car", "-"]]
     assert lines[-1].split() == ["mIoU", "37.50"]

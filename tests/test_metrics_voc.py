@@ -418,8 +418,8 @@ def test_format_table_lists_every_class_and_the_mean() -> None:
     table = format_table(metric.compute(), metric.class_names)
     lines = table.splitlines()
     assert metric.class_names == VOC_CLASSES
-    assert len(lines) == 1 + 20 + 2
-    assert lines[15].split() == ["person", "100.00"]
-    assert lines[1].split() == ["aeroplane", "-"]
+    assert len(lines) == 2 + 20 + 2
+    assert lines[16].split() == ["person", "100.00"]
+    assert lines[2].split() == ["aeroplane", "-"]
     assert lines[-1].split() == ["mAP", "100.00"]
     assert len({len(line) for line in lines}) == 1

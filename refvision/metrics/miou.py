@@ -99,6 +99,8 @@ class MeanIoU(Metric):
             prediction and target (union 0); ``miou``, the mean over the other classes;
             ``pixel_accuracy`` over all non-ignored pixels; ``mean_accuracy``, the mean of
             per-class recall over classes present in the target. NaN where nothing counts.
+            Also ``accuracy_per_class`` ``(C,)`` (that recall, NaN for a class absent from the
+            target) and ``confusion_matrix``, the summed ``(C, C)`` int64 state.
         """
         confmat = self.confmat.cpu().double()
         hits = confmat.diagonal()
@@ -111,6 +113,8 @@ class MeanIoU(Metric):
             "iou_per_class": iou,
             "pixel_accuracy": hits.sum() / confmat.sum(),
             "mean_accuracy": class_accuracy.nanmean(),
+            "accuracy_per_class": class_accuracy,
+            "confusion_matrix": self.confmat.cpu().clone(),
         }
 
 

@@ -1,9 +1,134 @@
-"""Per-class result tables as aligned text, for logs and the test step's printout."""
+"""Result tables: one renderer (rich) for the console, and per-class tables saved as CSV.
 
+:func:`render_table` draws every text table of refvision: styled on a terminal, plain ASCII
+(``-`` rules, space-separated columns) otherwise, so log files and CI output stay readable.
+"""
+
+import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
 
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor
+
+_PLAIN = box.Box(
+    "    \n"
+    "    \n"
+    "----\n"
+    "    \n"
+    "----\n"
+    "----\n"
+    "    \n"
+    "    \n",
+    ascii=True,
+)
+"""Space-separated columns, a ``-`` rule under the header and above the footer."""
+
+
+def render_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    footer: Sequence[Sequence[str]] = (),
+    terminal: bool | None = None,
+) -> str:
+    """Render an aligned table: the first column left-aligned, the others right-aligned.
+
+    Args:
+        header: column titles.
+        rows: one sequence of cell strings per row, ``len(header)`` cells each.
+        footer: summary rows (e.g. the mean), drawn after a rule.
+        terminal: style for a terminal (bold header, box-drawing rules); default: whether
+            standard error is one (where Lightning's console log goes). Otherwise plain text.
+
+    Returns:
+        The lines joined by ``\\n``, all of the same width, no trailing newline.
+    """
+    for row in (*rows, *footer):
+        if len(row) != len(header):
+            raise ValueError(f"table row {list(row)}: expected {len(header)} cells ({list(header)}), got {len(row)}")
+    if terminal is None:
+        terminal = Console(stderr=True).is_terminal
+    table = Table(
+        box=box.HORIZONTALS if terminal else _PLAIN, show_edge=False, pad_edge=False,
+        header_style="bold" if terminal else "",
+    )
+    for i, title in enumerate(header):
+        table.add_column(title, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    if footer:
+        table.add_section()
+        for row in footer:
+            table.add_row(*row)
+    out = StringIO()
+    console = Console(file=out, width=10_000, force_terminal=terminal, no_color=not terminal,
+                      color_system="auto" if terminal else None, highlight=False)
+    console.print(table)
+    return "\n".join(line.rstrip("\n") for line in out.getvalue().rstrip("\n").split("\n"))
+
+
+@dataclass(frozen=True)
+class PerClassTable:
+    """Per-class scores of one evaluation.
+
+    Attributes:
+        class_names: the row labels, one per class.
+        columns: column title -> ``(C,)`` values: scores in [0, 1] (NaN where a class has
+            none), or counts (a confusion matrix: one column per predicted class).
+        means: column title -> the summary the metric reports (drawn as the last row).
+        mean_label: label of the summary row (``mAP``, ``mIoU``...).
+        title: what the table shows, printed above it.
+        row_title: header of the class column.
+    """
+
+    class_names: tuple[str, ...]
+    columns: Mapping[str, Tensor]
+    means: Mapping[str, float]
+    mean_label: str = "mean"
+    title: str = "per-class scores"
+    row_title: str = "class"
+
+    def __post_init__(self) -> None:
+        for title, values in self.columns.items():
+            if values.reshape(-1).numel() != len(self.class_names):
+                raise ValueError(f"column {title!r}: expected {len(self.class_names)} values, one per class, "
+                                 f"got {values.reshape(-1).numel()}")
+
+    def values(self, title: str) -> list[float]:
+        """Column ``title`` as Python floats (torchmetrics squeezes one class to a 0-dim tensor)."""
+        return self.columns[title].reshape(-1).tolist()
+
+    def render(self, terminal: bool | None = None) -> str:
+        """The table as text (see :func:`render_table`), values as percentages, ``-`` for NaN."""
+        titles = list(self.columns)
+        rows = [[name, *(_percent(self.values(t)[i]) for t in titles)] for i, name in enumerate(self.class_names)]
+        footer = [[self.mean_label, *(_percent(self.means[t]) if t in self.means else "" for t in titles)]] \
+            if self.means else []
+        return render_table([self.row_title, *titles], rows, footer, terminal)
+
+    def save_csv(self, path: str | Path) -> Path:
+        """Write ``<row_title>,<titles...>``, one row per class, values as stored (fractions at full precision).
+
+        NaN is written ``nan`` (read back by ``float``); the summary row is left out (it is in the
+        logged metrics). Returns ``path``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        titles = list(self.columns)
+        columns = [self.values(t) for t in titles]
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([self.row_title, *titles])
+            for i, name in enumerate(self.class_names):
+                writer.writerow([name, *(repr(values[i]) for values in columns)])
+        return path
+
 
 # result key of the per-class values -> (column title, result key of the mean, its row label)
 _LAYOUTS = {
@@ -12,35 +137,43 @@ _LAYOUTS = {
 }
 
 
-def format_table(result: dict[str, Tensor], class_names: Sequence[str] | None = None) -> str:
-    """Render the per-class values of a metric result, one class a line, then the mean.
+def per_class_table(result: Mapping[str, Tensor], class_names: Sequence[str] | None = None) -> PerClassTable:
+    """The per-class table of a metric result.
 
     Args:
         result: the dict returned by :meth:`VOCMeanAveragePrecision.compute`
             (``ap_per_class``, ``map``) or :meth:`MeanIoU.compute` (``iou_per_class``, ``miou``).
         class_names: one name per class; ``class <i>`` (0-based position) when omitted.
-
-    Values are shown as percentages with two decimals; ``-`` marks NaN (class left out of
-    the mean).
     """
     key = next((k for k in _LAYOUTS if k in result), None)
     if key is None:
         raise ValueError(f"result: expected one of the keys {sorted(_LAYOUTS)}, got {sorted(result)}")
     title, mean_key, mean_label = _LAYOUTS[key]
-    values = result[key].reshape(-1).tolist()  # torchmetrics squeezes one class to 0-dim
+    values = result[key].reshape(-1).to(torch.float64)
     if class_names is None:
         class_names = [f"class {i}" for i in range(len(values))]
     elif len(class_names) != len(values):
         raise ValueError(f"class_names: expected {len(values)} names, got {len(class_names)}")
-    rows = list(zip(class_names, values)) + [(mean_label, float(result[mean_key]))]
-    width = max(len(title), 6)
-    name_width = max(len(name) for name, _ in rows)
-    lines = [f"{'class':<{name_width}}  {title:>{width}}"]
-    lines += [f"{name:<{name_width}}  {_percent(value):>{width}}" for name, value in rows[:-1]]
-    lines.append("-" * (name_width + 2 + width))
-    name, value = rows[-1]
-    lines.append(f"{name:<{name_width}}  {_percent(value):>{width}}")
-    return "\n".join(lines)
+    return PerClassTable(tuple(class_names), {title: values}, {title: float(result[mean_key])}, mean_label,
+                         f"per-class {title}")
+
+
+def confusion_table(confmat: Tensor, class_names: Sequence[str]) -> PerClassTable:
+    """The counts of a confusion matrix ``(C, C)``: a row per true class, a column per predicted class."""
+    if confmat.shape != (len(class_names), len(class_names)):
+        raise ValueError(f"confmat: expected shape ({len(class_names)}, {len(class_names)}), got {tuple(confmat.shape)}")
+    columns = {name: confmat[:, j] for j, name in enumerate(class_names)}
+    return PerClassTable(tuple(class_names), columns, {}, title="confusion matrix", row_title="true \\ predicted")
+
+
+def format_table(result: Mapping[str, Tensor], class_names: Sequence[str] | None = None,
+                 terminal: bool | None = False) -> str:
+    """Render the per-class values of a metric result, one class a line, then the mean.
+
+    See :func:`per_class_table` for the arguments. Values are shown as percentages with two
+    decimals; ``-`` marks NaN (class left out of the mean). Plain text unless ``terminal``.
+    """
+    return per_class_table(result, class_names).render(terminal)
 
 
 def _percent(value: float) -> str:

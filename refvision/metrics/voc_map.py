@@ -181,6 +181,10 @@ class VOCMeanAveragePrecision(Metric):
             non-difficult ground truth; 0-dim for one class, as torchmetrics squeezes
             one-element results) and, if ``coco``, ``coco_map`` (mAP@[.5:.95]) and
             ``coco_map_50`` (COCO's AP at IoU 0.5; -1 from pycocotools becomes NaN).
+            ``pr_curves`` lists, per class, the raw precision/recall curve the AP was computed
+            from: a ``(2, P)`` tensor of recall (row 0) and precision (row 1), one point per
+            distinct detection score in descending order (``(2, 0)`` without detections or
+            without non-difficult ground truth).
         """
         det_boxes = _state(self.det_boxes).view(-1, 4)
         det_scores = _state(self.det_scores)
@@ -191,12 +195,12 @@ class VOCMeanAveragePrecision(Metric):
         gt_difficult = _state(self.gt_difficult) > 0.5
         gt_counts = _state(self.gt_counts).round().long()
 
-        ap = self._voc_ap_per_class(
+        ap, curves = self._voc_ap_per_class(
             det_boxes, det_scores, det_labels, det_counts,
             gt_boxes, gt_labels, gt_difficult, gt_counts,
         )
         mean = ap.nanmean()
-        result = {"map": mean, f"map_{self.eval_mode}": mean.clone(), "ap_per_class": ap}
+        result = {"map": mean, f"map_{self.eval_mode}": mean.clone(), "ap_per_class": ap, "pr_curves": curves}
         if self.coco:
             coco_map, coco_map_50 = _coco_map(
                 det_boxes, det_scores, det_labels, det_counts,
@@ -231,7 +235,7 @@ class VOCMeanAveragePrecision(Metric):
         self,
         det_boxes: Tensor, det_scores: Tensor, det_labels: Tensor, det_counts: Tensor,
         gt_boxes: Tensor, gt_labels: Tensor, gt_difficult: Tensor, gt_counts: Tensor,
-    ) -> Tensor:
+    ) -> tuple[Tensor, list[Tensor]]:
         # Global order: descending score; stable, so within an image ties keep input order.
         order = torch.sort(-det_scores.double(), stable=True).indices
         det_image = torch.repeat_interleave(torch.arange(len(det_counts)), det_counts)[order]
@@ -243,6 +247,7 @@ class VOCMeanAveragePrecision(Metric):
         )
         num_pos = torch.bincount(gt_labels[~gt_difficult], minlength=self.num_classes + 1)[1:]
         ap = torch.full((self.num_classes,), float("nan"), dtype=torch.float64)
+        curves = [torch.empty(2, 0, dtype=torch.float64) for _ in range(self.num_classes)]
         for c in range(1, self.num_classes + 1):
             if num_pos[c - 1] == 0:
                 continue
@@ -256,11 +261,12 @@ class VOCMeanAveragePrecision(Metric):
             tp, fp = tp[last_of_tie], fp[last_of_tie]
             recall = tp / num_pos[c - 1].double()
             precision = tp / torch.clamp(tp + fp, min=np.finfo(np.float64).eps)
+            curves[c - 1] = torch.stack((recall, precision))
             if self.eval_mode == "11points":
                 ap[c - 1] = _ap_11points(recall, precision)
             else:
                 ap[c - 1] = _ap_area(recall, precision)
-        return ap
+        return ap, curves
 
 
 def _checked_vector(
