@@ -127,6 +127,7 @@ def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> Non
     assert sum(len(r["scores"]) for r in records) == int((scores >= threshold).sum()) < len(scores)
 
 
+@pytest.mark.slow
 def test_segmentation_any_size_with_slide_flip_and_scales(tmp_path: Path, images: Path) -> None:
     torch.manual_seed(0)
     task = SegmentationTask(output_stride=16, example_size=(64, 64), inference="slide", slide_crop=(32, 32),
