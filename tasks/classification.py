@@ -92,7 +92,7 @@ class ClassificationTask(RefvisionTask):
                                                           "confusion matrix (test), rows normalised")}
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """``{"label": (B,), "score": (B,)}``: arg-max class and its softmax probability."""
-        probs = self(self.inputs_of(batch)).softmax(dim=1)
-        score, label = probs.max(dim=1)
-        return {"label": label, "score": score}
+        """``{"classes": (B, k) int64, "probs": (B, k)}``: the ``k = min(5, num_classes)`` most
+        probable classes by descending softmax probability; no labels needed."""
+        probs, classes = self(self.inputs_of(batch)).softmax(dim=1).topk(min(5, self.num_classes), dim=1)
+        return {"classes": classes, "probs": probs}

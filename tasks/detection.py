@@ -7,29 +7,24 @@ Batches are ``(images, targets)`` as :class:`~refvision.data.VOCDataModule` give
 and normalizes internally and maps its detections back to each input image's pixels.
 """
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes
 
 from refvision.metrics import VOCMeanAveragePrecision
 from refvision.metrics.figures import per_class_bars, precision_recall_curves
 from refvision.metrics.table import PerClassTable, per_class_table
 from refvision.models.detection import build_detector
 from refvision.tasks.base import RefvisionTask
+from refvision.writers.detection import DetectionPredictionWriter  # noqa: F401  (its former home)
 
 Detection = dict[str, Any]
 """One image's detections: ``boxes`` ``(D, 4)`` xyxy in input pixels, ``scores`` ``(D,)``,
-``labels`` ``(D,)`` int64 (0 is background, never predicted), and ``image_id`` in ``predict``."""
+``labels`` ``(D,)`` int64 (0 is background, never predicted)."""
 
 
 def ssd_raw_outputs(model: nn.Module, images: Sequence[Tensor] | Tensor) -> Tensor:
@@ -171,81 +166,5 @@ class DetectionTask(RefvisionTask):
         return f"AP@{self.eval_metrics['test'].iou_threshold} ({self.eval_mode}, test)"
 
     def predict_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> list[Detection]:
-        """Detections per image (see :data:`Detection`), each with the ``image_id`` of its target."""
-        images, targets = batch
-        detections = self(images)
-        for detection, target in zip(detections, targets):
-            detection["image_id"] = target["image_id"]
-        return detections
-
-
-class DetectionPredictionWriter(BasePredictionWriter):
-    """Write the detections of ``refvision predict`` under ``output_dir``.
-
-    - ``detections.json``: one record per image, ``{"image_id", "boxes" (xyxy, pixels of the
-      image as the data module yields it: the original image for VOCDataModule), "scores",
-      "labels", "class_names"}``, keeping detections with ``score >= score_threshold``. Under
-      several processes each writes ``detections.rank<r>.json``.
-    - ``<image_id>.png`` per image (``/`` in ids becomes ``_``): the image with those boxes
-      drawn, labelled ``<class> <score>``.
-
-    ``class_names[label]`` names a label (background first); default: the data module's
-    ``class_names``, else the label number. Add it on the command line with
-    ``--trainer.callbacks+=refvision.tasks.detection.DetectionPredictionWriter
-    --trainer.callbacks.output_dir DIR``, and pass ``--return_predictions false`` so the
-    detections are not also kept in memory.
-    """
-
-    def __init__(self, output_dir: str, score_threshold: float = 0.3, class_names: list[str] | None = None) -> None:
-        super().__init__(write_interval="batch_and_epoch")
-        self.output_dir = Path(output_dir)
-        self.score_threshold = score_threshold
-        self.class_names = class_names
-        self._records: list[dict[str, Any]] = []
-
-    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._records = []
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: list[Detection],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        names = self.class_names or getattr(trainer.datamodule, "class_names", None)
-        for image, detection in zip(pl_module.inputs_of(batch), prediction):
-            keep = detection["scores"] >= self.score_threshold
-            boxes = detection["boxes"][keep].detach().cpu()
-            scores = detection["scores"][keep].detach().cpu()
-            labels = detection["labels"][keep].detach().cpu()
-            label_names = [names[i] if names is not None and i < len(names) else str(i) for i in labels.tolist()]
-            self._records.append({
-                "image_id": detection["image_id"],
-                "boxes": [[round(v, 2) for v in box] for box in boxes.tolist()],
-                "scores": [round(s, 4) for s in scores.tolist()],
-                "labels": labels.tolist(),
-                "class_names": label_names,
-            })
-            rgb = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-            drawn = draw_bounding_boxes(
-                rgb, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(label_names, scores.tolist())],
-                colors=[_color(i) for i in labels.tolist()], width=2,
-            )
-            write_png(drawn, str(self.output_dir / f"{str(detection['image_id']).replace('/', '_')}.png"))
-
-    def write_on_epoch_end(
-        self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
-    ) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        name = "detections.json" if trainer.world_size == 1 else f"detections.rank{trainer.global_rank}.json"
-        (self.output_dir / name).write_text(json.dumps(self._records, indent=1))
-
-
-def _color(label: int) -> tuple[int, int, int]:
-    """A fixed, well-spread RGB color per label (torchvision's palette rule)."""
-    return tuple(label * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1))
+        """Detections per image (see :data:`Detection`), in the batch's order; no labels needed."""
+        return self(self.inputs_of(batch))

@@ -3,21 +3,15 @@
 Validation and test score full label-resolution logits produced by MMSegmentation's inference
 modes: ``whole`` (the padded image in one pass) or ``slide`` (overlapping windows, logits
 averaged where they overlap), optionally with horizontal-flip and multi-scale test-time
-augmentation. Predictions can be written as Cityscapes PNGs by :class:`SegmentationPredictionWriter`.
+augmentation. ``refvision.writers.SegmentationPredictionWriter`` writes the predictions as PNGs.
 """
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torchvision.io import write_png
-from torchvision.utils import draw_segmentation_masks
 
 from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE
 from refvision.data.presets import IMAGENET_MEAN, IMAGENET_STD
@@ -27,6 +21,7 @@ from refvision.metrics.table import PerClassTable, confusion_table
 from refvision.models.segmentation import build_segmenter
 from refvision.segmentation_inference import ohem_cross_entropy, segment, whole_inference
 from refvision.tasks.base import RefvisionTask
+from refvision.writers.segmentation import SegmentationPredictionWriter  # noqa: F401  (its former home)
 
 OHEM_THRESH = 0.7
 OHEM_MIN_KEPT = 100_000
@@ -168,9 +163,16 @@ class SegmentationTask(RefvisionTask):
         self._samples = []
         return figures
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Predicted class-id maps ``(B, H, W)`` ``uint8`` at the input resolution."""
-        return self(self.inputs_of(batch)).argmax(dim=1).to(torch.uint8)
+    def predict_step(self, batch: Any, batch_idx: int) -> list[Tensor]:
+        """Predicted class-id maps ``(H_i, W_i)`` ``uint8``, one per image at its input resolution.
+
+        The images are a ``(B, 3, H, W)`` batch or a list of ``(3, H_i, W_i)`` of any sizes (each
+        then goes through the configured inference on its own).
+        """
+        images = self.inputs_of(batch)
+        if isinstance(images, Tensor):
+            return list(self(images).argmax(dim=1).to(torch.uint8))
+        return [self(image.unsqueeze(0)).argmax(dim=1)[0].to(torch.uint8) for image in images]
 
 
 def to_rgb(images: Tensor) -> Tensor:
@@ -184,57 +186,3 @@ def _palette(num_classes: int) -> Tensor:
     """``(num_classes, 3) uint8``: the Cityscapes palette, extended by torchvision's color rule where it ends."""
     extra = [[c * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1)] for c in range(len(PALETTE), num_classes)]
     return torch.tensor([*PALETTE, *extra][:num_classes], dtype=torch.uint8)
-
-
-class SegmentationPredictionWriter(BasePredictionWriter):
-    """Write each prediction of ``refvision predict`` as PNGs under ``output_dir``.
-
-    Per image ``<id>``: ``<id>_trainIds.png`` (``uint8`` class ids), ``<id>_color.png`` (the
-    Cityscapes palette) and ``<id>_overlay.png`` (the input with the colored classes blended in
-    at ``alpha``). ``<id>`` is the sample's index in the predict dataset, 6 digits (the batches
-    carry no file names; for the Cityscapes data module index ``i`` is the ``i``-th val image in
-    sorted file order).
-
-    Add it on the command line with ``--trainer.callbacks+=SegmentationPredictionWriter
-    --trainer.callbacks.output_dir DIR`` (full class path
-    ``refvision.tasks.segmentation.SegmentationPredictionWriter``), and pass
-    ``--return_predictions false`` so the maps are not also kept in memory.
-    """
-
-    def __init__(self, output_dir: str, alpha: float = 0.5) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
-        self.alpha = alpha
-        self.palette = torch.tensor(PALETTE, dtype=torch.uint8)
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: Tensor,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if int(prediction.max()) >= len(self.palette):
-            raise ValueError(f"prediction holds class {int(prediction.max())}; the palette has {len(self.palette)} colors")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        images = pl_module.inputs_of(batch).detach().cpu()
-        indices = batch_indices or [batch_idx * len(prediction) + i for i in range(len(prediction))]
-        for index, pred, image in zip(indices, prediction.cpu(), images):
-            stem = self.output_dir / f"{index:06d}"
-            write_png(pred.unsqueeze(0), f"{stem}_trainIds.png")
-            write_png(self.palette[pred.long()].permute(2, 0, 1).contiguous(), f"{stem}_color.png")
-            write_png(self.overlay(image, pred), f"{stem}_overlay.png")
-
-    def overlay(self, image: Tensor, pred: Tensor) -> Tensor:
-        """``uint8 (3, H, W)``: normalized ``image`` ``(3, H, W)`` un-normalized, with ``pred`` ``(H, W)`` blended in."""
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-        classes = pred.unique()
-        masks = pred.unsqueeze(0) == classes.view(-1, 1, 1)
-        colors = [tuple(self.palette[c].tolist()) for c in classes.long()]
-        return draw_segmentation_masks(rgb, masks, alpha=self.alpha, colors=colors)
-

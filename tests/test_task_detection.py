@@ -146,8 +146,8 @@ def test_predict_writes_json_and_images(tmp_path: Path, data: Path, baseline: Pa
     ])
     records = json.loads((out / "detections.json").read_text())
     test_ids = (data / "VOC2007/ImageSets/Main/test.txt").read_text().split()
-    assert [r["image_id"] for r in records] == [f"2007/{i}" for i in test_ids]
+    assert [r["file"] for r in records] == [f"{i}.jpg" for i in test_ids]
     first = records[0]
     assert len(first["boxes"]) == len(first["scores"]) == len(first["labels"]) == len(first["class_names"]) > 0
     assert all(name != "__background__" for r in records for name in r["class_names"])
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"2007_{i}.png" for i in test_ids)
+    assert sorted(p.name for p in (out / "boxes").glob("*.png")) == sorted(f"{i}.png" for i in test_ids)

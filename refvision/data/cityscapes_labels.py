@@ -89,3 +89,7 @@ ids. Entries outside :data:`LABEL_IDS` are 255 too, so validate against ``LABEL_
 ID_TO_TRAINID[list(LABEL_BY_ID)] = torch.tensor(
     [label.train_id for label in LABEL_BY_ID.values()], dtype=torch.uint8
 )
+
+TRAINID_TO_ID = torch.tensor([label.id for label in _TRAIN_LABELS], dtype=torch.uint8)
+"""Lookup table ``(19,) uint8``: ``TRAINID_TO_ID[train_ids]`` gives the label ids that
+``*_gtFine_labelIds.png`` files and the official evaluator use."""

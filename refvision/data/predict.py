@@ -1,0 +1,181 @@
+"""Unlabelled images for ``refvision predict``: every image under a folder, recursively.
+
+Any file whose extension Pillow registers (``.jpg``, ``.png``, ``.bmp``, ``.tif``, ``.webp``,
+``.gif``, ``.ppm``...) is an image; it is decoded with Pillow, EXIF orientation applied, and
+converted to RGB. A sample is named by its path relative to the folder (sub-folders kept), and
+the prediction writers (``refvision.writers``) name their outputs after it.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from refvision.data import presets
+from refvision.data.cityscapes_labels import TRAIN_CLASSES
+from refvision.data.loader import make_loader
+from refvision.data.voc import detection_collate
+from refvision.data.voc_format import VOC_CLASSES
+
+logger = logging.getLogger("refvision")
+
+Preset = Literal["classification", "detection", "segmentation"]
+NAMED_CLASS_LISTS: dict[str, tuple[str, ...]] = {
+    "voc": ("__background__", *VOC_CLASSES),
+    "cityscapes": TRAIN_CLASSES,
+}
+"""Class lists that ``class_names`` may name instead of listing them."""
+
+
+class Source(NamedTuple):
+    """Where a sample comes from: its ``file`` and the ``name`` outputs are called after.
+
+    ``name`` is the file's path relative to its dataset folder without the suffix, e.g.
+    ``street/img_001`` for ``<root>/street/img_001.jpg``.
+    """
+
+    file: Path
+    name: PurePosixPath
+
+
+def image_suffixes() -> frozenset[str]:
+    """File extensions (lower case, with the dot) that Pillow can open."""
+    Image.init()
+    return frozenset(Image.registered_extensions())
+
+
+def read_rgb(path: str | Path) -> Tensor:
+    """Decode any Pillow-readable image to ``(3, H, W) uint8`` RGB, EXIF orientation applied.
+
+    Errors name the file: ``FileNotFoundError`` if it is missing, ``ValueError`` if Pillow
+    cannot identify or fully decode it (a truncated file included).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot decode image {path}: {error}") from error
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, str]]]):
+    """Every image under ``root`` (recursively, sorted by relative path), without labels.
+
+    A sample is ``(image, {"file": relative path})`` with ``image`` the ``Image (3, H, W) uint8``
+    passed through ``transform``. Files without an image extension are counted and logged by
+    extension, never read; an image file Pillow cannot identify is an error naming it (checked
+    when the dataset is built, from the file header).
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"predict folder {self.root} does not exist (data.root)")
+        suffixes = image_suffixes()
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        self.files = [p for p in files if p.suffix.lower() in suffixes]
+        others = [p for p in files if p.suffix.lower() not in suffixes]
+        if others:
+            kinds = sorted({p.suffix or "(no extension)" for p in others})
+            logger.info("%s: %d files are not images and are not read (%s)", self.root, len(others), ", ".join(kinds))
+        if not self.files:
+            raise FileNotFoundError(
+                f"predict folder {self.root} holds no image files (extensions Pillow reads: .jpg, .png, .bmp, .tif, ...)"
+            )
+        for path in self.files:
+            try:
+                with Image.open(path):
+                    pass
+            except (UnidentifiedImageError, OSError) as error:
+                raise ValueError(f"cannot read image {path}: {error}") from error
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def source(self, index: int) -> Source:
+        """The file of sample ``index`` and its relative name (no suffix)."""
+        path = self.files[index]
+        return Source(path, PurePosixPath(path.relative_to(self.root).with_suffix("").as_posix()))
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, str]]:
+        path = self.files[index]
+        image = tv_tensors.Image(read_rgb(path))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, {"file": path.relative_to(self.root).as_posix()}
+
+
+def _collate_stacked(batch: Sequence[tuple[Tensor, dict[str, str]]]) -> tuple[Tensor, list[dict[str, str]]]:
+    return torch.stack([image.as_subclass(Tensor) for image, _ in batch]), [info for _, info in batch]
+
+
+class PredictImagesDataModule(L.LightningDataModule):
+    """``predict`` on a plain folder of images, for every refvision task.
+
+    ``preset`` applies the evaluation preprocessing of that task (use the values the model was
+    trained with):
+
+    - ``classification``: resize the shorter side to ``resize_size``, center-crop ``image_size``,
+      normalize; batches ``(images (B, 3, S, S), infos)``;
+    - ``detection``: ``float32`` in [0, 1] at the image's own size (the detector resizes);
+      batches ``(list of (3, H_i, W_i), infos)``;
+    - ``segmentation``: normalized at the image's own size, any size (the task's whole / slide /
+      flip / multi-scale inference handles it); batches ``(list of (3, H_i, W_i), infos)``.
+
+    ``infos[i]`` is ``{"file": path relative to root}``. ``class_names`` (``voc``,
+    ``cityscapes`` or a list; background first for detection) names the model's classes for
+    the writers, and is checked against ``model.num_classes`` when given.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        preset: Preset,
+        image_size: int = 224,
+        resize_size: int = 256,
+        interpolation: str = "bilinear",
+        class_names: list[str] | str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        # Sizes only mean something to classification; logging them otherwise would clash with
+        # a model's own ``image_size`` in Lightning's hparams merge.
+        resizing = ("image_size", "resize_size", "interpolation")
+        self.save_hyperparameters(ignore=[] if preset == "classification" else list(resizing))
+        if preset not in ("classification", "detection", "segmentation"):
+            raise ValueError(f"data.preset={preset!r}; allowed: classification, detection, segmentation")
+        if isinstance(class_names, str):
+            if class_names not in NAMED_CLASS_LISTS:
+                raise ValueError(f"data.class_names={class_names!r}; expected a list or one of {sorted(NAMED_CLASS_LISTS)}")
+            class_names = list(NAMED_CLASS_LISTS[class_names])
+        self.root, self.preset = root, preset
+        self.class_names = class_names
+        self.num_classes = len(class_names) if class_names is not None else None
+        if preset == "classification":
+            self.transform: v2.Transform = presets.classification_eval(image_size, resize_size, interpolation)
+        elif preset == "detection":
+            self.transform = presets.detection_eval()
+        else:
+            self.transform = presets.segmentation_eval()
+        self.collate_fn = _collate_stacked if preset == "classification" else detection_collate
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+
+    def setup(self, stage: str) -> None:
+        self.predict_set = ImageFiles(self.root, self.transform)
+
+    def predict_dataloader(self) -> DataLoader:
+        return make_loader(self.predict_set, self.batch_size, False, self.num_workers, self.pin_memory, self.collate_fn)

@@ -1,0 +1,86 @@
+"""What every prediction writer shares: outputs named after input files, and no silent overwrite."""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from refvision.data.predict import Source
+from refvision.writers.sources import sources
+
+MAX_LISTED = 5
+"""Existing files named in an overwrite refusal (the count is always given)."""
+
+
+class FileWriter(BasePredictionWriter):
+    """Base of the writers: resolves each sample's :class:`Source` and refuses to overwrite.
+
+    Before the first batch it lists every file the run would write (:meth:`planned_files`) and
+    raises ``FileExistsError`` if any exists, unless ``overwrite``; the check runs before any
+    prediction, so a refused run loses nothing. Two inputs that would give the same output name
+    (``a.jpg`` and ``a.png``) are an error naming both. Per-image files are written as batches
+    finish; files that collect all images (:meth:`write_collected`) are written once by rank 0
+    from the records of every process.
+    """
+
+    def __init__(self, output_dir: str, overwrite: bool = False) -> None:
+        super().__init__(write_interval="batch_and_epoch")
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        self._sources: list[list[Source]] = []
+        self._records: dict[tuple[int, int], Any] = {}
+
+    def planned_files(self, trainer: Trainer, sources: list[Source]) -> list[Path]:
+        """Every file a run over ``sources`` writes."""
+        raise NotImplementedError
+
+    def write_collected(self, trainer: Trainer, records: list[tuple[Source, Any]]) -> None:
+        """Write the files that gather all images from ``records`` (in dataset order); rank 0 only."""
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loaders = trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, Sequence) else [loaders]
+        self._sources = [sources(loader.dataset) for loader in loaders]
+        self._records = {}
+        every = [source for group in self._sources for source in group]
+        seen: dict[str, Path] = {}
+        for source in every:
+            other = seen.setdefault(str(source.name), source.file)
+            if other != source.file:
+                raise ValueError(f"{other} and {source.file} would both write outputs named '{source.name}'; rename one")
+        existing = [path for path in self.planned_files(trainer, every) if path.exists()]
+        if existing and not self.overwrite:
+            listed = ", ".join(str(p) for p in existing[:MAX_LISTED])
+            raise FileExistsError(
+                f"{self.output_dir} already holds {len(existing)} of the files this prediction would write "
+                f"({listed}{', ...' if len(existing) > MAX_LISTED else ''}); choose another output_dir or set "
+                f"overwrite: true (--trainer.callbacks.overwrite true) to replace them"
+            )
+        trainer.strategy.barrier("prediction writer checked its output folder")
+
+    def batch_sources(self, batch_indices: Sequence[int] | None, dataloader_idx: int, count: int) -> list[Source]:
+        """Sources of one batch's ``count`` samples, from the dataset indices Lightning tracked."""
+        if batch_indices is None or len(batch_indices) != count:
+            raise RuntimeError(f"{type(self).__name__} needs the dataset indices of each predicted batch from Lightning")
+        return [self._sources[dataloader_idx][index] for index in batch_indices]
+
+    def collect(self, batch_indices: Sequence[int], dataloader_idx: int, records: Sequence[Any]) -> None:
+        """Keep one record per sample for :meth:`write_collected`."""
+        for index, record in zip(batch_indices, records):
+            self._records[(dataloader_idx, index)] = record
+
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+    ) -> None:
+        records = dict(self._records)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list[dict[tuple[int, int], Any]] = [{} for _ in range(trainer.world_size)]
+            dist.all_gather_object(gathered, self._records)
+            for part in gathered:  # a distributed sampler may repeat samples to even out ranks
+                records.update(part)
+        if trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.write_collected(trainer, [(self._sources[d][i], records[(d, i)]) for d, i in sorted(records)])

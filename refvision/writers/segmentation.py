@@ -1,0 +1,101 @@
+"""Segmentation predictions: label PNGs (class ids, or Cityscapes label ids) plus colour and overlay images."""
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule, Trainer
+from torch import Tensor
+from torchvision.io import write_png
+from torchvision.utils import draw_segmentation_masks
+
+from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES, TRAINID_TO_ID
+from refvision.data.predict import Source, read_rgb
+from refvision.writers.base import FileWriter
+
+CITYSCAPES_NAME = re.compile(r"[^_]+_\d{6}_\d{6}")
+"""``<city>_<seq>_<frame>``: what cityscapesScripts' evaluator looks for at the start of a file name."""
+FOLDERS = ("labels", "color", "overlay")
+
+
+def palette(num_colors: int) -> Tensor:
+    """``(num_colors, 3) uint8``: the Cityscapes colours for the first 19 classes, then well-spread others."""
+    extra = [tuple(i * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1)) for i in range(len(PALETTE), num_colors)]
+    return torch.tensor([*PALETTE, *extra][:num_colors], dtype=torch.uint8).reshape(-1, 3)
+
+
+class SegmentationPredictionWriter(FileWriter):
+    """Write each prediction as PNGs named after its input image, in three sibling folders.
+
+    For an input named ``<name>`` (its path without suffix, sub-folders kept; for Cityscapes
+    ``<city>/<city>_<seq>_<frame>_leftImg8bit``):
+
+    - ``labels/<name>.png``: one ``uint8`` channel, the predicted class ids (train ids), or with
+      ``cityscapes: true`` the official label ids (``TRAINID_TO_ID``: road 7, ..., bicycle 33);
+    - ``color/<name>.png``: the classes in the palette (Cityscapes colours for 19 classes);
+    - ``overlay/<name>.png``: the input image with the coloured classes blended in at ``alpha``.
+
+    With ``cityscapes: true``, ``<output_dir>/labels`` is a folder that cityscapesScripts'
+    ``evalPixelLevelSemanticLabeling`` (``CITYSCAPES_RESULTS``) and the Cityscapes server take as
+    is: exactly one ``<city>_<seq>_<frame>*.png`` per image, label ids, full resolution. Input
+    names must then start with ``<city>_<seq>_<frame>`` and predictions must have the input's
+    size (checked, naming the file). Colour and overlay images stay out of that folder.
+    """
+
+    def __init__(self, output_dir: str, cityscapes: bool = False, alpha: float = 0.5, overwrite: bool = False) -> None:
+        super().__init__(output_dir, overwrite)
+        self.cityscapes, self.alpha = cityscapes, alpha
+
+    def planned_files(self, trainer: Trainer, sources: list[Source]) -> list[Path]:
+        if self.cityscapes:
+            for source in sources:
+                if CITYSCAPES_NAME.match(source.name.name) is None:
+                    raise ValueError(f"cityscapes: true needs input files named <city>_<seq>_<frame>*, got {source.file}")
+        return [self.output_dir / folder / f"{source.name}.png" for source in sources for folder in FOLDERS]
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Sequence[Tensor],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        num_classes = getattr(pl_module, "num_classes", None) or int(max(int(p.max()) for p in prediction)) + 1
+        colors = palette(num_classes)
+        for source, pred in zip(self.batch_sources(batch_indices, dataloader_idx, len(prediction)), prediction):
+            pred = pred.detach().cpu()
+            if int(pred.max()) >= len(colors):
+                raise ValueError(f"prediction for {source.file} holds class {int(pred.max())}; the model has {len(colors)}")
+            image = read_rgb(source.file)
+            labels = pred
+            if self.cityscapes:
+                if len(colors) != len(TRAIN_CLASSES):
+                    raise ValueError(f"cityscapes: true needs a 19-class model (Cityscapes train ids), this one has {len(colors)}")
+                if pred.shape != image.shape[-2:]:
+                    raise ValueError(f"prediction for {source.file} is {tuple(pred.shape)} (H, W) but the image is "
+                                     f"{tuple(image.shape[-2:])}; the Cityscapes evaluator needs full resolution "
+                                     f"(drop data.eval_size)")
+                labels = TRAINID_TO_ID[pred.long()]
+            self._write(labels.unsqueeze(0), "labels", source)
+            self._write(colors[pred.long()].permute(2, 0, 1).contiguous(), "color", source)
+            self._write(self.overlay(image, pred, colors), "overlay", source)
+
+    def _write(self, image: Tensor, folder: str, source: Source) -> None:
+        path = self.output_dir / folder / f"{source.name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_png(image, str(path))
+
+    def overlay(self, image: Tensor, pred: Tensor, colors: Tensor) -> Tensor:
+        """``uint8 (3, H, W)``: ``image`` with ``pred`` (resized to it by nearest neighbour) blended in."""
+        if pred.shape != image.shape[-2:]:
+            pred = F.interpolate(pred[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].to(pred.dtype)
+        classes = pred.unique()
+        masks = pred.unsqueeze(0) == classes.view(-1, 1, 1)
+        return draw_segmentation_masks(image, masks, alpha=self.alpha,
+                                       colors=[tuple(colors[c].tolist()) for c in classes.long()])

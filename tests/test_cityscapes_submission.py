@@ -1,0 +1,106 @@
+"""The segmentation writer's Cityscapes mode gives a folder the official evaluator accepts as is.
+
+The evaluator (cityscapesScripts ``evalPixelLevelSemanticLabeling``) walks ``CITYSCAPES_RESULTS``
+and, for each ground-truth file ``<city>_<seq>_<frame>_gtFine_labelIds.png``, requires exactly
+one file matching ``*<city>_<seq>_<frame>*.png``; it reads label ids (not train ids) and scores
+its 19 evaluation labels. Both rules are implemented here from the official label table,
+written out below independently of refvision's copy.
+"""
+
+import fnmatch
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refvision.cli import lightning_cli, main
+from refvision.data.demo import write_cityscapes
+
+OFFICIAL_TRAINID_TO_ID = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+"""cityscapesScripts ``helpers/labels.py``: label id of train ids 0..18 (road ... bicycle); these are
+also exactly the labels with ``ignoreInEval=False``, the ones the evaluator scores."""
+
+
+def _args(root: Path, data: Path, *extra: str) -> list[str]:
+    return ["-c", "configs/demo/segmentation.yaml", *extra, "--data.root", str(data), "--data.crop_size", "[64,128]",
+            "--model.example_size", "[64,128]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+            "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+
+
+def _prediction_for(results: Path, gt_file: Path) -> Path:
+    """The evaluator's ``getPrediction``: exactly one ``*<city>_<seq>_<frame>*.png`` anywhere under ``results``."""
+    city, seq, frame = gt_file.name.split("_")[:3]
+    pattern = f"*{city}_{seq}_{frame}*.png"
+    matches = [Path(root, f) for root, _, files in os.walk(results) for f in fnmatch.filter(files, pattern)]
+    assert len(matches) == 1, f"{gt_file.name}: {len(matches)} predictions match {pattern} in {results}"
+    return matches[0]
+
+
+def _evaluator_miou(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean IoU over the 19 evaluation label ids, as the evaluator computes it (NaN classes left out)."""
+    ious = []
+    for label in OFFICIAL_TRAINID_TO_ID:
+        tp = sum(int(((p == label) & (g == label)).sum()) for p, g in pairs)
+        fp = sum(int(((p == label) & (g != label) & np.isin(g, OFFICIAL_TRAINID_TO_ID)).sum()) for p, g in pairs)
+        fn = sum(int(((g == label) & (p != label)).sum()) for p, g in pairs)
+        if tp + fp + fn > 0:
+            ious.append(tp / (tp + fp + fn))
+    return float(np.mean(ious))
+
+
+@pytest.mark.slow
+def test_val_and_test_folders_are_what_the_evaluator_accepts(tmp_path: Path) -> None:
+    data = write_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=3, size=(64, 128))
+    ckpt = lightning_cli(["fit", *_args(tmp_path / "fit", data)]).trainer.checkpoint_callback.best_model_path
+    tested = lightning_cli(["test", *_args(tmp_path / "test", data), "--ckpt_path", ckpt]).trainer.callback_metrics
+    out = tmp_path / "val_predictions"
+    main(["predict", *_args(tmp_path / "predict", data), "--ckpt_path", ckpt, "--return_predictions", "false",
+          "--trainer.callbacks+=refvision.writers.SegmentationPredictionWriter",
+          "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.cityscapes", "true"])
+
+    results = out / "labels"  # CITYSCAPES_RESULTS
+    gt_files = sorted((data / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
+    assert len(gt_files) == 3
+    assert len([p for p in results.rglob("*") if p.is_file()]) == len(gt_files)
+    pairs = []
+    for gt_file in gt_files:
+        prediction = np.asarray(Image.open(_prediction_for(results, gt_file)))
+        gt = np.asarray(Image.open(gt_file))
+        assert prediction.shape == gt.shape and prediction.dtype == np.uint8
+        assert set(np.unique(prediction).tolist()) <= set(OFFICIAL_TRAINID_TO_ID)  # label ids, never train ids
+        pairs.append((prediction, gt))
+        for folder in ("color", "overlay"):  # kept out of the results folder, same name
+            assert (out / folder / _prediction_for(results, gt_file).relative_to(results)).is_file()
+    assert _evaluator_miou(pairs) == pytest.approx(float(tested["test/miou"]), abs=1e-6)
+
+    # The test split: images only (its labels are not public), through the plain-folder data module.
+    shutil.copytree(data / "leftImg8bit" / "val", data / "leftImg8bit" / "test")
+    test_out = tmp_path / "test_predictions"
+    main(["predict", "-c", "configs/demo/segmentation.yaml", "-c", "configs/predict/segmentation.yaml",
+          "--data.root", str(data / "leftImg8bit" / "test"), "--ckpt_path", ckpt,
+          "--trainer.default_root_dir", str(tmp_path / "predict_test"), "--trainer.enable_progress_bar", "false",
+          "--trainer.callbacks.output_dir", str(test_out), "--trainer.callbacks.cityscapes", "true"])
+    for gt_file, (prediction, _) in zip(gt_files, pairs):
+        assert np.array_equal(np.asarray(Image.open(_prediction_for(test_out / "labels", gt_file))), prediction)
+
+
+def test_cityscapes_mode_refuses_names_the_evaluator_cannot_match(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "holiday.jpg")
+    with pytest.raises(ValueError, match=r"<city>_<seq>_<frame>.*holiday\.jpg"):
+        main(["predict", "-c", "configs/demo/segmentation.yaml", "-c", "configs/predict/segmentation.yaml",
+              "--data.root", str(images), "--trainer.default_root_dir", str(tmp_path / "run"),
+              "--trainer.enable_progress_bar", "false", "--trainer.callbacks.output_dir", str(tmp_path / "out"),
+              "--trainer.callbacks.cityscapes", "true"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_id_to_label_id_table_is_the_official_one() -> None:
+    from refvision.data.cityscapes_labels import TRAINID_TO_ID
+
+    assert TRAINID_TO_ID.tolist() == OFFICIAL_TRAINID_TO_ID

@@ -1,0 +1,209 @@
+"""`refvision predict` on a plain folder of unlabelled images, for all three tasks, through the CLI.
+
+Each writer's output is checked against the model run here on the images read independently
+(Pillow + the task's preset), so a wrong file, order, preprocessing or number fails.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refvision.cli import main
+from refvision.data import presets
+from refvision.data.cityscapes_labels import PALETTE
+from refvision.tasks.base import RefvisionTask
+from refvision.tasks.classification import ClassificationTask
+from refvision.tasks.detection import DetectionTask
+from refvision.tasks.segmentation import SegmentationTask
+
+IMAGES = {  # relative path -> (H, W): nested folders, odd sizes, five formats
+    "a.jpg": (40, 52),
+    "street/b.png": (33, 47),
+    "street/night/c.bmp": (64, 64),
+    "d.tif": (30, 70),
+    "street/e.webp": (48, 36),
+}
+CLASS_NAMES = ["ant", "bee", "cat", "dog", "eel", "fox"]
+
+
+def _write_images(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name, size in IMAGES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name, quality=95)
+    (root / "street" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _read(root: Path, name: str) -> torch.Tensor:
+    """``(3, H, W) uint8``, read with Pillow alone."""
+    return torch.from_numpy(np.asarray(Image.open(root / name).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def _checkpoint(task: RefvisionTask, path: Path) -> Path:
+    """A Lightning checkpoint of ``task`` as ``refvision fit`` writes it (LightningCLI records the class path)."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = f"{type(task).__module__}.{type(task).__qualname__}"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _predict(task: str, images: Path, ckpt: Path, out: Path, run: Path, *extra: str) -> None:
+    main(["predict", "-c", f"configs/demo/{task}.yaml", "-c", f"configs/predict/{task}.yaml",
+          "--data.root", str(images), "--ckpt_path", str(ckpt), "--trainer.callbacks.output_dir", str(out),
+          "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", *extra])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_images(tmp_path_factory.mktemp("own_images"))
+
+
+def test_classification_csv_has_top5_per_file(tmp_path: Path, images: Path) -> None:
+    torch.manual_seed(0)
+    task = ClassificationTask(backbone="resnet18", num_classes=6, image_size=64).eval()
+    ckpt = _checkpoint(task, tmp_path / "cls.ckpt")
+    out = tmp_path / "out"
+    _predict("classification", images, ckpt, out, tmp_path / "run", "--model.num_classes", "6",
+             "--data.class_names", json.dumps(CLASS_NAMES))
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file"] + [f"{k}_{i}" for i in range(1, 6) for k in ("class", "prob")]
+    assert [row[0] for row in rows[1:]] == sorted(IMAGES)
+    transform = presets.classification_eval(64, 64)
+    for row in rows[1:]:
+        with torch.no_grad():
+            probs = task(transform(_read(images, row[0]))[None]).softmax(1)[0]
+        top = probs.topk(5)
+        assert row[1::2] == [CLASS_NAMES[i] for i in top.indices.tolist()]
+        np.testing.assert_allclose([float(p) for p in row[2::2]], top.values.numpy(), atol=2e-6)
+
+
+def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> None:
+    torch.manual_seed(0)
+    task = DetectionTask(image_size=64, norm_momentum=0.2).eval()
+    with torch.no_grad():  # an untrained head scores every class 1/21: spread the scores
+        for param in task.model.head.classification_head.parameters():
+            param.normal_(0.0, 0.3)
+    ckpt = _checkpoint(task, tmp_path / "det.ckpt")
+    expected = {}
+    for name in IMAGES:
+        with torch.no_grad():
+            expected[name] = task([_read(images, name).float() / 255])[0]
+    scores = torch.cat([d["scores"] for d in expected.values()])
+    assert len(scores) > 10
+    # A threshold in the widest gap between the middle scores, so that float noise of batched
+    # inference cannot move a detection across it.
+    ordered = scores.sort().values
+    middle = torch.arange(len(ordered) // 4, 3 * len(ordered) // 4)
+    gap = int(middle[(ordered[middle + 1] - ordered[middle]).argmax()])
+    threshold = float(ordered[gap] + ordered[gap + 1]) / 2
+    out = tmp_path / "out"
+    _predict("detection", images, ckpt, out, tmp_path / "run", "--model.image_size", "64",
+             "--trainer.callbacks.score_threshold", str(threshold))
+    records = json.loads((out / "detections.json").read_text())
+    assert [r["file"] for r in records] == sorted(IMAGES)
+    for record in records:
+        det = expected[record["file"]]
+        keep = det["scores"] >= threshold
+        assert record["labels"] == det["labels"][keep].tolist()
+        np.testing.assert_allclose(record["scores"], det["scores"][keep].numpy(), atol=1e-4)
+        np.testing.assert_allclose(np.array(record["boxes"]).reshape(-1, 4), det["boxes"][keep].numpy(), atol=0.01)
+        assert all(name != "__background__" for name in record["class_names"])
+        stem = record["file"].rsplit(".", 1)[0]
+        drawn = Image.open(out / "boxes" / f"{stem}.png")
+        assert drawn.size[::-1] == IMAGES[record["file"]]
+    coco = json.loads((out / "coco_results.json").read_text())
+    assert len(coco) == len(scores)  # every detection, not only those above the threshold
+    assert sum(len(r["scores"]) for r in records) == int((scores >= threshold).sum()) < len(scores)
+
+
+@pytest.mark.slow
+def test_segmentation_any_size_with_slide_flip_and_scales(tmp_path: Path, images: Path) -> None:
+    torch.manual_seed(0)
+    task = SegmentationTask(output_stride=16, example_size=(64, 64), inference="slide", slide_crop=(32, 32),
+                            slide_stride=(24, 24), flip=True, scales=(0.75, 1.0)).eval()
+    ckpt = _checkpoint(task, tmp_path / "seg.ckpt")
+    out = tmp_path / "out"
+    _predict("segmentation", images, ckpt, out, tmp_path / "run", "--model.inference", "slide",
+             "--model.slide_crop", "[32,32]", "--model.slide_stride", "[24,24]", "--model.flip", "true",
+             "--model.scales", "[0.75,1.0]")
+    normalize = presets.segmentation_eval()
+    palette = torch.tensor(PALETTE, dtype=torch.uint8)
+    for name, size in IMAGES.items():
+        stem = name.rsplit(".", 1)[0]
+        labels = torch.from_numpy(np.asarray(Image.open(out / "labels" / f"{stem}.png")).copy())
+        with torch.no_grad():
+            expected = task(normalize(_read(images, name))[None]).argmax(1)[0]
+        assert labels.shape == size
+        assert torch.equal(labels.long(), expected)
+        color = torch.from_numpy(np.asarray(Image.open(out / "color" / f"{stem}.png")).copy())
+        assert torch.equal(color, palette[expected])
+        assert Image.open(out / "overlay" / f"{stem}.png").size[::-1] == size
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == sorted(f"{folder}/{n.rsplit('.', 1)[0]}.png" for n in IMAGES for folder in ("labels", "color", "overlay"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_name", ["classification", "segmentation"])
+def test_writers_refuse_existing_outputs_unless_overwrite(tmp_path: Path, images: Path, task_name: str) -> None:
+    torch.manual_seed(0)
+    if task_name == "classification":
+        task, probe = ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), "predictions.csv"
+    else:
+        task, probe = SegmentationTask(output_stride=16, example_size=(64, 64)), "labels/street/b.png"
+    ckpt = _checkpoint(task, tmp_path / "model.ckpt")
+    out = tmp_path / "out"
+    (out / probe).parent.mkdir(parents=True)
+    (out / probe).write_bytes(b"earlier result")  # the one file of a run that is already there
+    with pytest.raises(FileExistsError, match=rf"{out} already holds 1 of the files .*\({out / probe}\).*overwrite"):
+        _predict(task_name, images, ckpt, out, tmp_path / "run")
+    assert (out / probe).read_bytes() == b"earlier result"  # refused before writing anything
+    assert [p for p in out.rglob("*") if p.is_file()] == [out / probe]
+    _predict(task_name, images, ckpt, out, tmp_path / "run", "--trainer.callbacks.overwrite", "true")
+    assert (out / probe).read_bytes() != b"earlier result"
+
+
+def test_detection_writer_refuses_an_existing_devkit_file(tmp_path: Path, images: Path) -> None:
+    ckpt = _checkpoint(DetectionTask(image_size=64), tmp_path / "det.ckpt")
+    taken = tmp_path / "out" / "results" / "VOC2007" / "Main" / "comp4_det_test_car.txt"
+    taken.parent.mkdir(parents=True)
+    taken.write_text("000001 0.9 1 1 5 5\n")
+    with pytest.raises(FileExistsError, match="comp4_det_test_car.txt"):
+        _predict("detection", images, ckpt, tmp_path / "out", tmp_path / "run", "--model.image_size", "64",
+                 "--trainer.callbacks.voc_set", "2007-test")
+    assert taken.read_text() == "000001 0.9 1 1 5 5\n"
+    assert not (tmp_path / "out" / "detections.json").exists()
+
+
+def test_two_inputs_with_one_output_name_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    for name in ("same.jpg", "same.png"):
+        Image.new("RGB", (16, 16)).save(root / name)
+    ckpt = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
+    with pytest.raises(ValueError, match=r"same\.jpg and .*same\.png would both write outputs named 'same'"):
+        _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
+
+
+def test_undecodable_and_missing_images_name_the_file(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(root / "good.png")
+    (root / "sub" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    ckpt = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
+    with pytest.raises(ValueError, match=r"cannot read image .*sub/broken\.jpg"):
+        _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
+    (root / "sub" / "broken.jpg").unlink()
+    (root / "good.png").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"predict folder {root} holds no image files"):
+        _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
