@@ -222,15 +222,16 @@ _EXPORTERS: dict[str, Callable[..., ExportResult]] = {
 
 def _check(module: nn.Module, run: Runner, batches: list[Any], format: str) -> tuple[float, float]:
     """Largest gap between ``run`` and ``module`` over ``batches``; raises above the tolerance."""
-    gap, scale = 0.0, 0.0
+    gaps, scale = [], 0.0
     for x in batches:
         with torch.no_grad():
             expected, got = _flatten(module(x)), run(x)
         if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
             raise ValueError(f"{format} check: output shapes {[tuple(t.shape) for t in got]} "
                              f"!= PyTorch's {[tuple(t.shape) for t in expected]}")
-        gap = max(gap, _max_abs_diff(expected, got))
+        gaps.append(_max_abs_diff(expected, got))
         scale = max([scale, *(float(t.abs().max()) for t in expected if t.numel())])
+    gap = _nan_max(gaps)
     tolerance = RELATIVE_TOLERANCE * max(1.0, scale)
     if not gap <= tolerance:  # NaN fails too
         raise ValueError(f"{format} check: max |exported - PyTorch| = {gap:.3e} exceeds {tolerance:.1e}")
@@ -252,6 +253,10 @@ def _flatten(value: Any) -> list[Tensor]:
 
 
 def _max_abs_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    """Largest |a - b| over all pairs; NaN when any difference is NaN (Python's ``max`` would drop it)."""
-    gaps = [float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()]
-    return math.nan if any(math.isnan(g) for g in gaps) else max(gaps, default=0.0)
+    """Largest |a - b| over all pairs; NaN when any difference is NaN."""
+    return _nan_max([float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()])
+
+
+def _nan_max(values: list[float]) -> float:
+    """``max(values, default=0.0)``, but NaN when any value is NaN (Python's ``max`` may drop it)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
