@@ -1,6 +1,7 @@
 """Lightning callbacks of the refocus workflow."""
 
 import logging
+import os
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
@@ -15,6 +16,9 @@ log = logging.getLogger("refvision")
 class DeployCheckpoint(Callback):
     """At the end of ``fit``, write ``<best>-deploy.ckpt`` next to the best checkpoint.
 
+    Only into the run's own checkpoint folder: a resumed fit whose best checkpoint lies in
+    another run's folder writes nothing there.
+
     Only for models with conv-method layers. Logs the train- vs deploy-form parameters and
     FLOPs and the largest output difference of the two forms on the first validation batch,
     both to the console and to the trainer's logger (``deploy/*``). Runs on rank 0 only.
@@ -26,8 +30,12 @@ class DeployCheckpoint(Callback):
             return
         ckpt = trainer.checkpoint_callback
         source = ckpt and (ckpt.best_model_path or ckpt.last_model_path)
-        if not source:
+        if not source or not os.path.isfile(source):
             log.warning("DeployCheckpoint: no checkpoint was written, so no deploy checkpoint either")
+            return
+        if ckpt.dirpath is None or os.path.abspath(os.path.dirname(source)) != os.path.abspath(ckpt.dirpath):
+            log.warning("DeployCheckpoint: the best checkpoint %s is not in this run's folder %s; "
+                        "no deploy checkpoint written (run `refvision reparameterize`)", source, ckpt.dirpath)
             return
         output = Path(source).with_name(Path(source).stem + "-deploy.ckpt")
         inputs = None

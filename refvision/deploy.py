@@ -9,7 +9,6 @@ its ``state_dict`` loads with ``strict=True`` into the vanilla model class.
 import dataclasses
 import importlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,9 @@ import lightning
 import torch
 
 from refvision.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint, resolve_source, task_of
+from refvision.atomic_file import save_atomically
 from refvision.convert import reparameterize
+from refvision.divergence import non_finite_tensors
 from refvision.profile import ModelProfile, profile
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -79,17 +80,24 @@ def reparameterize_checkpoint(
 ) -> DeployReport:
     """Write the deploy form of checkpoint ``source`` to ``output``.
 
-    ``source`` is never modified; an existing ``output`` is refused unless ``overwrite``. The file
-    is written to a temporary name and renamed, so a failure leaves no partial file. ``inputs``
+    ``source`` is never modified; an existing ``output`` is refused unless ``overwrite``, a
+    directory always. The file is written atomically (``refvision.atomic_file``), so a failure
+    leaves neither a partial file nor a temporary one. A source with non-finite weights, or a
+    non-finite output gap between the two forms, is refused. ``inputs``
     (what the task's ``inputs_of`` gives; default ``task.example_inputs()``) are used to measure
     the largest output difference between the two forms.
     """
     source, output = Path(source), Path(output)
-    if source.resolve() == output.resolve():
+    if same_file(source, output):
         raise ValueError(f"--output {output} is the input checkpoint; choose another path")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a directory; give the path of the file to write")
     if output.exists() and not overwrite:
         raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
     task, hparams = load_task_checkpoint(source)
+    bad = non_finite_tensors(task.state_dict())
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights ({', '.join(bad[:5])}); nothing written")
     task_cls = type(task)
     deploy_hparams = task_cls.deploy_hparams(hparams)
     deploy_task = task_cls(**deploy_hparams).eval()
@@ -97,6 +105,9 @@ def reparameterize_checkpoint(
     inputs = task.example_inputs() if inputs is None else inputs
     with torch.no_grad():
         diff = (task.raw_forward(task.model, inputs) - deploy_task.raw_forward(deploy_task.model, inputs)).abs().max()
+    if not torch.isfinite(diff):
+        raise ValueError(f"{source}: max |output(train) - output(deploy)| is {float(diff)} (non-finite outputs); "
+                         "the deploy form cannot be verified, nothing written")
     profile_input = task.example_inputs()
     report = DeployReport(
         source=str(source),
@@ -113,11 +124,15 @@ def reparameterize_checkpoint(
         "refvision": {"task": f"{task_cls.__module__}.{task_cls.__qualname__}", "form": "deploy",
                       "source": str(source), "max_abs_diff": report.max_abs_diff},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=False) as tmp:
-        torch.save(checkpoint, tmp)
-    os.replace(tmp.name, output)
+    save_atomically(checkpoint, output)
     return report
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (through symlinks and hard links too)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def _profile(task: Any, inputs: Any) -> ModelProfile:

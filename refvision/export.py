@@ -9,8 +9,8 @@ original architecture (RefConv) or DRConv's inference form.
 
 import dataclasses
 import importlib.util
+import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +18,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from refvision.atomic_file import written_atomically
 from refvision.convert import converted_layers, reparameterize
-from refvision.deploy import load_task_checkpoint
+from refvision.deploy import load_task_checkpoint, same_file
+from refvision.divergence import non_finite_tensors
 
 ExportFormat = Literal["onnx", "torchscript", "exported-program"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "exported-program")
@@ -86,8 +88,9 @@ def export_checkpoint(
 
     Args:
         ckpt: a train or deploy checkpoint of any refvision task (loaded with ``weights_only=True``).
-        output: file to write (by convention ``.onnx``, ``.pt``, ``.pt2``: :data:`SUFFIXES`). Written
-            under a temporary name and renamed after the check, so a failure leaves no file.
+        output: file to write (by convention ``.onnx``, ``.pt``, ``.pt2``: :data:`SUFFIXES`); never the
+            ``ckpt`` itself, even with ``overwrite``. Written atomically (``refvision.atomic_file``) after
+            the check, so a failure leaves no file.
         format: ``onnx`` (``torch.onnx.export``, dynamo first), ``torchscript``
             (``torch.jit.trace``) or ``exported-program`` (``torch.export.export`` + ``save``).
         opset: ONNX opset version.
@@ -105,14 +108,23 @@ def export_checkpoint(
 
     Raises:
         FileExistsError: ``output`` exists and not ``overwrite``.
-        ValueError: unknown ``format``, or the check found a gap above the tolerance.
+        IsADirectoryError: ``output`` is a directory.
+        ValueError: unknown ``format``; ``output`` is ``ckpt``; or a non-finite fold gap, or a check
+            gap above the tolerance or NaN.
     """
     if format not in FORMATS:
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     source, output = Path(ckpt), Path(output)
+    if same_file(source, output):
+        raise ValueError(f"--output {output} is the input checkpoint --ckpt; choose another path")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a directory; give the path of the file to write")
     if output.exists() and not overwrite:
         raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
     task, _ = load_task_checkpoint(source)
+    bad = non_finite_tensors(task.state_dict())
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights ({', '.join(bad[:5])}); nothing exported")
     example = task.example_inputs()
     reparameterized = bool(converted_layers(task.model))
     fold_gap = None
@@ -121,6 +133,8 @@ def export_checkpoint(
             train_out = task.raw_forward(task.model, example)
             task.model = reparameterize(task.model)
             fold_gap = _max_abs_diff(_flatten(train_out), _flatten(task.raw_forward(task.model, example)))
+        if not math.isfinite(fold_gap):
+            raise ValueError(f"{source}: max |train - deploy| is {fold_gap} (non-finite outputs); nothing exported")
     module = task.profile_module().eval()
 
     batched = isinstance(example, Tensor)
@@ -129,19 +143,12 @@ def export_checkpoint(
         n_outputs = len(_flatten(module(inputs)))
     output_names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=SUFFIXES[format])
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with written_atomically(output, suffix=SUFFIXES[format]) as tmp:
         exporter, dynamic, fallback, run = _EXPORTERS[format](module, inputs, tmp, batched, opset, output_names)
         gap = tolerance = None
         if check:
             checked = [inputs, example] if dynamic else [inputs]
             gap, tolerance = _check(module, run, checked, format)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportReport(
         source=str(source), output=str(output), format=format, exporter=exporter,
         reparameterized=reparameterized, input_shapes=tuple(tuple(x.shape) for x in _flatten(inputs)),
@@ -214,17 +221,18 @@ _EXPORTERS: dict[str, Callable[..., ExportResult]] = {
 
 def _check(module: nn.Module, run: Runner, batches: list[Any], format: str) -> tuple[float, float]:
     """Largest gap between ``run`` and ``module`` over ``batches``; raises above the tolerance."""
-    gap, scale = 0.0, 0.0
+    gaps, scale = [], 0.0
     for x in batches:
         with torch.no_grad():
             expected, got = _flatten(module(x)), run(x)
         if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
             raise ValueError(f"{format} check: output shapes {[tuple(t.shape) for t in got]} "
                              f"!= PyTorch's {[tuple(t.shape) for t in expected]}")
-        gap = max(gap, _max_abs_diff(expected, got))
+        gaps.append(_max_abs_diff(expected, got))
         scale = max([scale, *(float(t.abs().max()) for t in expected if t.numel())])
+    gap = _nan_max(gaps)
     tolerance = RELATIVE_TOLERANCE * max(1.0, scale)
-    if gap > tolerance:
+    if not gap <= tolerance:  # NaN fails too
         raise ValueError(f"{format} check: max |exported - PyTorch| = {gap:.3e} exceeds {tolerance:.1e}")
     return gap, tolerance
 
@@ -244,4 +252,10 @@ def _flatten(value: Any) -> list[Tensor]:
 
 
 def _max_abs_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    return max((float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()), default=0.0)
+    """Largest |a - b| over all pairs; NaN when any difference is NaN."""
+    return _nan_max([float((x.float() - y.float()).abs().max()) for x, y in zip(a, b) if x.numel()])
+
+
+def _nan_max(values: list[float]) -> float:
+    """``max(values, default=0.0)``, but NaN when any value is NaN (Python's ``max`` may drop it)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)

@@ -28,6 +28,10 @@ from refvision.convert import convert, reparameterize
 from refvision.metrics.figures import figure_to_rgb, save_figure
 from refvision.metrics.table import PerClassTable
 from refvision.nn import get_method
+from refvision.divergence import DivergenceGuard
+from refvision.graceful_stop import StopOnSignal
+from refvision.run_checkpoint import AtomicCheckpoints, RunCheckpoint
+from refvision.run_state import RandomStateCheckpoint
 from refvision.trainable import TrainableMode, freeze_norm_statistics, set_trainable
 
 
@@ -171,9 +175,22 @@ class RefvisionTask(LightningModule):
         return self
 
     def configure_callbacks(self) -> list[Callback]:
-        """``best.ckpt`` by :attr:`monitor` plus ``last.ckpt`` (replaces a configured ModelCheckpoint)."""
-        return [ModelCheckpoint(monitor=self.monitor, mode=self.monitor_mode, filename="best",
-                                save_last=True, auto_insert_metric_name=False)]
+        """The reliability callbacks, and ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation.
+
+        A ``ModelCheckpoint`` configured by the user (``trainer.callbacks``) wins: it is kept as
+        configured and :class:`~refvision.run_checkpoint.RunCheckpoint` is not added (logged).
+        """
+        callbacks: list[Callback] = [RandomStateCheckpoint(), DivergenceGuard(), StopOnSignal(), AtomicCheckpoints()]
+        configured = [c for c in self.trainer.callbacks
+                      if isinstance(c, ModelCheckpoint) and not _is_lightning_default(c)]
+        if configured:
+            rank_zero_info("checkpoints: using the configured " + ", ".join(
+                f"{type(c).__name__}(monitor={c.monitor!r}, filename={c.filename!r}, save_last={c.save_last!r})"
+                for c in configured) + f"; refvision's best.ckpt (by {self.monitor}) and last.ckpt at every "
+                "validation are not added")
+        else:
+            callbacks.append(RunCheckpoint(monitor=self.monitor, mode=self.monitor_mode))
+        return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint carries its weights: rebuilding it must not re-load or download others.
@@ -311,6 +328,14 @@ class RefvisionTask(LightningModule):
                 for board in boards:
                     board.add_image(stem.replace("test_", "test/", 1), image, self.global_step, dataformats="HWC")
         rank_zero_info(f"test tables and figures: {log_dir}")
+
+
+def _is_lightning_default(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` is the ``ModelCheckpoint()`` that ``Trainer(enable_checkpointing=True)`` adds."""
+    default = ModelCheckpoint()
+    fields = ("monitor", "dirpath", "filename", "save_last", "save_top_k", "save_weights_only", "state_key",
+              "save_on_exception")
+    return type(callback) is ModelCheckpoint and all(getattr(callback, f) == getattr(default, f) for f in fields)
 
 
 def _schedule(cfg: OptimConfig, warmup: int, total: int):

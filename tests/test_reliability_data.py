@@ -82,7 +82,7 @@ def test_skip_drops_bad_files_at_setup_and_load_and_reports_them_per_epoch(
     assert [path for path, _ in dm.train_set.skipped] == [str(empty)]
     assert len(dm.train_set) == 7
     loader = dm.train_dataloader()
-    for epoch in range(2):  # persistent workers: the report comes with every epoch
+    for epoch in range(2):  # worker processes: the report comes with every epoch
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="refvision"):
             seen = sum(len(labels) for _, labels in loader)

@@ -19,9 +19,12 @@ def make_loader(
 ) -> DataLoader:
     """Training loaders shuffle and drop the last partial batch; the others keep order and every sample.
 
-    Workers persist across epochs whenever there are any. Samples a dataset returns as
-    ``BadSample`` (its ``on_bad_sample="skip"``) are dropped from their batch and reported by
-    name when the pass over the loader ends (see :mod:`refvision.data.bad_samples`).
+    Evaluation workers persist across epochs. Training workers start afresh each epoch: their
+    seeds then derive from the main process's random state at the epoch start, which every
+    checkpoint holds, so a resumed fit draws the same augmentations as an uninterrupted one.
+    Samples a dataset returns as ``BadSample`` (its ``on_bad_sample="skip"``) are dropped from
+    their batch and reported by name when the pass over the loader ends (see
+    :mod:`refvision.data.bad_samples`).
     """
     return SkippingDataLoader(
         dataset,
@@ -30,7 +33,7 @@ def make_loader(
         drop_last=train,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not train,
         collate_fn=DropBadSamples(collate_fn),
     )
 
