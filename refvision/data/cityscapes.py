@@ -110,7 +110,8 @@ class CityscapesDataModule(SplitDataModule):
     after random scaling by ``scale_range``, crop (padding: image 0, mask 255), flip and
     photometric distortion. Val / test batches are full resolution, or ``eval_size`` (H, W) when
     given (the mask is then resized with nearest neighbour, so metrics are computed at that
-    size). ``test`` and ``predict`` use the val split: Cityscapes test labels are not public.
+    size). ``test`` and ``predict`` use ``test_split``: ``val`` by default, since Cityscapes test
+    labels are not public; ``test`` for a tree whose test split holds real labels.
     """
 
     def __init__(
@@ -124,14 +125,18 @@ class CityscapesDataModule(SplitDataModule):
         pin_memory: bool = True,
         label_source: LabelSource = "auto",
         eval_size: tuple[int, int] | None = None,
+        test_split: Literal["val", "test"] = "val",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for split in ("train", "val"):
+        if test_split not in ("val", "test"):
+            raise ValueError(f"test_split must be 'val' or 'test', got {test_split!r}")
+        for split in dict.fromkeys(("train", "val", test_split)):
             path = Path(root) / "leftImg8bit" / split
             if not path.is_dir():
                 raise FileNotFoundError(f"Cityscapes split folder {path} does not exist; expected layout {LAYOUT}")
         self.root = root
+        self.test_split = test_split
         self.label_source: LabelSource = label_source
         self.train_transform = presets.segmentation_train(crop_size, scale_range)
         self.eval_transform = presets.segmentation_eval(eval_size)
@@ -146,7 +151,8 @@ class CityscapesDataModule(SplitDataModule):
         if stage == "fit":
             self.train_set = CityscapesSegmentation(self.root, "train", self.train_transform, self.label_source)
         self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source)
-        self.test_set = self.val_set
+        self.test_set = (self.val_set if self.test_split == "val" else
+                         CityscapesSegmentation(self.root, "test", self.eval_transform, self.label_source))
 
     @property
     def eval_batch_size(self) -> int:
