@@ -7,6 +7,7 @@ calling it again with the same parameters returns at once, and with different on
 (nothing is ever overwritten). The same seed gives byte-identical files.
 """
 
+import functools
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from PIL import Image
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_BY_ID
 from refvision.data.voc_format import VOC_CLASSES
 
+DEMO_VOC_VAL_IMAGES = 24
+"""Size of the demo VOCdevkit's val set (train 96, test 32: the writer's defaults)."""
 FORMAT_VERSION = 2  # 2: separate val and test splits in every dataset
 MANIFEST = ".refvision-demo.json"
 Array = np.ndarray
@@ -282,7 +285,7 @@ def write_vocdevkit(
     size: tuple[int, int] = (160, 160),
     classes: Sequence[str] = ("bottle", "car", "cat", "person"),
     seed: int = 0,
-    num_val: int | None = 24,
+    num_val: int | None = None,
 ) -> Path:
     """Write a ``VOCdevkit`` folder ``root`` with ``VOC<year>/{Annotations, JPEGImages, ImageSets/Main}``.
 
@@ -458,7 +461,7 @@ def ensure_demo_data(root: str | Path) -> dict[str, Path]:
     root = Path(root)
     writers: dict[str, tuple[Callable[[Path], Path], str]] = {
         "imagefolder": (write_imagefolder, "imagefolder"),
-        "voc": (write_vocdevkit, "VOCdevkit"),
+        "voc": (functools.partial(write_vocdevkit, num_val=DEMO_VOC_VAL_IMAGES), "VOCdevkit"),
         "cityscapes": (write_cityscapes, "cityscapes"),
     }
     return {key: writer(root / folder) for key, (writer, folder) in writers.items()}
