@@ -1,6 +1,7 @@
 """Demo-data writers: exact layouts, determinism, caching, refusal to overwrite."""
 
 import hashlib
+import importlib
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from refvision.data.cityscapes_labels import LABEL_IDS
@@ -19,9 +21,10 @@ from refvision.data.demo import (
     write_vocdevkit,
 )
 
-SMALL_IMAGEFOLDER = dict(classes=("circle", "stripes"), train_per_class=3, val_per_class=2, size=32)
-SMALL_VOC = dict(years=("2007", "2012"), num_train=4, num_test=2, size=(64, 64))
-SMALL_CITYSCAPES = dict(num_train=3, num_val=1, size=(32, 64))
+REPO = Path(__file__).resolve().parents[1]
+SMALL_IMAGEFOLDER = dict(classes=("circle", "stripes"), train_per_class=3, val_per_class=2, test_per_class=1, size=32)
+SMALL_VOC = dict(years=("2007", "2012"), num_train=4, num_val=3, num_test=2, size=(64, 64))
+SMALL_CITYSCAPES = dict(num_train=3, num_val=1, num_test=2, size=(32, 64))
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -37,13 +40,16 @@ def test_imagefolder_layout(tmp_path: Path) -> None:
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     expected = {
         f"{split}/{name}/{name}_{i:04d}.{'jpg' if i % 2 == 0 else 'png'}"
-        for split, count in (("train", 3), ("val", 2))
+        for split, count in (("train", 3), ("val", 2), ("test", 1))
         for name in ("circle", "stripes")
         for i in range(count)
     }
     assert files == expected | {MANIFEST}
     image = np.asarray(Image.open(root / "train/circle/circle_0000.jpg"))
     assert image.shape == (32, 32, 3) and image.std() > 10  # textured, not constant
+    # Three independent draws: no test image repeats a val or train image.
+    pixels = {np.asarray(Image.open(root / f"{split}/circle/circle_0000.jpg")).tobytes() for split in ("train", "val", "test")}
+    assert len(pixels) == 3
 
 
 def test_vocdevkit_layout(tmp_path: Path) -> None:
@@ -51,8 +57,10 @@ def test_vocdevkit_layout(tmp_path: Path) -> None:
     for year, first in (("2007", "000001"), ("2012", "2012_000001")):
         main = root / f"VOC{year}" / "ImageSets" / "Main"
         splits = {split: (main / f"{split}.txt").read_text().split() for split in ("train", "val", "trainval", "test")}
-        assert splits["trainval"][0] == first and len(splits["trainval"]) == 4 and len(splits["test"]) == 2
-        assert sorted(splits["train"] + splits["val"]) == sorted(splits["trainval"])
+        assert splits["trainval"][0] == first
+        assert [len(splits[s]) for s in ("train", "val", "trainval", "test")] == [4, 3, 7, 2]
+        assert splits["train"] + splits["val"] == splits["trainval"]
+        assert not set(splits["trainval"]) & set(splits["test"])
         for image_id in splits["trainval"] + splits["test"]:
             xml = ET.parse(root / f"VOC{year}" / "Annotations" / f"{image_id}.xml").getroot()
             assert xml.findtext("folder") == f"VOC{year}" and xml.findtext("filename") == f"{image_id}.jpg"
@@ -71,11 +79,14 @@ def test_cityscapes_layout(tmp_path: Path) -> None:
     root = write_cityscapes(tmp_path / "cs", **SMALL_CITYSCAPES)
     images = sorted(p.relative_to(root).as_posix() for p in (root / "leftImg8bit").rglob("*.png"))
     assert images == [
+        "leftImg8bit/test/munich/munich_000000_000019_leftImg8bit.png",
+        "leftImg8bit/test/munich/munich_000001_000019_leftImg8bit.png",
         "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
         "leftImg8bit/train/aachen/aachen_000001_000019_leftImg8bit.png",
         "leftImg8bit/train/bochum/bochum_000000_000019_leftImg8bit.png",
         "leftImg8bit/val/frankfurt/frankfurt_000000_000019_leftImg8bit.png",
     ]
+    assert (root / "gtFine/test/munich/munich_000001_000019_gtFine_labelIds.png").is_file()
     gt = root / "gtFine/train/aachen/aachen_000000_000019_gtFine"
     assert sorted(p.name for p in gt.parent.glob("aachen_000000_*")) == [
         f"aachen_000000_000019_gtFine_{kind}.png" for kind in ("color", "instanceIds", "labelIds")
@@ -126,12 +137,46 @@ def test_writers_reject_unknown_classes(tmp_path: Path) -> None:
         write_vocdevkit(tmp_path / "voc", classes=("car", "unicorn"))
 
 
-def test_ensure_demo_data_writes_all_three(tmp_path: Path) -> None:
-    paths = ensure_demo_data(tmp_path)
-    assert paths == {
-        "imagefolder": tmp_path / "imagefolder",
-        "voc": tmp_path / "VOCdevkit",
-        "cityscapes": tmp_path / "cityscapes",
-    }
-    assert all((path / MANIFEST).is_file() for path in paths.values())
-    assert ensure_demo_data(tmp_path) == paths
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return ensure_demo_data(tmp_path_factory.mktemp("demo"))
+
+
+def test_ensure_demo_data_writes_all_three(demo_data: dict[str, Path]) -> None:
+    root = demo_data["voc"].parent
+    assert demo_data == {"imagefolder": root / "imagefolder", "voc": root / "VOCdevkit", "cityscapes": root / "cityscapes"}
+    assert all((path / MANIFEST).is_file() for path in demo_data.values())
+    assert ensure_demo_data(root) == demo_data
+
+
+def _members(dataset: object) -> set[str]:
+    """The image files (or VOC ids) a dataset reads."""
+    if hasattr(dataset, "annotations"):
+        return {annotation.image_id for annotation in dataset.annotations}
+    return {str(sample[0]) for sample in dataset.samples}
+
+
+@pytest.mark.parametrize(("config", "data"), [("classification", "imagefolder"), ("detection", "voc"),
+                                              ("segmentation", "cityscapes")])
+def test_demo_configs_validate_on_val_and_test_on_the_held_out_test_split(
+    demo_data: dict[str, Path], config: str, data: str
+) -> None:
+    # The demo picks best.ckpt on the val split; the test split must be disjoint from val and train.
+    spec = yaml.safe_load((REPO / "configs" / "demo" / f"{config}.yaml").read_text())["data"]
+    module_path, _, class_name = spec["class_path"].rpartition(".")
+    root = demo_data[data]
+    module = getattr(importlib.import_module(module_path), class_name)(**{**spec["init_args"], "root": str(root)})
+    module.setup("fit")
+    module.setup("test")
+    train, val, test = (_members(d) for d in (module.train_set, module.val_set, module.test_set))
+    assert train and val and test
+    assert not train & val and not train & test and not val & test
+    # Each set is exactly the split of the real format that holds it.
+    if data == "voc":
+        main = root / "VOC2007" / "ImageSets" / "Main"
+        for members, split in ((train, "train"), (val, "val"), (test, "test")):
+            assert members == {f"2007/{i}" for i in (main / f"{split}.txt").read_text().split()}
+    else:
+        for members, split in ((train, "train"), (val, "val"), (test, "test")):
+            split_part = 0 if data == "imagefolder" else 1  # <split>/<class>/... or leftImg8bit/<split>/...
+            assert {Path(m).relative_to(root).parts[split_part] for m in members} == {split}

@@ -150,7 +150,8 @@ class CityscapesDataModule(SplitDataModule):
     after random scaling by ``scale_range``, crop (padding: image 0, mask 255), flip and
     photometric distortion. Val / test batches are full resolution, or ``eval_size`` (H, W) when
     given (the mask is then resized with nearest neighbour, so metrics are computed at that
-    size). ``test`` and ``predict`` use the val split: Cityscapes test labels are not public.
+    size). ``test`` and ``predict`` use ``test_split``: ``val`` by default, since Cityscapes test
+    labels are not public; ``test`` for a tree whose test split holds real labels.
     """
 
     def __init__(
@@ -165,16 +166,20 @@ class CityscapesDataModule(SplitDataModule):
         label_source: LabelSource = "auto",
         eval_size: tuple[int, int] | None = None,
         on_bad_sample: OnBadSample = "raise",
+        test_split: Literal["val", "test"] = "val",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_policy(on_bad_sample)
+        if test_split not in ("val", "test"):
+            raise ValueError(f"test_split must be 'val' or 'test', got {test_split!r}")
         self.on_bad_sample = on_bad_sample
-        for split in ("train", "val"):
+        for split in dict.fromkeys(("train", "val", test_split)):
             path = Path(root) / "leftImg8bit" / split
             if not path.is_dir():
                 raise FileNotFoundError(f"Cityscapes split folder {path} does not exist; expected layout {LAYOUT}")
         self.root = root
+        self.test_split = test_split
         self.label_source: LabelSource = label_source
         self.train_transform = presets.segmentation_train(crop_size, scale_range)
         self.eval_transform = presets.segmentation_eval(eval_size)
@@ -191,7 +196,8 @@ class CityscapesDataModule(SplitDataModule):
                 self.root, "train", self.train_transform, self.label_source, self.on_bad_sample
             )
         self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source, self.on_bad_sample)
-        self.test_set = self.val_set
+        self.test_set = (self.val_set if self.test_split == "val" else CityscapesSegmentation(
+            self.root, "test", self.eval_transform, self.label_source, self.on_bad_sample))
 
     @property
     def eval_batch_size(self) -> int:

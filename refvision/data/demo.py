@@ -7,6 +7,7 @@ calling it again with the same parameters returns at once, and with different on
 (nothing is ever overwritten). The same seed gives byte-identical files.
 """
 
+import functools
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -19,7 +20,9 @@ from PIL import Image
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_BY_ID
 from refvision.data.voc_format import VOC_CLASSES
 
-FORMAT_VERSION = 1
+DEMO_VOC_VAL_IMAGES = 24
+"""Size of the demo VOCdevkit's val set (train 96, test 32: the writer's defaults)."""
+FORMAT_VERSION = 2  # 2: separate val and test splits in every dataset
 MANIFEST = ".refvision-demo.json"
 Array = np.ndarray
 
@@ -144,22 +147,26 @@ def write_imagefolder(
     val_per_class: int = 16,
     size: int = 64,
     seed: int = 0,
+    test_per_class: int | None = None,
 ) -> Path:
-    """Write ``root/{train,val}/<class>/<class>_<i>.{jpg,png}`` (JPEG and PNG alternate).
+    """Write ``root/{train,val,test}/<class>/<class>_<i>.{jpg,png}`` (JPEG and PNG alternate).
 
     ``classes`` are taken from :data:`IMAGEFOLDER_CLASSES` (each name selects how it is drawn).
-    Returns ``root``.
+    ``test_per_class`` defaults to ``val_per_class``; the three splits are drawn independently,
+    so no image is in two of them. Returns ``root``.
     """
     root = Path(root)
     unknown = set(classes) - set(IMAGEFOLDER_CLASSES)
     if unknown:
         raise ValueError(f"unknown demo classes {sorted(unknown)}; available: {IMAGEFOLDER_CLASSES}")
+    test_per_class = val_per_class if test_per_class is None else test_per_class
     params = dict(classes=list(classes), train_per_class=train_per_class, val_per_class=val_per_class,
-                  size=size, seed=seed)
+                  test_per_class=test_per_class, size=size, seed=seed)
     record = _claim(root, "imagefolder", params)
     if record is None:
         return root
-    for split_index, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
+    splits = (("train", train_per_class), ("val", val_per_class), ("test", test_per_class))
+    for split_index, (split, count) in enumerate(splits):
         for class_index, name in enumerate(classes):
             for i in range(count):
                 rng = np.random.default_rng([seed, split_index, class_index, i])
@@ -273,17 +280,19 @@ def _voc_xml(
 def write_vocdevkit(
     root: str | Path,
     years: Sequence[str] = ("2007",),
-    num_train: int = 48,
-    num_test: int = 16,
+    num_train: int = 96,
+    num_test: int = 32,
     size: tuple[int, int] = (160, 160),
     classes: Sequence[str] = ("bottle", "car", "cat", "person"),
     seed: int = 0,
+    num_val: int | None = None,
 ) -> Path:
     """Write a ``VOCdevkit`` folder ``root`` with ``VOC<year>/{Annotations, JPEGImages, ImageSets/Main}``.
 
-    Per year: ``num_train`` trainval images (split alternately into train / val) and
-    ``num_test`` test images, each about ``size`` (H, W) +-20 %. Ids are ``000001``... for 2007
-    and ``<year>_000001``... otherwise, as in the real sets. Returns ``root``.
+    Per year, as in the real sets: ``train.txt`` (``num_train`` images), ``val.txt`` (``num_val``,
+    default ``num_test``), ``trainval.txt`` (both) and ``test.txt`` (``num_test``), disjoint apart
+    from trainval; images are about ``size`` (H, W) +-20 %. Ids are ``000001``... for 2007 and
+    ``<year>_000001``... otherwise. Returns ``root``.
     """
     root = Path(root)
     unknown = set(classes) - set(VOC_CLASSES)
@@ -291,14 +300,16 @@ def write_vocdevkit(
         raise ValueError(f"classes must be 1..{len(_VOC_STYLES)} names from VOC_CLASSES, got {list(classes)}")
     if min(size) < 32:
         raise ValueError(f"size must be at least 32 x 32 so that objects stay visible, got {size}")
-    params = dict(years=list(years), num_train=num_train, num_test=num_test, size=list(size),
+    num_val = num_test if num_val is None else num_val
+    params = dict(years=list(years), num_train=num_train, num_val=num_val, num_test=num_test, size=list(size),
                   classes=list(classes), seed=seed)
     record = _claim(root, "vocdevkit", params)
     if record is None:
         return root
     for year in years:
         year_dir = root / f"VOC{year}"
-        ids = [f"{i:06d}" if year == "2007" else f"{year}_{i:06d}" for i in range(1, num_train + num_test + 1)]
+        ids = [f"{i:06d}" if year == "2007" else f"{year}_{i:06d}"
+               for i in range(1, num_train + num_val + num_test + 1)]
         for index, image_id in enumerate(ids):
             rng = np.random.default_rng([seed, int(year), index])
             height, width = (int(round(s * rng.uniform(0.8, 1.2))) for s in size)
@@ -307,8 +318,9 @@ def write_vocdevkit(
             xml = _voc_xml(year, f"{image_id}.jpg", height, width, objects, classes)
             (year_dir / "Annotations").mkdir(parents=True, exist_ok=True)
             ET.ElementTree(xml).write(year_dir / "Annotations" / f"{image_id}.xml", encoding="unicode")
-        splits = {"train": ids[:num_train:2], "val": ids[1:num_train:2], "trainval": ids[:num_train],
-                  "test": ids[num_train:]}
+        trainval = ids[:num_train + num_val]
+        splits = {"train": trainval[:num_train], "val": trainval[num_train:], "trainval": trainval,
+                  "test": ids[num_train + num_val:]}
         (year_dir / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
         for split, members in splits.items():
             (year_dir / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{m}\n" for m in members))
@@ -404,22 +416,28 @@ def write_cityscapes(
     size: tuple[int, int] = (128, 256),
     seed: int = 0,
     with_train_ids: bool = False,
+    cities_test: Sequence[str] = ("munich",),
+    num_test: int | None = None,
 ) -> Path:
     """Write a Cityscapes tree under ``root``: ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
     ``gtFine/<split>/<city>/*_gtFine_{labelIds,color,instanceIds}.png`` (+ ``labelTrainIds``
-    when ``with_train_ids``), images of ``size`` (H, W) spread over the cities. Returns ``root``.
+    when ``with_train_ids``) for the splits train, val and test (``num_test`` defaults to
+    ``num_val``), each split from its own cities, images of ``size`` (H, W). Unlike the real
+    test split, the demo's test labels are real. Returns ``root``.
     """
     root = Path(root)
-    params = dict(cities_train=list(cities_train), cities_val=list(cities_val), num_train=num_train,
-                  num_val=num_val, size=list(size), seed=seed, with_train_ids=with_train_ids)
+    num_test = num_val if num_test is None else num_test
+    params = dict(cities_train=list(cities_train), cities_val=list(cities_val), cities_test=list(cities_test),
+                  num_train=num_train, num_val=num_val, num_test=num_test, size=list(size), seed=seed,
+                  with_train_ids=with_train_ids)
     record = _claim(root, "cityscapes", params)
     if record is None:
         return root
     colors = np.zeros((256, 3), np.uint8)
     for label in LABEL_BY_ID.values():
         colors[label.id] = label.color
-    for split_index, (split, cities, count) in enumerate((("train", cities_train, num_train),
-                                                          ("val", cities_val, num_val))):
+    splits = (("train", cities_train, num_train), ("val", cities_val, num_val), ("test", cities_test, num_test))
+    for split_index, (split, cities, count) in enumerate(splits):
         for i in range(count):
             city = cities[i % len(cities)]
             name = f"{city}_{i // len(cities):06d}_000019"
@@ -443,7 +461,7 @@ def ensure_demo_data(root: str | Path) -> dict[str, Path]:
     root = Path(root)
     writers: dict[str, tuple[Callable[[Path], Path], str]] = {
         "imagefolder": (write_imagefolder, "imagefolder"),
-        "voc": (write_vocdevkit, "VOCdevkit"),
+        "voc": (functools.partial(write_vocdevkit, num_val=DEMO_VOC_VAL_IMAGES), "VOCdevkit"),
         "cityscapes": (write_cityscapes, "cityscapes"),
     }
     return {key: writer(root / folder) for key, (writer, folder) in writers.items()}
