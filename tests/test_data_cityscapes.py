@@ -18,7 +18,7 @@ NAME = "aachen_000000_000019"
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_cityscapes(tmp_path_factory.mktemp("cityscapes"), num_train=4, num_val=2, size=(48, 96))
+    return write_cityscapes(tmp_path_factory.mktemp("cityscapes"), num_train=4, num_val=2, num_test=0, size=(48, 96))
 
 
 @pytest.fixture()

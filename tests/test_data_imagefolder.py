@@ -14,7 +14,8 @@ CLASSES = ("circle", "square", "stripes", "checker")
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"), train_per_class=3, val_per_class=2, size=40)
+    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"), train_per_class=3, val_per_class=2, test_per_class=0,
+                             size=40)
 
 
 @pytest.fixture()

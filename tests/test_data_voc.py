@@ -26,7 +26,7 @@ _OBJECT = re.compile(
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_vocdevkit(
-        tmp_path_factory.mktemp("voc") / "VOCdevkit", years=("2007", "2012"), num_train=12, num_test=4, size=(80, 96)
+        tmp_path_factory.mktemp("voc") / "VOCdevkit", years=("2007", "2012"), num_train=6, num_val=6, num_test=4, size=(80, 96)
     )
 
 
