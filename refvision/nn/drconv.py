@@ -118,9 +118,8 @@ class RegionFilterGenerator(nn.Module):
         # m*Cout*Cin output channels is slow): (m, Cout*Cin, m) @ (m, m, B*kh*kw).
         hidden = hidden.view(batch, regions, regions, kh * kw).permute(1, 2, 0, 3)
         expand = self.expand_weight.view(regions, -1, regions)
-        filters = torch.baddbmm(
-            self.expand_bias.view(regions, -1, 1), expand, hidden.reshape(regions, regions, -1)
-        )
+        filters = torch.bmm(expand, hidden.reshape(regions, regions, -1))
+        filters = filters + self.expand_bias.view(regions, -1, 1)
         filters = filters.view(regions, self.out_channels, self.in_channels, batch, kh, kw)
         return filters.permute(3, 0, 1, 2, 4, 5)
 
