@@ -99,3 +99,23 @@ def test_drconv_counts_its_real_work_in_both_forms():
     assert tiles * tile >= pixels and region_gemm < m * pixels * c * c
     assert profile(model, (1, c, 16, 16)).flops == 2 * per_layer
     assert profile(reparameterize(model), (1, c, 16, 16)).flops == 2 * per_layer
+
+
+def test_latencies_time_every_form_and_report_progress():
+    from refvision.cli import _latencies
+
+    lines: list[str] = []
+    modules = {"train": tiny().eval(), "deploy": tiny().eval()}
+    times = _latencies(modules, torch.randn(1, 3, H, W), 0.01, lines.append)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert [line.split()[2] for line in lines] == ["train", "deploy"]
+
+
+def test_profile_command_with_device_and_input_size(capsys):
+    from refvision.cli import profile_command
+
+    profile_command(["-c", "configs/demo/classification.yaml", "--device", "cpu",
+                     "--input_size", "[40, 48]", "--min_run_time", "0.01"])
+    out, err = capsys.readouterr()
+    assert "counting FLOPs of the train form" in err and "timing the deploy form" in err
+    assert "latency ms (median, cpu)" in out
