@@ -109,19 +109,28 @@ class RegionFilterGenerator(nn.Module):
         bound = 2 / math.sqrt(self.in_channels * kh * kw * self.regions)
         nn.init.uniform_(self.expand_weight, -bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, static: Tensor | None = None) -> Tensor:
+        """``(B, Cin, H, W)`` -> ``(B, m, Cout, Cin, kh, kw)``, plus ``static`` ``(Cout, Cin, kh, kw)``
+        (added to every filter in the same pass) if given.
+
+        The result is a view of ``(m, B, kh, kw, Cout, Cin)`` memory, the layout the region conv
+        multiplies with (no copy for 1x1 kernels).
+        """
         batch, regions = x.shape[0], self.regions
         kh, kw = self.kernel_size
+        cout, cin = self.out_channels, self.in_channels
         pooled = F.adaptive_avg_pool2d(x, self.kernel_size)
         hidden = torch.sigmoid(F.conv2d(pooled, self.reduce_weight, self.reduce_bias))
         # The grouped 1x1 expand conv as one bmm over the m groups (mkldnn's grouped conv with
-        # m*Cout*Cin output channels is slow): (m, Cout*Cin, m) @ (m, m, B*kh*kw).
-        hidden = hidden.view(batch, regions, regions, kh * kw).permute(1, 2, 0, 3)
-        expand = self.expand_weight.view(regions, -1, regions)
-        filters = torch.bmm(expand, hidden.reshape(regions, regions, -1))
-        filters = filters + self.expand_bias.view(regions, -1, 1)
-        filters = filters.view(regions, self.out_channels, self.in_channels, batch, kh, kw)
-        return filters.permute(3, 0, 1, 2, 4, 5)
+        # m*Cout*Cin output channels is slow): (m, B*kh*kw, m) @ (m, m, Cout*Cin).
+        hidden = hidden.view(batch, regions, regions, kh * kw).permute(1, 0, 3, 2)
+        expand = self.expand_weight.view(regions, cout * cin, regions).transpose(1, 2)
+        filters = torch.bmm(hidden.reshape(regions, -1, regions), expand)
+        shift = self.expand_bias.view(regions, 1, 1, cout * cin)
+        if static is not None:
+            shift = shift + static.permute(2, 3, 0, 1).reshape(1, 1, kh * kw, cout * cin)
+        filters = filters.view(regions, batch, kh * kw, cout * cin).add_(shift)
+        return filters.view(regions, batch, kh, kw, cout, cin).permute(1, 0, 4, 5, 2, 3)
 
     def extra_repr(self) -> str:
         return (
@@ -168,7 +177,7 @@ class _RegionConvFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             patches = _SlotPatches(layout, x.shape, filters.shape[-2:], *ctx.geometry)
             grads = layout.pixels_to_rows(grad_out.permute(0, 2, 3, 1).reshape(-1, cout))
-            flat_filters = _taps_last(filters.flatten(0, 1)).contiguous()  # (B*m, Cout, K)
+            flat_filters = _group_filters(filters)  # (m*B, Cout, K)
 
             if need_bias:
                 grad_bias = grad_out.sum((0, 2, 3))
@@ -176,7 +185,7 @@ class _RegionConvFunction(torch.autograd.Function):
                 rows = patches.gather(x)
                 if need_filters:
                     summed = layout.filter_grad(grads, rows)
-                    grad_filters = _taps_first(summed, filters.shape[2:]).view_as(filters)
+                    grad_filters = _ungroup_filters(summed, filters.shape)
                 if need_guide:
                     grad_guide = _softmax_rule_grad(rows, grads, flat_filters, guide, layout)
                 del rows
@@ -187,7 +196,7 @@ class _RegionConvFunction(torch.autograd.Function):
 
 
 class _RegionLayout:
-    """Output pixels as GEMM rows grouped by (sample, region): ``B * m`` groups, group ``b * m + j``
+    """Output pixels as GEMM rows grouped by (sample, region): ``B * m`` groups, group ``j * B + b``
     multiplied by filter ``filters[b, j]``. Every shape depends on ``(B, m, P)`` only, and nothing is
     read back to the host, so the same code runs on CUDA without syncs.
 
@@ -213,7 +222,7 @@ class _RegionLayout:
         return F.pad(pixel_rows, (0, 0, 0, 1)).index_select(0, self.slot_pixel)
 
     def matmul(self, rows: Tensor, filters: Tensor) -> Tensor:
-        """``rows (S, K) @ filters[group]^T`` with ``filters (B*m, Cout, K)`` -> ``(S, Cout)``."""
+        """``rows (S, K) @ filters[group]^T`` with ``filters (m*B, Cout, K)`` -> ``(S, Cout)``."""
         raise NotImplementedError
 
     def matmul_transposed(self, grads: Tensor, filters: Tensor) -> Tensor:
@@ -221,7 +230,7 @@ class _RegionLayout:
         raise NotImplementedError
 
     def filter_grad(self, grads: Tensor, rows: Tensor) -> Tensor:
-        """``sum over each group's rows of grads^T @ rows`` -> ``(B*m, Cout, K)``."""
+        """``sum over each group's rows of grads^T @ rows`` -> ``(m*B, Cout, K)``."""
         raise NotImplementedError
 
 
@@ -257,7 +266,7 @@ class _TiledLayout(_RegionLayout):
         tile_ids = torch.arange(tiles, device=device)
         tile_region = (tile_end.unsqueeze(1) <= tile_ids.view(1, -1, 1)).sum(-1)
         tile_region = tile_region.clamp(max=regions - 1)  # unused tail tiles: any filter
-        self.tile_filter = (tile_region + samples.unsqueeze(1) * regions).view(-1)
+        self.tile_filter = (tile_region * batch + samples.unsqueeze(1)).view(-1)
 
         global_slot = self.slot + samples.unsqueeze(1) * (tiles * tile)
         flat_pixels = torch.arange(batch * pixels, device=device)
@@ -372,10 +381,10 @@ def _region_conv(
     batch, _, cout = filters.shape[:3]
     out_h, out_w = layout.out_size
     patches = _SlotPatches(layout, x.shape, filters.shape[-2:], stride, padding, dilation)
-    flat_filters = _taps_last(filters.flatten(0, 1)).contiguous()
+    flat_filters = _group_filters(filters)
     out = layout.rows_to_pixels(layout.matmul(patches.gather(x), flat_filters))
     if bias is not None:
-        out = out + bias
+        out = out.add_(bias)
     return out.view(batch, out_h, out_w, cout).permute(0, 3, 1, 2)
 
 
@@ -391,13 +400,13 @@ def _softmax_rule_grad(
     regions share one filter gets an exactly zero guide gradient.
     """
     batch, regions = guide.shape[:2]
-    filters = flat_filters.view(batch, regions, *flat_filters.shape[1:])
-    centred = filters - filters.mean(1, keepdim=True)
+    filters = flat_filters.view(regions, batch, *flat_filters.shape[1:])
+    centred = filters - filters.mean(0, keepdim=True)
     rows = rows.view(batch, -1, rows.shape[-1])
     grads = grads.view(batch, -1, grads.shape[-1])
     g_slots = guide.new_empty(batch, regions, rows.shape[1])
     for j in range(regions):
-        response = torch.bmm(rows, centred[:, j].transpose(1, 2))
+        response = torch.bmm(rows, centred[j].transpose(1, 2))
         g_slots[:, j] = (response * grads).sum(-1)
     index = layout.slot.unsqueeze(1).expand(batch, regions, layout.pixels)
     g = g_slots.gather(2, index).view_as(guide)
@@ -405,15 +414,16 @@ def _softmax_rule_grad(
     return soft * (g - (soft * g).sum(1, keepdim=True))
 
 
-def _taps_last(filters: Tensor) -> Tensor:
-    """``(..., Cout, Cin, kh, kw)`` -> ``(..., Cout, kh*kw*Cin)``, the patch row order."""
-    return filters.movedim(-3, -1).flatten(-3)
+def _group_filters(filters: Tensor) -> Tensor:
+    """``(B, m, Cout, Cin, kh, kw)`` -> ``(m*B, Cout, kh*kw*Cin)``: group ``j*B + b``, patch row order."""
+    batch, regions, cout = filters.shape[:3]
+    return filters.transpose(0, 1).movedim(3, -1).reshape(regions * batch, cout, -1)
 
 
-def _taps_first(filters: Tensor, weight_shape: torch.Size) -> Tensor:
-    """Inverse of :func:`_taps_last` for ``(S, Cout, kh*kw*Cin)``: ``(S, Cout, Cin, kh, kw)``."""
-    cout, cin, kh, kw = weight_shape
-    return filters.view(-1, cout, kh, kw, cin).movedim(-1, 2)
+def _ungroup_filters(grouped: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_group_filters`, to ``shape`` ``(B, m, Cout, Cin, kh, kw)``."""
+    batch, regions, cout, cin, kh, kw = shape
+    return grouped.view(regions, batch, cout, kh, kw, cin).permute(1, 0, 2, 5, 3, 4)
 
 
 def drconv2d(
@@ -443,11 +453,23 @@ def drconv2d(
         (once). Under autocast for ``x``'s device every input is cast to float32 and the result
         is float32.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        x, dynamic, guide = x.float(), dynamic.float(), guide.float()
-        weight = None if weight is None else weight.float()
-        bias = None if bias is None else bias.float()
     filters = dynamic if weight is None else weight + dynamic
+    return _region_conv2d(x, filters, bias, guide, stride, padding, dilation)
+
+
+def _region_conv2d(
+    x: Tensor,
+    filters: Tensor,
+    bias: Tensor | None,
+    guide: Tensor,
+    stride: _size_2_t,
+    padding: _size_2_t,
+    dilation: _size_2_t,
+) -> Tensor:
+    """:func:`drconv2d` with the filters already folded, ``(B, m, Cout, Cin, kh, kw)``."""
+    if torch.is_autocast_enabled(x.device.type):
+        x, filters, guide = x.float(), filters.float(), guide.float()
+        bias = None if bias is None else bias.float()
     return _RegionConvFunction.apply(
         x, filters, bias, guide, _pair(stride), _pair(padding), _pair(dilation)
     )
@@ -574,8 +596,8 @@ class DRConv(ConvMethod):
         stride, dilation = self.stride, self.dilation
         x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
         guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
-        dynamic = self.generator(x)
-        return drconv2d(x_in, self.weight, self.bias, dynamic, guide, stride, padding, dilation)
+        filters = self.generator(x, self.weight)
+        return _region_conv2d(x_in, filters, self.bias, guide, stride, padding, dilation)
 
     @classmethod
     def accepts(cls, conv: nn.Conv2d) -> bool:
@@ -640,8 +662,7 @@ class DRConvDeploy(nn.Module):
         stride, dilation = self.stride, self.dilation
         x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
         guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
-        dynamic = self.generator(x)
-        filters = dynamic if self.weight is None else self.weight + dynamic
+        filters = self.generator(x, self.weight)
         layout = _TiledLayout(guide)
         return _region_conv(x_in, filters, self.bias, layout, stride, padding, dilation)
 
