@@ -181,14 +181,13 @@ class _RegionConvFunction(torch.autograd.Function):
 
             if need_bias:
                 grad_bias = grad_out.sum((0, 2, 3))
-            if need_filters or need_guide:
-                rows = patches.gather(x)
-                if need_filters:
-                    summed = layout.filter_grad(grads, rows)
-                    grad_filters = _ungroup_filters(summed, filters.shape)
-                if need_guide:
-                    grad_guide = _softmax_rule_grad(rows, grads, flat_filters, guide, layout)
-                del rows
+            if need_filters:
+                summed = layout.filter_grad(grads, patches.gather(x))
+                grad_filters = _ungroup_filters(summed, filters.shape)
+            if need_guide:
+                grad_guide = _softmax_rule_grad(
+                    x, grad_out, flat_filters, guide, filters.shape[-2:], *ctx.geometry
+                )
             if need_x:
                 grad_x = patches.scatter(layout.matmul_transposed(grads, flat_filters))
 
@@ -296,6 +295,15 @@ class _TiledLayout(_RegionLayout):
         return out.index_add_(0, self.tile_filter, per_tile)
 
 
+class _PixelOrder(_RegionLayout):
+    """The trivial layout: slot ``n`` holds flat pixel ``n`` (for whole-image GEMMs)."""
+
+    def __init__(self, guide: Tensor) -> None:
+        batch, _, out_h, out_w = guide.shape
+        self.batch, self.pixels, self.out_size = batch, out_h * out_w, (out_h, out_w)
+        self.slot_pixel = torch.arange(batch * self.pixels, device=guide.device)
+
+
 class _SlotPatches:
     """The ``kh x kw x Cin`` input patch (taps-major) of every slot of a :class:`_RegionLayout`.
 
@@ -389,27 +397,36 @@ def _region_conv(
 
 
 def _softmax_rule_grad(
-    rows: Tensor, grads: Tensor, flat_filters: Tensor, guide: Tensor, layout: _RegionLayout
+    x: Tensor,
+    grad_out: Tensor,
+    flat_filters: Tensor,
+    guide: Tensor,
+    kernel_size: torch.Size,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
 ) -> Tensor:
     """``dL/dF = S * (g - sum_j S_j g_j)`` for guide logits ``F`` ``(B, m, Ho, Wo)``.
 
     ``g_j = sum_c dL/dY_c * Y^(j)_c`` needs region ``j``'s response at every pixel: one batched
-    GEMM per region over each sample's slots, so the extra memory is one ``(S, Cout)`` response.
-    Adding the same filter to every region adds the same amount to every ``g_j``, which cancels
-    in ``g - sum_j S_j g_j``; the filters are centred on their region mean first, so a layer whose
-    regions share one filter gets an exactly zero guide gradient.
+    GEMM per region over the sample's pixels in plain pixel order (no tile padding), so the
+    extra memory is the patches and one ``(B, P, Cout)`` response. Adding the same filter to
+    every region adds the same amount to every ``g_j``, which cancels in ``g - sum_j S_j g_j``;
+    the filters are centred on their region mean first, so a layer whose regions share one
+    filter gets an exactly zero guide gradient.
     """
-    batch, regions = guide.shape[:2]
+    batch, regions, out_h, out_w = guide.shape
+    pixels = out_h * out_w
     filters = flat_filters.view(regions, batch, *flat_filters.shape[1:])
     centred = filters - filters.mean(0, keepdim=True)
-    rows = rows.view(batch, -1, rows.shape[-1])
-    grads = grads.view(batch, -1, grads.shape[-1])
-    g_slots = guide.new_empty(batch, regions, rows.shape[1])
+    patches = _SlotPatches(_PixelOrder(guide), x.shape, kernel_size, stride, padding, dilation)
+    rows = patches.gather(x).view(batch, pixels, -1)
+    grads = grad_out.permute(0, 2, 3, 1).reshape(batch, pixels, -1)
+    g = guide.new_empty(batch, regions, pixels)
     for j in range(regions):
         response = torch.bmm(rows, centred[j].transpose(1, 2))
-        g_slots[:, j] = (response * grads).sum(-1)
-    index = layout.slot.unsqueeze(1).expand(batch, regions, layout.pixels)
-    g = g_slots.gather(2, index).view_as(guide)
+        g[:, j] = (response * grads).sum(-1)
+    g = g.view_as(guide)
     soft = torch.softmax(guide, dim=1)
     return soft * (g - (soft * g).sum(1, keepdim=True))
 
