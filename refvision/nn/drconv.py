@@ -185,9 +185,7 @@ class _RegionConvFunction(torch.autograd.Function):
                 summed = layout.filter_grad(grads, patches.gather(x))
                 grad_filters = _ungroup_filters(summed, filters.shape)
             if need_guide:
-                grad_guide = _softmax_rule_grad(
-                    x, grad_out, flat_filters, guide, filters.shape[-2:], *ctx.geometry
-                )
+                grad_guide = _softmax_rule_grad(x, grad_out, filters, guide, *ctx.geometry)
             if need_x:
                 grad_x = patches.scatter(layout.matmul_transposed(grads, flat_filters))
 
@@ -295,15 +293,6 @@ class _TiledLayout(_RegionLayout):
         return out.index_add_(0, self.tile_filter, per_tile)
 
 
-class _PixelOrder(_RegionLayout):
-    """The trivial layout: slot ``n`` holds flat pixel ``n`` (for whole-image GEMMs)."""
-
-    def __init__(self, guide: Tensor) -> None:
-        batch, _, out_h, out_w = guide.shape
-        self.batch, self.pixels, self.out_size = batch, out_h * out_w, (out_h, out_w)
-        self.slot_pixel = torch.arange(batch * self.pixels, device=guide.device)
-
-
 class _SlotPatches:
     """The ``kh x kw x Cin`` input patch (taps-major) of every slot of a :class:`_RegionLayout`.
 
@@ -399,34 +388,30 @@ def _region_conv(
 def _softmax_rule_grad(
     x: Tensor,
     grad_out: Tensor,
-    flat_filters: Tensor,
+    filters: Tensor,
     guide: Tensor,
-    kernel_size: torch.Size,
     stride: Pair,
     padding: Pair,
     dilation: Pair,
 ) -> Tensor:
     """``dL/dF = S * (g - sum_j S_j g_j)`` for guide logits ``F`` ``(B, m, Ho, Wo)``.
 
-    ``g_j = sum_c dL/dY_c * Y^(j)_c`` needs region ``j``'s response at every pixel: one batched
-    GEMM per region over the sample's pixels in plain pixel order (no tile padding), so the
-    extra memory is the patches and one ``(B, P, Cout)`` response. Adding the same filter to
-    every region adds the same amount to every ``g_j``, which cancels in ``g - sum_j S_j g_j``;
-    the filters are centred on their region mean first, so a layer whose regions share one
-    filter gets an exactly zero guide gradient.
+    ``g_j = sum_c dL/dY_c * Y^(j)_c`` needs region ``j``'s response at every pixel: one conv per
+    region with the batch folded into groups (a direct conv, no patch matrix), so the extra memory
+    is one ``(B, Cout, Ho, Wo)`` response. Adding the same filter to every region adds the same
+    amount to every ``g_j``, which cancels in ``g - sum_j S_j g_j``; the filters
+    ``(B, m, Cout, Cin, kh, kw)`` are centred on their region mean first, so a layer whose regions
+    share one filter gets an exactly zero guide gradient.
     """
-    batch, regions, out_h, out_w = guide.shape
-    pixels = out_h * out_w
-    filters = flat_filters.view(regions, batch, *flat_filters.shape[1:])
-    centred = filters - filters.mean(0, keepdim=True)
-    patches = _SlotPatches(_PixelOrder(guide), x.shape, kernel_size, stride, padding, dilation)
-    rows = patches.gather(x).view(batch, pixels, -1)
-    grads = grad_out.permute(0, 2, 3, 1).reshape(batch, pixels, -1)
-    g = guide.new_empty(batch, regions, pixels)
+    batch, regions = guide.shape[:2]
+    cin, height, width = x.shape[1:]
+    centred = filters - filters.mean(1, keepdim=True)
+    folded = x.reshape(1, batch * cin, height, width)
+    g = torch.empty_like(guide)
     for j in range(regions):
-        response = torch.bmm(rows, centred[j].transpose(1, 2))
-        g[:, j] = (response * grads).sum(-1)
-    g = g.view_as(guide)
+        kernels = centred[:, j].reshape(-1, *centred.shape[-3:])
+        response = F.conv2d(folded, kernels, None, stride, padding, dilation, batch)
+        g[:, j] = (response.view_as(grad_out) * grad_out).sum(1)
     soft = torch.softmax(guide, dim=1)
     return soft * (g - (soft * g).sum(1, keepdim=True))
 
