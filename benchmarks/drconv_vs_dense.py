@@ -1,10 +1,14 @@
-"""DRConv vs the dense reference (all m region outputs computed, then selected), side by side.
+"""DRConv beside nn.Conv2d of the same shape and the dense reference, one run, side by side.
 
-Both run on the same module and input, alternating within each repetition; the script
-prints the median forward and forward+backward times and the dense/DRConv ratio.
-The dense reference is the one the tests check DRConv against (tests/drconv_reference.py).
+For each shape: median times of the plain conv, DRConv (training: forward + backward; eval:
+forward under ``no_grad``), its deploy form (``fuse()``) and the dense reference (all ``m``
+region outputs computed, then selected; the one the tests check DRConv against,
+tests/drconv_reference.py), all on the same input, alternating within each repetition. Ratios
+are printed beside the times. Memory: bytes saved for backward (any device) and, on CUDA, the
+peak allocated during forward + backward, each against the plain conv.
 
     python benchmarks/drconv_vs_dense.py [--reps 7] [--device cpu|cuda|all] [--threads N]
+                                         [--form residual|paper]
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from drconv_reference import dense_drconv  # noqa: E402
@@ -33,7 +37,7 @@ SHAPES = [
 ]
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -43,33 +47,72 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _bench_shape(
-    shape: tuple[str, int, int, int, int, int, int], device: torch.device, reps: int
-) -> dict[str, dict[str, float]]:
+def _saved_bytes(forward: Callable[[], Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward (distinct storages)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
+
+
+def _peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _bench_shape(shape: tuple, device: torch.device, reps: int, residual: bool) -> dict[str, dict]:
     _, batch, cin, cout, k, padding, size = shape
     torch.manual_seed(0)
-    conv = DRConv(cin, cout, k, padding=padding, regions=REGIONS, device=device)
+    plain = nn.Conv2d(cin, cout, k, padding=padding, device=device)
+    conv = DRConv.from_conv(plain, regions=REGIONS, residual=residual)
     with torch.no_grad():  # a trained-looking generator, so regions really differ
         conv.generator.expand_weight.normal_(0.0, 0.05)
+    deploy = conv.fuse().eval()
     x = torch.randn(batch, cin, size, size, device=device, requires_grad=True)
     grad_out = torch.randn(batch, cout, size, size, device=device)
 
-    methods: dict[str, Callable[[], Tensor]] = {
+    trained: dict[str, Callable[[], Tensor]] = {
+        "conv": lambda: plain(x),
         "drconv": lambda: conv(x),
         "dense": lambda: dense_drconv(conv, x).out,
     }
-    times: dict[str, dict[str, list[float]]] = {m: {"fwd": [], "fwd+bwd": []} for m in methods}
+    inference: dict[str, Callable[[], Tensor]] = {
+        "conv": lambda: plain(x),
+        "drconv": lambda: conv(x),
+        "deploy": lambda: deploy(x),
+    }
+    times: dict[str, list[float]] = {}
     for rep in range(reps + 1):  # the first round warms up
-        for name, forward in methods.items():
-            with torch.no_grad():
-                fwd = _timed(forward, device)
+        for name, forward in trained.items():
             conv.zero_grad(set_to_none=True)
+            plain.zero_grad(set_to_none=True)
             x.grad = None
-            both = _timed(lambda: forward().backward(grad_out), device)
+            took = _timed(lambda: forward().backward(grad_out), device)
             if rep:
-                times[name]["fwd"].append(fwd)
-                times[name]["fwd+bwd"].append(both)
-    return {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
+                times.setdefault(f"train/{name}", []).append(took)
+        with torch.no_grad():
+            for name, forward in inference.items():
+                took = _timed(forward, device)
+                if rep:
+                    times.setdefault(f"eval/{name}", []).append(took)
+    result = {"time": {key: statistics.median(v) for key, v in times.items()}}
+    result["saved"] = {name: _saved_bytes(trained[name]) for name in ("conv", "drconv", "dense")}
+    result["peak"] = {
+        name: _peak_bytes(lambda f=forward: f().backward(grad_out), device)
+        for name, forward in trained.items()
+    }
+    return result
 
 
 def main() -> None:
@@ -77,6 +120,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (median is shown)")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--form", choices=["residual", "paper"], default="residual",
+                        help="residual: the function-preserving residual variant; paper: the paper's layer")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,27 +132,27 @@ def main() -> None:
     if args.device == "cuda" and not devices:
         parser.error("CUDA is not available")
 
-    print(f"m={REGIONS}, float32, median of {args.reps}; ratio = dense / DRConv (>1: faster)")
-    header = (
-        f"{'device':6s} {'shape':22s} {'B':>3s} | {'pass':8s} "
-        f"{'DRConv ms':>10s} {'dense ms':>10s} {'ratio':>6s}"
-    )
-    print(header)
-    print("-" * len(header))
+    form = "residual variant" if args.form == "residual" else "paper's layer"
+    print(f"DRConv ({form}), m={REGIONS}, float32, median of {args.reps}; x = time / nn.Conv2d's")
     for device in devices:
-        if device.type == "cuda":
-            print(f"# {torch.cuda.get_device_name(device)}")
-        else:
-            print(f"# cpu, {torch.get_num_threads()} threads")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        print(f"# {name}")
         for shape in SHAPES:
-            name, batch = shape[:2]
-            result = _bench_shape(shape, device, args.reps)
-            for pass_name in ("fwd", "fwd+bwd"):
-                ours, dense = result["drconv"][pass_name], result["dense"][pass_name]
-                print(
-                    f"{device.type:6s} {name:22s} {batch:3d} | {pass_name:8s} "
-                    f"{ours * 1e3:10.2f} {dense * 1e3:10.2f} {dense / ours:6.2f}"
-                )
+            r = _bench_shape(shape, device, args.reps, args.form == "residual")
+            t, saved, peak = r["time"], r["saved"], r["peak"]
+            conv_train, conv_eval = t["train/conv"], t["eval/conv"]
+            print(f"{shape[0]}, batch {shape[1]}")
+            print(f"  fwd+bwd   conv {conv_train * 1e3:8.2f} ms | DRConv {t['train/drconv'] / conv_train:5.2f}x"
+                  f" | dense {t['train/dense'] / conv_train:5.2f}x"
+                  f" | DRConv vs dense: {t['train/dense'] / t['train/drconv']:.2f}x faster")
+            print(f"  eval      conv {conv_eval * 1e3:8.2f} ms | DRConv {t['eval/drconv'] / conv_eval:5.2f}x"
+                  f" | deploy form {t['eval/deploy'] / conv_eval:5.2f}x")
+            line = (f"  memory    saved for backward: conv {saved['conv'] / 2**20:.1f} MiB"
+                    f" | DRConv {saved['drconv'] / saved['conv']:.2f}x | dense {saved['dense'] / saved['conv']:.2f}x")
+            if peak["conv"] is not None:
+                line += (f"; peak fwd+bwd: conv {peak['conv'] / 2**20:.1f} MiB"
+                         f" | DRConv {peak['drconv'] / peak['conv']:.2f}x | dense {peak['dense'] / peak['conv']:.2f}x")
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

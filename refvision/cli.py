@@ -7,9 +7,7 @@ are handled here, before LightningCLI parses, so one entry point serves all.
 """
 
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -135,45 +133,81 @@ def profile_command(argv: Sequence[str]) -> None:
     parser = ArgumentParser(prog="refvision profile", description="Parameters, FLOPs and latency of train and deploy form.")
     parser.add_argument("-c", "--config", action="append", default=[], help="task config(s), composed in order")
     parser.add_argument("--ckpt", help="a trained checkpoint instead of (or on top of) the configs")
-    parser.add_argument("--repeats", type=int, default=20, help="timed forward passes per form")
+    parser.add_argument("--device", default="cpu", help="where both forms run and are timed (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--input_size", type=list[int] | None, default=None,
+                        help="input height and width, e.g. [512, 1024] (default: the task's example input)")
+    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timed forward passes per form")
     cfg = parser.parse_args(list(argv))
     if not cfg.config and not cfg.ckpt:
         parser.error("give -c CONFIG or --ckpt CKPT")
+    if cfg.input_size is not None and len(cfg.input_size) != 2:
+        parser.error(f"--input_size takes [height, width], got {cfg.input_size}")
     task = load_task_checkpoint(cfg.ckpt)[0] if cfg.ckpt else build_task_from_configs(cfg.config)
-    print(profile_table(task, cfg.repeats))
+    print(profile_table(task, cfg.min_run_time, device=cfg.device, input_size=cfg.input_size))
 
 
-def profile_table(task: RefvisionTask, repeats: int = 20) -> str:
-    """Params / FLOPs / median latency (ms, batch of ``example_inputs``) of both forms, measured in one run."""
-    task = task.eval()
-    inputs = task.example_inputs()
+def profile_table(task: RefvisionTask, min_run_time: float = 1.0, *, device: str | torch.device = "cpu",
+                  input_size: Sequence[int] | None = None, progress: Callable[[str], None] | None = None) -> str:
+    """Params / FLOPs / median latency (ms, batch of ``example_inputs``) of both forms on ``device``.
+
+    ``input_size`` ``(H, W)`` replaces the example input's spatial size. ``progress`` (default: a
+    line on stderr) is told what runs, since a large model takes minutes on a CPU.
+    """
+    say = progress or (lambda line: print(f"refvision profile: {line}", file=sys.stderr, flush=True))
+    device = torch.device(device)
+    task = task.eval().to(device)
+    inputs = _to_device(_resized(task.example_inputs(), input_size), device)
     train_module = task.profile_module()
+    say("re-parameterizing")
     original, task.model = task.model, reparameterize(task.model)
     deploy_module = task.profile_module()
     task.model = original
     rows = [("", "train form", "deploy form")]
-    profiles = [profile(train_module, inputs=inputs), profile(deploy_module, inputs=inputs)]
-    latency = _latencies([train_module, deploy_module], inputs, repeats)
+    profiles = []
+    for name, module in (("train", train_module), ("deploy", deploy_module)):
+        say(f"counting FLOPs of the {name} form")
+        profiles.append(profile(module, inputs=inputs))
+    latency = _latencies({"train": train_module, "deploy": deploy_module}, inputs, min_run_time, say)
     for label, field in (("params total", "params_total"), ("params trainable", "params_trainable"),
                          ("params training-only", "params_training_only"), ("FLOPs (mult-adds)", "flops")):
         rows.append((label, *(f"{getattr(p, field):,}" for p in profiles)))
-    rows.append((f"latency ms (median of {repeats})", *(f"{t:.2f}" for t in latency)))
+    rows.append((f"latency ms (median, {device.type})", *(f"{t:.2f}" for t in latency)))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width))) for r in rows)
 
 
-def _latencies(modules: list[torch.nn.Module], inputs: Any, repeats: int) -> list[float]:
-    """Median forward time of each module, interleaved so both see the same machine state."""
-    times: list[list[float]] = [[] for _ in modules]
+def _resized(inputs: Any, size: Sequence[int] | None) -> Any:
+    """The example input (a ``(B, 3, H, W)`` tensor or a list of ``(3, H, W)`` images) at ``size``."""
+    if size is None:
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return torch.randn(*inputs.shape[:-2], *size, dtype=inputs.dtype)
+    return [torch.rand(*image.shape[:-2], *size, dtype=image.dtype) for image in inputs]
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    return inputs.to(device) if isinstance(inputs, torch.Tensor) else [t.to(device) for t in inputs]
+
+
+def _latencies(modules: dict[str, torch.nn.Module], inputs: Any, min_run_time: float,
+               progress: Callable[[str], None]) -> list[float]:
+    """Median forward time (ms) of each module on its device, with ``torch.utils.benchmark.Timer``.
+
+    Each module is warmed up (two calls), then timed in blocks for at least ``min_run_time`` s
+    (``blocked_autorange``: CUDA is synchronised around every block) under ``inference_mode``.
+    """
+    from torch.utils import benchmark
+
+    medians = []
     with torch.inference_mode():
-        for module in modules:
-            module(inputs)  # warm-up
-        for _ in range(repeats):
-            for i, module in enumerate(modules):
-                start = time.perf_counter()
+        for name, module in modules.items():
+            progress(f"timing the {name} form (warm-up, then {min_run_time:g} s)")
+            for _ in range(2):
                 module(inputs)
-                times[i].append(1000 * (time.perf_counter() - start))
-    return [statistics.median(t) for t in times]
+            timer = benchmark.Timer(stmt="module(inputs)", globals={"module": module, "inputs": inputs},
+                                    num_threads=torch.get_num_threads())
+            medians.append(1000 * timer.blocked_autorange(min_run_time=min_run_time).median)
+    return medians
 
 
 def demo_command(argv: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from mmengine.analysis import FlopAnalyzer
 from torch import nn
 
 from refvision.nn import ConvMethod
+from refvision.nn.drconv import region_conv_macs
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class ModelProfile:
       matmuls, its own estimates for normalization and pooling, 0 for ops it has no
       handler for (elementwise adds, activations, padding). For a RefConv model this
       includes computing each refocused kernel, which every training step does and
-      the deployed model does not.
+      the deployed model does not. DRConv's region conv (an autograd Function the tracer
+      cannot look into) is counted by its own handle: the multiply-adds of its batched GEMM
+      (one conv's plus the tile padding, :func:`refvision.nn.drconv.region_conv_macs`); its
+      guide conv and filter generator are ordinary ops, counted as such. The deploy form's
+      GEMM is traced as ``bmm`` and counts the same.
     """
 
     params_total: int
@@ -92,5 +97,16 @@ def _count_flops(model: nn.Module, inputs: Any) -> int:
             .unsupported_ops_warnings(False)  # one log line per op type it does not count
             .uncalled_modules_warnings(False)
             .tracer_warnings("none")
+            .set_op_handle(_DRCONV_FUNCTION, _region_conv_flops)
         )
         return int(analyzer.total())
+
+
+_DRCONV_FUNCTION = "prim::PythonOp._RegionConvFunction"
+
+
+def _region_conv_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """FlopAnalyzer handle: tensor inputs ``x, filters (B, m, Cout, Cin, kh, kw), [bias,] guide (B, m, Ho, Wo)``."""
+    filters, guide = (value.type().sizes() for value in (inputs[1], inputs[-1]))
+    batch, regions, cout, cin, kh, kw = filters
+    return region_conv_macs(batch, regions, (guide[2], guide[3]), cout, cin * kh * kw)

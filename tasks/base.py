@@ -40,7 +40,7 @@ class ConvConfig(TypedDict, total=False):
 
     ``kind`` is ``none``, a registered method (``refconv``, ``drconv``, ``acconv``) or the class
     path of a user's :class:`~refvision.nn.ConvMethod`. ``options`` are that method's
-    ``from_conv`` keywords; ``map_k``, ``map_groups``, ``init`` and ``regions`` are shorthands
+    ``from_conv`` keywords; ``map_k``, ``map_groups``, ``init``, ``regions`` and ``residual`` are shorthands
     for the built-in methods' options.
     """
 
@@ -53,6 +53,7 @@ class ConvConfig(TypedDict, total=False):
     map_groups: int | None
     init: Literal["default", "zeros"]
     regions: int
+    residual: bool
 
 
 class OptimConfig(TypedDict, total=False):
@@ -76,7 +77,7 @@ OPTIM_DEFAULTS: OptimConfig = {
     "warmup_epochs": 0.0, "warmup_factor": 0.01, "schedule": "cosine", "poly_power": 0.9,
     "min_lr_ratio": 0.0, "norm_bias_weight_decay": None,
 }
-_OPTION_SHORTHANDS = ("map_k", "map_groups", "init", "regions")
+_OPTION_SHORTHANDS = ("map_k", "map_groups", "init", "regions", "residual")
 
 
 class RefvisionTask(LightningModule):

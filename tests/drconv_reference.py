@@ -30,12 +30,13 @@ class DenseDRConvResult:
 def dense_drconv(module: nn.Module, x: Tensor) -> DenseDRConvResult:
     """DRConv's forward computed densely from ``module``'s parameters and geometry.
 
-    Reads ``weight``, ``bias``, ``guide_weight``, ``guide_bias``, ``generator.reduce_*``,
+    Reads ``weight`` (None in the paper's layer), ``bias``, ``guide_weight``, ``guide_bias``, ``generator.reduce_*``,
     ``generator.expand_*``, ``stride``, integer ``padding``, ``dilation``, ``padding_mode``
     and ``regions``.
     """
     regions = module.regions
-    out_channels, in_channels, kh, kw = module.weight.shape
+    out_channels, in_channels = module.out_channels, module.in_channels
+    kh, kw = module.kernel_size
     batch = x.shape[0]
     stride, dilation = module.stride, module.dilation
     ph, pw = module.padding
@@ -51,7 +52,9 @@ def dense_drconv(module: nn.Module, x: Tensor) -> DenseDRConvResult:
     pooled = F.adaptive_avg_pool2d(x, (kh, kw))
     hidden = torch.sigmoid(F.conv2d(pooled, gen.reduce_weight, gen.reduce_bias))
     dynamic = F.conv2d(hidden, gen.expand_weight, gen.expand_bias, groups=regions)
-    filters = module.weight + dynamic.view(batch, regions, out_channels, in_channels, kh, kw)
+    filters = dynamic.view(batch, regions, out_channels, in_channels, kh, kw)
+    if module.weight is not None:  # the residual variant: static kernel + dynamic filter
+        filters = module.weight + filters
 
     per_sample = []
     for b in range(batch):

@@ -40,11 +40,13 @@ def randomized_drconv(
     *,
     regions: int,
     dtype: torch.dtype = torch.float64,
+    residual: bool = True,
     **conv_kwargs,
 ) -> DRConv:
-    """A DRConv whose zero-initialized generator output layer is randomized, so regions differ."""
+    """A DRConv whose generator output layer is randomized, so regions differ."""
     conv = DRConv(
-        in_channels, out_channels, kernel_size, regions=regions, dtype=dtype, **conv_kwargs
+        in_channels, out_channels, kernel_size, regions=regions, dtype=dtype, residual=residual,
+        **conv_kwargs,
     )
     with torch.no_grad():
         conv.generator.expand_weight.normal_(0.0, 0.5)
@@ -58,10 +60,12 @@ def all_grads(out: Tensor, grad_out: Tensor, x: Tensor, module: nn.Module) -> di
     return dict(zip(("input", *names), grads))
 
 
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "paper"])
 @pytest.mark.parametrize(
     "cin, cout, k, stride, padding, dilation, batch, regions, size, bias, padding_mode", CASES
 )
 def test_matches_dense_reference(
+    residual: bool,
     cin: int,
     cout: int,
     k: int,
@@ -77,7 +81,7 @@ def test_matches_dense_reference(
     torch.manual_seed(0)
     conv = randomized_drconv(
         cin, cout, k, regions=regions, stride=stride, padding=padding, dilation=dilation,
-        bias=bias, padding_mode=padding_mode,
+        bias=bias, padding_mode=padding_mode, residual=residual,
     )
     x = torch.randn(batch, cin, *size, dtype=torch.float64, requires_grad=True)
 
@@ -92,7 +96,8 @@ def test_matches_dense_reference(
     got = all_grads(out, grad_out, x, conv)
     expected = all_grads(reference.out, grad_out, x, conv)
     assert set(got) == {
-        "input", "weight", *(["bias"] if bias else []), "guide_weight", "guide_bias",
+        "input", *(["weight"] if residual else []), *(["bias"] if bias else []),
+        "guide_weight", "guide_bias",
         "generator.reduce_weight", "generator.reduce_bias",
         "generator.expand_weight", "generator.expand_bias",
     }
@@ -196,7 +201,7 @@ def test_from_conv_is_function_preserving_until_trained(conv: nn.Conv2d) -> None
     torch.manual_seed(5)
     drconv = DRConv.from_conv(conv, regions=4)
     x = torch.randn(2, conv.in_channels, 9, 10)
-    assert torch.equal(drconv(x), conv(x))
+    torch.testing.assert_close(drconv(x), conv(x), rtol=1e-6, atol=1e-6)
     assert torch.equal(drconv.state_dict()["weight"], conv.weight)
 
     optimizer = torch.optim.SGD(drconv.parameters(), lr=0.1)
@@ -295,3 +300,58 @@ def test_device_matches_reference_and_runs_under_fp16_autocast(device: str) -> N
         out = conv(x.detach().float())
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in conv.parameters())
+
+
+def test_paper_form_has_no_static_kernel_and_learns_guide_at_step_zero() -> None:
+    torch.manual_seed(10)
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    conv = DRConv.from_conv(plain, regions=4, residual=False)
+    assert conv.weight is None and "weight" not in conv.state_dict()
+    assert "residual=False" in repr(conv)
+    torch.testing.assert_close(conv.bias, plain.bias)
+    x = torch.randn(2, 4, 8, 8)
+    out = conv(x)
+    reference = dense_drconv(conv, x).out
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    out.square().mean().backward()
+    for name, param in conv.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"{name} has no gradient"
+
+    deploy = conv.fuse().eval()
+    assert deploy.state_dict().keys() == conv.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), conv.eval()(x), rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(deploy, (x,))
+        torch.testing.assert_close(exported.module()(x), deploy(x), rtol=1e-5, atol=1e-5)
+        traced = torch.jit.trace(deploy, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), deploy(x), rtol=1e-5, atol=1e-5)
+    restored = DRConv(4, 6, 3, padding=1, regions=4, residual=False)
+    restored.load_state_dict(conv.state_dict())
+
+
+def test_residual_variant_guide_gradient_is_exactly_zero_at_step_zero() -> None:
+    torch.manual_seed(11)
+    conv = DRConv.from_conv(nn.Conv2d(3, 4, 3, padding=1), regions=4)
+    conv(torch.randn(2, 3, 6, 6)).square().mean().backward()
+    assert torch.count_nonzero(conv.guide_weight.grad) == 0
+    assert conv.generator.expand_weight.grad.abs().sum() > 0
+
+
+def test_inference_path_computes_one_conv_of_rows() -> None:
+    """Deploy form: the region GEMM covers B * (tiles * T) rows, at most m * T padding rows per
+    sample, never m dense convs (counted with torch's FLOP counter on the real ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from refvision.nn.drconv import _tile_rows, region_conv_macs
+
+    torch.manual_seed(12)
+    conv = randomized_drconv(8, 8, 3, regions=8, dtype=torch.float32, padding=1).eval()
+    x = torch.randn(2, 8, 16, 16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        conv.fuse()(x)
+    generator = 8 * (2 * 3 * 3) * 8 * (8 * 8)  # expand layer: m groups of (B*kh*kw, m) @ (m, Cout*Cin)
+    bmm = counter.get_flop_counts()["Global"][torch.ops.aten.bmm] // 2 - generator
+    one_conv = 2 * (16 * 16) * 8 * 72
+    padding_bound = 2 * 8 * _tile_rows(16 * 16, 8) * 8 * 72
+    assert bmm == region_conv_macs(2, 8, (16, 16), 8, 72)
+    assert one_conv <= bmm <= one_conv + padding_bound < 8 * one_conv

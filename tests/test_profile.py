@@ -77,3 +77,45 @@ def test_table():
         "params_frozen                       0",
         "flops                          32,000",
     ]
+
+
+def test_drconv_counts_its_real_work_in_both_forms():
+    """Two 1x1 8->8 convs at 16x16, both DRConv (m = 4), counted by hand."""
+    from refvision.nn.drconv import _tile_rows
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 1, bias=False))
+    pixels, m, c = 16 * 16, 4, 8
+    assert profile(plain, (1, c, 16, 16)).flops == 2 * pixels * c * c
+    model = convert(plain, "drconv", select="all", regions=4)
+    tile = _tile_rows(pixels, m)
+    tiles = -(-pixels // tile) + m          # tiles per sample
+    region_gemm = tiles * tile * c * c       # one conv's rows plus tile padding
+    guide = pixels * m * c                   # 1x1 conv 8 -> m
+    pool = c * pixels                        # adaptive_avg_pool2d to 1x1: one add per input
+    reduce = m * m * c                       # 1x1 conv 8 -> m^2 on the pooled 1x1 map
+    expand = m * (c * c) * m                 # m groups of m -> Cout*Cin, as one bmm
+    per_layer = region_gemm + guide + pool + reduce + expand
+    assert tiles * tile >= pixels and region_gemm < m * pixels * c * c
+    assert profile(model, (1, c, 16, 16)).flops == 2 * per_layer
+    assert profile(reparameterize(model), (1, c, 16, 16)).flops == 2 * per_layer
+
+
+def test_latencies_time_every_form_and_report_progress():
+    from refvision.cli import _latencies
+
+    lines: list[str] = []
+    modules = {"train": tiny().eval(), "deploy": tiny().eval()}
+    times = _latencies(modules, torch.randn(1, 3, H, W), 0.01, lines.append)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert [line.split()[2] for line in lines] == ["train", "deploy"]
+
+
+def test_profile_command_with_device_and_input_size(capsys):
+    from refvision.cli import profile_command
+
+    profile_command(["-c", "configs/demo/classification.yaml", "--device", "cpu",
+                     "--input_size", "[40, 48]", "--min_run_time", "0.01"])
+    out, err = capsys.readouterr()
+    assert "counting FLOPs of the train form" in err and "timing the deploy form" in err
+    assert "latency ms (median, cpu)" in out

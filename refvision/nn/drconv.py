@@ -8,33 +8,32 @@ Choices made here (see METHODS.md for what the paper and the official code do):
 
 * **Filter generator: the paper's**, ``AdaptiveAvgPool2d((kh, kw))`` -> 1x1 conv
   ``Cin -> m^2`` -> sigmoid -> grouped 1x1 conv ``m^2 -> m*Cout*Cin`` (``m`` groups) ->
-  ``m`` filters of ``Cout x Cin x kh x kw`` per sample (not the official code's
-  CondConv-style mixture of basis kernels). It is written as *static kernel + dynamic
-  residual*: region ``j``'s filter for sample ``b`` is ``W_j(b) = weight + D_j(b)``, where
-  ``weight``/``bias`` are the ordinary ``nn.Conv2d`` parameters and ``D`` is the
-  generator's output.
-* **Function preservation.** The generator's last conv is zero-initialized, so ``D = 0``
-  at step 0, every region filter equals ``weight``, and ``DRConv.from_conv(conv)`` returns
-  exactly ``conv``'s outputs (the static part is computed by the very ``F.conv2d`` call
-  ``nn.Conv2d`` makes, and the dynamic part adds exact zeros). The first optimizer step
-  makes ``D`` non-zero. Because every region shares the same filter while ``D = 0``, the
-  guide receives zero gradient on that first step and starts learning from the second.
+  ``m`` filters ``D_j(b)`` of ``Cout x Cin x kh x kw`` per sample (not the official code's
+  CondConv-style mixture of basis kernels).
+* **Two forms, one option** (``residual``). ``residual=False`` is the paper's layer: region
+  ``j``'s filter is ``D_j(b)``, there is no static kernel (``weight`` is None), the generator
+  starts at ``nn.Conv2d``'s default scale, and guide and generator get gradient from step 0;
+  use it to train from scratch. ``residual=True`` (default) is the *function-preserving
+  residual variant*: the filter is ``weight + D_j(b)`` with ``weight`` the replaced conv's
+  kernel and ``D`` zero-initialised, so ``from_conv(conv)`` returns ``conv``'s outputs (up to
+  float rounding) until trained; its guide gets zero gradient on the first step (all regions
+  share one filter) and learns from the second. Use it to fine-tune a trained conv.
 * **Backward through the argmax (paper's rule).** The forward pass uses the hard one-hot
   mask; with ``S = softmax(F)`` over regions and ``g_j = sum_c dL/dY_c * Y^(j)_c``, the guide
   logits get ``dL/dF = S * (g - sum_j S_j g_j)``. Region ``j``'s filter only receives
   gradient from pixels assigned to ``j``.
-* **Cost.** Forward: the shared kernel as one ordinary ``F.conv2d``, plus the residuals
-  applied per (sample, region): pixels are sorted by (sample, region), each output pixel's
-  input patch is gathered with ``index_select`` from the channels-last input (no im2col
-  buffer), and each group of patches is multiplied by its own region's residual only: one
-  conv's worth of GEMMs, not ``m``. Backward: one conv's worth of GEMMs each for the input
-  gradient (summed back with ``index_add_``) and for the filter gradients; the guide
-  gradient needs every region's response at every pixel (inherent to the rule), i.e. ``m``
-  convs, computed one region at a time (batch folded into groups) so the extra memory
-  stays ``O(B * Cout * Ho * Wo)``. Only the inputs are saved for backward. Training, eval
-  and no-grad calls share this one code path. The generator's output holds
-  ``B * m * Cout * Cin * kh * kw`` numbers (and its last layer ``m^2 * Cout * Cin``
-  weights), the price of the paper's generator.
+* **Cost.** The static kernel is folded into every (sample, region) filter, and the output
+  pixels are laid out as GEMM rows grouped by (sample, region) in fixed-size tiles
+  (:class:`_TiledLayout`), so forward is one ``torch.bmm`` with one conv's multiply-adds plus at
+  most ``m * T`` padding rows per sample (:func:`region_conv_macs`), never ``m`` dense convs.
+  Backward: one such GEMM each for the input and the filter gradients; the guide gradient
+  needs every region's response at every pixel (inherent to the rule): ``m`` GEMMs, one region
+  at a time, so the extra memory is one output-sized buffer. Only ``x``, the filters, the guide
+  logits and index vectors are saved. All shapes depend on the input's shape only and nothing
+  is read back to the host: CUDA runs the same code without syncs, and the inference form
+  exports. The generator's output holds ``B * m * Cout * Cin * kh * kw`` numbers (and its last
+  layer ``m^2 * Cout * Cin`` weights), the price of the paper's generator; each tile copies its
+  filter (``B * (P / T + m)`` filters), the price of batching without host syncs.
 * **Mixed precision.** Under ``torch.autocast`` the guide and generator run in reduced
   precision like any conv; the region conv itself casts its inputs to float32 and runs
   with autocast disabled (forward and backward), returning float32.
@@ -80,9 +79,12 @@ class RegionFilterGenerator(nn.Module):
         regions: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        self.zero_init = zero_init
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size: Pair = _pair(kernel_size)
@@ -97,15 +99,38 @@ class RegionFilterGenerator(nn.Module):
 
     def reset_parameters(self) -> None:
         _default_conv_init(self.reduce_weight, self.reduce_bias)
-        nn.init.zeros_(self.expand_weight)
         nn.init.zeros_(self.expand_bias)
+        if self.zero_init:
+            nn.init.zeros_(self.expand_weight)
+            return
+        # Filters of nn.Conv2d's default scale: D = sum of m terms w * sigmoid(.) ~ w * 0.5, so
+        # w ~ U(-2a, 2a) / sqrt(m) gives D the variance of U(-a, a), a = 1 / sqrt(Cin*kh*kw).
+        kh, kw = self.kernel_size
+        bound = 2 / math.sqrt(self.in_channels * kh * kw * self.regions)
+        nn.init.uniform_(self.expand_weight, -bound, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, static: Tensor | None = None) -> Tensor:
+        """``(B, Cin, H, W)`` -> ``(B, m, Cout, Cin, kh, kw)``, plus ``static`` ``(Cout, Cin, kh, kw)``
+        (added to every filter in the same pass) if given.
+
+        The result is a view of ``(m, B, kh, kw, Cout, Cin)`` memory, the layout the region conv
+        multiplies with (no copy for 1x1 kernels).
+        """
+        batch, regions = x.shape[0], self.regions
+        kh, kw = self.kernel_size
+        cout, cin = self.out_channels, self.in_channels
         pooled = F.adaptive_avg_pool2d(x, self.kernel_size)
         hidden = torch.sigmoid(F.conv2d(pooled, self.reduce_weight, self.reduce_bias))
-        filters = F.conv2d(hidden, self.expand_weight, self.expand_bias, groups=self.regions)
-        kh, kw = self.kernel_size
-        return filters.view(x.shape[0], self.regions, self.out_channels, self.in_channels, kh, kw)
+        # The grouped 1x1 expand conv as one bmm over the m groups (mkldnn's grouped conv with
+        # m*Cout*Cin output channels is slow): (m, B*kh*kw, m) @ (m, m, Cout*Cin).
+        hidden = hidden.view(batch, regions, regions, kh * kw).permute(1, 0, 3, 2)
+        expand = self.expand_weight.view(regions, cout * cin, regions).transpose(1, 2)
+        filters = torch.bmm(hidden.reshape(regions, -1, regions), expand)
+        shift = self.expand_bias.view(regions, 1, 1, cout * cin)
+        if static is not None:
+            shift = shift + static.permute(2, 3, 0, 1).reshape(1, 1, kh * kw, cout * cin)
+        filters = filters.view(regions, batch, kh * kw, cout * cin).add_(shift)
+        return filters.view(regions, batch, kh, kw, cout, cin).permute(1, 0, 4, 5, 2, 3)
 
     def extra_repr(self) -> str:
         return (
@@ -117,200 +142,295 @@ class RegionFilterGenerator(nn.Module):
 class _RegionConvFunction(torch.autograd.Function):
     """Hard-mask region conv with the paper's softmax gradient for the guide.
 
-    ``out = conv(x, weight, bias) + D_{r(b,p)}(b) * x_col(b, p)`` with
-    ``r(b, p) = argmax_j guide[b, j, p]``. See :func:`drconv2d` for shapes.
-    Saves only its inputs; the input patches are gathered again in backward, so memory is
-    that of a plain conv plus the dynamic filters.
+    ``out[b, :, p] = filters[b, r(b, p)] * patch(b, p) + bias`` with ``r = argmax_j guide``; see
+    :func:`drconv2d`. Saves ``x``, ``filters``, ``guide`` and the row layout (index vectors); the
+    input patches are gathered again in backward, as a conv would re-read its input.
     """
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
         x: Tensor,
-        weight: Tensor,
+        filters: Tensor,
         bias: Tensor | None,
-        dynamic: Tensor,
         guide: Tensor,
         stride: Pair,
         padding: Pair,
         dilation: Pair,
     ) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            out = F.conv2d(x, weight, bias, stride, padding, dilation)
-            patches = _RegionPatches(guide, x.shape, weight.shape[-2:], stride, padding, dilation)
-            rows = patches.gather(x)
-            residuals = _taps_last(dynamic.flatten(0, 1))
-            residual_rows = rows.new_empty(rows.shape[0], out.shape[1])
-            for segment, part in patches.parts():
-                torch.mm(rows[part], residuals[segment].t(), out=residual_rows[part])
-            out = out + patches.unsort(residual_rows)
-        ctx.save_for_backward(x, weight, dynamic, guide)
+            layout = _TiledLayout(guide)
+            out = _region_conv(x, filters, bias, layout, stride, padding, dilation)
+        ctx.save_for_backward(x, filters, guide)
+        ctx.layout = layout
         ctx.geometry = (stride, padding, dilation)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, dynamic, guide = ctx.saved_tensors
-        stride, padding, dilation = ctx.geometry
-        need_x, need_weight, need_bias, need_dynamic, need_guide = ctx.needs_input_grad[:5]
-        grad_x = grad_weight = grad_bias = grad_dynamic = grad_guide = None
+        x, filters, guide = ctx.saved_tensors
+        layout: _RegionLayout = ctx.layout
+        need_x, need_filters, need_bias, need_guide = ctx.needs_input_grad[:4]
+        grad_x = grad_filters = grad_bias = grad_guide = None
+        cout = filters.shape[2]
         with torch.autocast(x.device.type, enabled=False):
-            patches = _RegionPatches(guide, x.shape, weight.shape[-2:], stride, padding, dilation)
-            grads = patches.sort(grad_out)
-            residuals = _taps_last(dynamic.flatten(0, 1))
+            patches = _SlotPatches(layout, x.shape, filters.shape[-2:], *ctx.geometry)
+            grads = layout.pixels_to_rows(grad_out.permute(0, 2, 3, 1).reshape(-1, cout))
+            flat_filters = _group_filters(filters)  # (m*B, Cout, K)
 
             if need_bias:
                 grad_bias = grad_out.sum((0, 2, 3))
-
-            if need_weight or need_dynamic:
-                rows = patches.gather(x)
-                grad_filters = rows.new_zeros(residuals.shape)
-                for segment, part in patches.parts():
-                    torch.mm(grads[part].t(), rows[part], out=grad_filters[segment])
-                del rows
-                grad_filters = _taps_first(grad_filters, weight.shape)
-                if need_weight:
-                    grad_weight = grad_filters.sum(0)
-                if need_dynamic:
-                    grad_dynamic = grad_filters.view_as(dynamic)
-
+            if need_filters:
+                summed = layout.filter_grad(grads, patches.gather(x))
+                grad_filters = _ungroup_filters(summed, filters.shape)
             if need_guide:
-                geometry = (stride, padding, dilation)
-                grad_guide = _softmax_rule_grad(x, dynamic, guide, grad_out, *geometry)
-
+                grad_guide = _softmax_rule_grad(x, grad_out, filters, guide, *ctx.geometry)
             if need_x:
-                filters = _taps_last(weight).unsqueeze(0) + residuals
-                grad_rows = grads.new_empty(grads.shape[0], filters.shape[2])
-                for segment, part in patches.parts():
-                    torch.mm(grads[part], filters[segment], out=grad_rows[part])
-                grad_x = patches.scatter(grad_rows)
+                grad_x = patches.scatter(layout.matmul_transposed(grads, flat_filters))
 
-        return grad_x, grad_weight, grad_bias, grad_dynamic, grad_guide, None, None, None
+        return grad_x, grad_filters, grad_bias, grad_guide, None, None, None
 
 
-class _RegionPatches:
-    """Input patches of every output pixel, as rows sorted by (sample, region).
+class _RegionLayout:
+    """Output pixels as GEMM rows grouped by (sample, region): ``B * m`` groups, group ``j * B + b``
+    multiplied by filter ``filters[b, j]``. Every shape depends on ``(B, m, P)`` only, and nothing is
+    read back to the host, so the same code runs on CUDA without syncs.
 
-    Row ``n`` of :meth:`gather` is the ``kh x kw x Cin`` patch (taps-major) that output pixel
-    ``order[n]`` sees; the pixels of sample ``b`` assigned to region ``j`` are one contiguous
-    range of rows (segment ``b * m + j``), so each segment is one plain GEMM. Patches are
-    gathered straight from the channels-last input with ``index_select`` (no im2col buffer).
+    Attributes (``B`` samples, ``P = Ho * Wo`` pixels, ``S`` slots, ``S / B`` per sample):
+        slot: ``(B, P)`` slot of each pixel, counted within its sample.
+        global_slot: ``(B * P,)`` slot of each flat pixel ``b * P + p``.
+        slot_pixel: ``(S,)`` flat pixel held by each slot; ``B * P`` for a padding slot.
+    """
+
+    batch: int
+    pixels: int
+    out_size: Pair
+    slot: Tensor
+    global_slot: Tensor
+    slot_pixel: Tensor
+
+    def rows_to_pixels(self, rows: Tensor) -> Tensor:
+        """``(S, C)`` slot rows -> ``(B * P, C)`` pixel rows."""
+        return rows.index_select(0, self.global_slot)
+
+    def pixels_to_rows(self, pixel_rows: Tensor) -> Tensor:
+        """``(B * P, C)`` pixel rows -> ``(S, C)`` slot rows, zero in padding slots."""
+        return F.pad(pixel_rows, (0, 0, 0, 1)).index_select(0, self.slot_pixel)
+
+    def matmul(self, rows: Tensor, filters: Tensor) -> Tensor:
+        """``rows (S, K) @ filters[group]^T`` with ``filters (m*B, Cout, K)`` -> ``(S, Cout)``."""
+        raise NotImplementedError
+
+    def matmul_transposed(self, grads: Tensor, filters: Tensor) -> Tensor:
+        """``grads (S, Cout) @ filters[group]`` -> ``(S, K)``."""
+        raise NotImplementedError
+
+    def filter_grad(self, grads: Tensor, rows: Tensor) -> Tensor:
+        """``sum over each group's rows of grads^T @ rows`` -> ``(m*B, Cout, K)``."""
+        raise NotImplementedError
+
+
+class _TiledLayout(_RegionLayout):
+    """Fixed-size tiles and one ``torch.bmm`` (ONNX / ExportedProgram / TorchScript friendly).
+
+    Every sample owns ``tiles`` tiles of ``tile`` rows; the pixels of region ``j`` of sample ``b``
+    fill ``ceil(count / tile)`` consecutive tiles (the last one padded), the regions following
+    each other; ``tiles = ceil(P / tile) + m`` bounds that sum for every region map. Each tile is
+    one GEMM with its group's filter, copied per tile. Costs at most ``m * tile`` padding rows
+    per sample (see :func:`region_conv_macs`).
+    """
+
+    def __init__(self, guide: Tensor) -> None:
+        batch, regions, out_h, out_w = guide.shape
+        pixels = out_h * out_w
+        device = guide.device
+        tile = _tile_rows(pixels, regions)
+        tiles = -(-pixels // tile) + regions
+        self.batch, self.pixels, self.out_size = batch, pixels, (out_h, out_w)
+        self.regions, self.tile, self.tiles = regions, tile, tiles
+
+        region = guide.argmax(1).view(batch, pixels)
+        one_hot = region.unsqueeze(-1) == torch.arange(regions, device=device)
+        running = one_hot.cumsum(1)  # (B, P, m): pixels of each region seen so far
+        rank = running.gather(2, region.unsqueeze(-1)).squeeze(-1) - 1
+        region_tiles = torch.div(running[:, -1] + tile - 1, tile, rounding_mode="floor")
+        tile_end = region_tiles.cumsum(1)  # (B, m)
+        first_tile = (tile_end - region_tiles).gather(1, region)
+        self.slot = first_tile * tile + rank
+
+        samples = torch.arange(batch, device=device)
+        tile_ids = torch.arange(tiles, device=device)
+        tile_region = (tile_end.unsqueeze(1) <= tile_ids.view(1, -1, 1)).sum(-1)
+        tile_region = tile_region.clamp(max=regions - 1)  # unused tail tiles: any filter
+        self.tile_filter = (tile_region * batch + samples.unsqueeze(1)).view(-1)
+
+        global_slot = self.slot + samples.unsqueeze(1) * (tiles * tile)
+        flat_pixels = torch.arange(batch * pixels, device=device)
+        self.global_slot = global_slot.view(-1)
+        self.slot_pixel = torch.full(
+            (batch * tiles * tile,), batch * pixels, dtype=torch.long, device=device
+        ).scatter(0, self.global_slot, flat_pixels)
+
+    def _tile_filters(self, filters: Tensor) -> Tensor:
+        # Indexing a 2-D view: index_select is much slower for long rows on CPU.
+        flat = filters.reshape(filters.shape[0], -1)[self.tile_filter]
+        return flat.view(-1, *filters.shape[1:])
+
+    def matmul(self, rows: Tensor, filters: Tensor) -> Tensor:
+        tile_filters = self._tile_filters(filters)
+        tiled = rows.view(-1, self.tile, rows.shape[-1])
+        return torch.bmm(tiled, tile_filters.transpose(1, 2)).flatten(0, 1)
+
+    def matmul_transposed(self, grads: Tensor, filters: Tensor) -> Tensor:
+        tile_filters = self._tile_filters(filters)
+        return torch.bmm(grads.view(-1, self.tile, grads.shape[-1]), tile_filters).flatten(0, 1)
+
+    def filter_grad(self, grads: Tensor, rows: Tensor) -> Tensor:
+        tiled_grads = grads.view(-1, self.tile, grads.shape[-1])
+        per_tile = torch.bmm(tiled_grads.transpose(1, 2), rows.view(-1, self.tile, rows.shape[-1]))
+        out = per_tile.new_zeros(self.batch * self.regions, *per_tile.shape[1:])
+        return out.index_add_(0, self.tile_filter, per_tile)
+
+
+class _SlotPatches:
+    """The ``kh x kw x Cin`` input patch (taps-major) of every slot of a :class:`_RegionLayout`.
+
+    Patches are gathered with ``index_select`` straight from the channels-last, zero-padded
+    input; padding slots read some pixel's patch (their results are never used, and their
+    gradients are zero).
     """
 
     def __init__(
         self,
-        guide: Tensor,
+        layout: _RegionLayout,
         input_shape: torch.Size,
-        kernel_size: torch.Size,
+        kernel_size: torch.Size | Pair,
         stride: Pair,
         padding: Pair,
         dilation: Pair,
     ) -> None:
-        batch, regions, out_h, out_w = guide.shape
-        pixels = out_h * out_w
         self._input_shape = input_shape
         self._padding = padding
         padded_h = input_shape[2] + 2 * padding[0]
         padded_w = input_shape[3] + 2 * padding[1]
-        device = guide.device
-
-        region = guide.argmax(1).view(batch, pixels)
-        key = (region + torch.arange(batch, device=device).unsqueeze(1) * regions).view(-1)
-        self._order = torch.argsort(key, stable=True)
-        self._inverse = torch.argsort(self._order)
-        self._counts: list[int] = torch.bincount(key, minlength=batch * regions).tolist()
-
-        sample = torch.div(self._order, pixels, rounding_mode="floor")
-        pixel = self._order - sample * pixels
-        row = torch.div(pixel, out_w, rounding_mode="floor")
-        col = pixel - row * out_w
+        pixels, out_width = layout.pixels, layout.out_size[1]
+        flat = layout.slot_pixel.clamp(max=layout.batch * pixels - 1)
+        sample = torch.div(flat, pixels, rounding_mode="floor")
+        pixel = flat - sample * pixels
+        row = torch.div(pixel, out_width, rounding_mode="floor")
+        col = pixel - row * out_width
         corner = (sample * padded_h + row * stride[0]) * padded_w + col * stride[1]
         kh, kw = kernel_size
-        tap_rows = torch.arange(kh, device=device) * dilation[0] * padded_w
+        device = flat.device
+        tap_rows = torch.arange(kh, device=device) * (dilation[0] * padded_w)
         tap_cols = torch.arange(kw, device=device) * dilation[1]
         taps = (tap_rows.unsqueeze(1) + tap_cols).view(-1)
-        self._taps = (corner.unsqueeze(1) + taps).view(-1)
-        self._out_shape = (batch, out_h, out_w)
-
-    def parts(self) -> list[tuple[int, slice]]:
-        """``(segment, row slice)`` for every non-empty segment."""
-        parts = []
-        start = 0
-        for segment, count in enumerate(self._counts):
-            if count:
-                parts.append((segment, slice(start, start + count)))
-            start += count
-        return parts
+        self._slots = flat.shape[0]
+        self._index = (corner.unsqueeze(1) + taps).view(-1)
 
     def gather(self, x: Tensor) -> Tensor:
-        """``(B, Cin, H, W)`` -> patches ``(B*Ho*Wo, kh*kw*Cin)`` in sorted order."""
+        """``(B, Cin, H, W)`` -> slot patches ``(S, kh*kw*Cin)``."""
         pad_h, pad_w = self._padding
         padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
-        channels = x.shape[1]
-        flat = padded.permute(0, 2, 3, 1).reshape(-1, channels)
-        return flat.index_select(0, self._taps).view(self._order.shape[0], -1)
+        flat = padded.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        return flat.index_select(0, self._index).view(self._slots, -1)
 
     def scatter(self, rows: Tensor) -> Tensor:
-        """Adjoint of :meth:`gather`: sum patch rows back into a ``(B, Cin, H, W)`` input."""
+        """Adjoint of :meth:`gather`: sum slot patches ``(S, kh*kw*Cin)`` into ``(B, Cin, H, W)``."""
         batch, channels, height, width = self._input_shape
         pad_h, pad_w = self._padding
         padded = rows.new_zeros(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
-        padded.view(-1, channels).index_add_(0, self._taps, rows.view(-1, channels))
+        padded.view(-1, channels).index_add_(0, self._index, rows.reshape(-1, channels))
         return padded[:, pad_h : pad_h + height, pad_w : pad_w + width].permute(0, 3, 1, 2)
 
-    def sort(self, t: Tensor) -> Tensor:
-        """``(B, C, Ho, Wo)`` -> rows ``(B*Ho*Wo, C)`` in sorted order."""
-        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).index_select(0, self._order)
 
-    def unsort(self, rows: Tensor) -> Tensor:
-        """Inverse of :meth:`sort`: rows ``(B*Ho*Wo, C)`` -> ``(B, C, Ho, Wo)`` (a strided view)."""
-        return rows.index_select(0, self._inverse).view(*self._out_shape, -1).permute(0, 3, 1, 2)
+def _tile_rows(pixels: int, regions: int) -> int:
+    """Rows per tile: padding costs ``m * T`` rows per sample, per-tile filter copies ``~ P / T``."""
+    return max(4, round(math.sqrt(_TILE_SCALE * pixels / regions)))
+
+
+_TILE_SCALE = 32
+
+
+def region_conv_macs(batch: int, regions: int, out_size: Pair, cout: int, patch: int) -> int:
+    """Multiply-adds of the region GEMMs for ``B`` samples: ``B * tiles * T`` rows of ``patch x cout``.
+
+    That is one conv's ``B * Ho * Wo * patch * cout`` plus the padding rows (at most ``m * T`` per
+    sample); the guide conv and the generator are counted apart.
+    """
+    pixels = out_size[0] * out_size[1]
+    tile = _tile_rows(pixels, regions)
+    tiles = -(-pixels // tile) + regions
+    return batch * tiles * tile * patch * cout
+
+
+def _region_conv(
+    x: Tensor,
+    filters: Tensor,
+    bias: Tensor | None,
+    layout: _RegionLayout,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+) -> Tensor:
+    """Forward of the region conv: one grouped / batched GEMM. Shapes as :func:`drconv2d`."""
+    batch, _, cout = filters.shape[:3]
+    out_h, out_w = layout.out_size
+    patches = _SlotPatches(layout, x.shape, filters.shape[-2:], stride, padding, dilation)
+    flat_filters = _group_filters(filters)
+    out = layout.rows_to_pixels(layout.matmul(patches.gather(x), flat_filters))
+    if bias is not None:
+        out = out.add_(bias)
+    return out.view(batch, out_h, out_w, cout).permute(0, 3, 1, 2)
 
 
 def _softmax_rule_grad(
     x: Tensor,
-    dynamic: Tensor,
-    guide: Tensor,
     grad_out: Tensor,
+    filters: Tensor,
+    guide: Tensor,
     stride: Pair,
     padding: Pair,
     dilation: Pair,
 ) -> Tensor:
     """``dL/dF = S * (g - sum_j S_j g_j)`` for guide logits ``F`` ``(B, m, Ho, Wo)``.
 
-    ``g_j = sum_c dL/dY_c * Y^(j)_c`` needs region ``j``'s response at every pixel; it is
-    computed one region at a time (one conv per region, batch folded into groups), so the
-    extra memory is one ``(B, Cout, Ho, Wo)`` response. The shared kernel and bias add the
-    same amount to every ``g_j``, which cancels in ``g - sum_j S_j g_j``, so only the
-    residuals enter ``g``.
+    ``g_j = sum_c dL/dY_c * Y^(j)_c`` needs region ``j``'s response at every pixel: one conv per
+    region with the batch folded into groups (a direct conv, no patch matrix), so the extra memory
+    is one ``(B, Cout, Ho, Wo)`` response. Adding the same filter to every region adds the same
+    amount to every ``g_j``, which cancels in ``g - sum_j S_j g_j``; the filters
+    ``(B, m, Cout, Cin, kh, kw)`` are centred on their region mean first, so a layer whose regions
+    share one filter gets an exactly zero guide gradient.
     """
     batch, regions = guide.shape[:2]
     cin, height, width = x.shape[1:]
+    centred = filters - filters.mean(1, keepdim=True)
     folded = x.reshape(1, batch * cin, height, width)
     g = torch.empty_like(guide)
     for j in range(regions):
-        filters = dynamic[:, j].reshape(-1, *dynamic.shape[-3:])
-        response = F.conv2d(folded, filters, None, stride, padding, dilation, batch)
+        kernels = centred[:, j].reshape(-1, *centred.shape[-3:])
+        response = F.conv2d(folded, kernels, None, stride, padding, dilation, batch)
         g[:, j] = (response.view_as(grad_out) * grad_out).sum(1)
     soft = torch.softmax(guide, dim=1)
     return soft * (g - (soft * g).sum(1, keepdim=True))
 
 
-def _taps_last(filters: Tensor) -> Tensor:
-    """``(..., Cout, Cin, kh, kw)`` -> ``(..., Cout, kh*kw*Cin)``, the patch row order."""
-    return filters.movedim(-3, -1).flatten(-3)
+def _group_filters(filters: Tensor) -> Tensor:
+    """``(B, m, Cout, Cin, kh, kw)`` -> ``(m*B, Cout, kh*kw*Cin)``: group ``j*B + b``, patch row order."""
+    batch, regions, cout = filters.shape[:3]
+    return filters.transpose(0, 1).movedim(3, -1).reshape(regions * batch, cout, -1)
 
 
-def _taps_first(filters: Tensor, weight_shape: torch.Size) -> Tensor:
-    """Inverse of :func:`_taps_last` for ``(S, Cout, kh*kw*Cin)``: ``(S, Cout, Cin, kh, kw)``."""
-    cout, cin, kh, kw = weight_shape
-    return filters.view(-1, cout, kh, kw, cin).movedim(-1, 2)
+def _ungroup_filters(grouped: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_group_filters`, to ``shape`` ``(B, m, Cout, Cin, kh, kw)``."""
+    batch, regions, cout, cin, kh, kw = shape
+    return grouped.view(regions, batch, cout, kh, kw, cin).permute(1, 0, 2, 5, 3, 4)
 
 
 def drconv2d(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     dynamic: Tensor,
     guide: Tensor,
@@ -323,21 +443,37 @@ def drconv2d(
     Args:
         x: input ``(B, Cin, H, W)``; ``padding`` is symmetric zero padding (pad other modes
             beforehand and pass ``padding=0``).
-        weight: shared kernel ``(Cout, Cin, kh, kw)``; bias: ``(Cout,)`` or None.
-        dynamic: per-sample region residuals ``(B, m, Cout, Cin, kh, kw)``; region ``j`` of
-            sample ``b`` uses ``weight + dynamic[b, j]``.
+        weight: static kernel ``(Cout, Cin, kh, kw)`` added to every region filter, or None
+            (the paper's layer); bias: ``(Cout,)`` or None.
+        dynamic: per-sample region filters ``(B, m, Cout, Cin, kh, kw)``; region ``j`` of
+            sample ``b`` uses ``weight + dynamic[b, j]`` (``dynamic[b, j]`` without ``weight``).
         guide: guide logits ``(B, m, Ho, Wo)`` on the output grid; pixel ``p`` belongs to
             ``argmax_j guide[b, j, p]``.
 
     Returns:
-        ``(B, Cout, Ho, Wo)``. Differentiable wrt every tensor argument (once). Under
-        autocast for ``x``'s device every input is cast to float32 and the result is float32.
+        ``(B, Cout, Ho, Wo)`` (channels-last strides). Differentiable wrt every tensor argument
+        (once). Under autocast for ``x``'s device every input is cast to float32 and the result
+        is float32.
     """
+    filters = dynamic if weight is None else weight + dynamic
+    return _region_conv2d(x, filters, bias, guide, stride, padding, dilation)
+
+
+def _region_conv2d(
+    x: Tensor,
+    filters: Tensor,
+    bias: Tensor | None,
+    guide: Tensor,
+    stride: _size_2_t,
+    padding: _size_2_t,
+    dilation: _size_2_t,
+) -> Tensor:
+    """:func:`drconv2d` with the filters already folded, ``(B, m, Cout, Cin, kh, kw)``."""
     if torch.is_autocast_enabled(x.device.type):
-        x, weight, dynamic, guide = (t.float() for t in (x, weight, dynamic, guide))
+        x, filters, guide = x.float(), filters.float(), guide.float()
         bias = None if bias is None else bias.float()
     return _RegionConvFunction.apply(
-        x, weight, bias, dynamic, guide, _pair(stride), _pair(padding), _pair(dilation)
+        x, filters, bias, guide, _pair(stride), _pair(padding), _pair(dilation)
     )
 
 
@@ -345,13 +481,17 @@ def drconv2d(
 class DRConv(ConvMethod):
     """Dynamic region-aware conv, a drop-in for a ``groups=1`` ``nn.Conv2d``.
 
-    ``weight`` ``(Cout, Cin, kh, kw)`` and ``bias`` are the shared (static) kernel, under the
-    same state-dict keys as the conv it replaces. Region ``j``'s filter for sample ``b`` is
-    ``weight + D_j(b)`` with ``D = self.generator(x)`` (:class:`RegionFilterGenerator`);
-    the region map is ``argmax`` of the guide conv (``guide_weight`` ``(m, Cin, kh, kw)``,
-    ``guide_bias`` ``(m,)``), applied with this conv's stride, padding, dilation and
-    padding mode so it lies on the output grid. ``stride``, ``padding`` and ``dilation`` are
-    read at forward time, so code that rewrites them on ``nn.Conv2d`` instances keeps working.
+    Region ``j``'s filter for sample ``b`` is ``D_j(b)`` (``residual=False``, the paper's layer)
+    or ``weight + D_j(b)`` (``residual=True``, the function-preserving residual variant), with
+    ``D = self.generator(x)`` (:class:`RegionFilterGenerator`); the region map is ``argmax`` of
+    the guide conv (``guide_weight`` ``(m, Cin, kh, kw)``, ``guide_bias`` ``(m,)``), applied
+    with this conv's stride, padding, dilation and padding mode so it lies on the output grid.
+    ``stride``, ``padding`` and ``dilation`` are read at forward time, so code that rewrites
+    them on ``nn.Conv2d`` instances keeps working.
+
+    ``weight`` and ``bias`` sit under the state-dict keys of the conv it replaces. In the paper's
+    layer there is no static kernel: ``weight`` is ``None`` (like ``bias`` of a bias-free conv),
+    so it is neither a parameter, nor counted, nor in the state dict; ``bias`` stays.
 
     Input ``(B, Cin, H, W)``; output ``(B, Cout, Ho, Wo)`` as for ``nn.Conv2d``.
     """
@@ -373,12 +513,14 @@ class DRConv(ConvMethod):
         dtype: torch.dtype | None = None,
         *,
         regions: int = 8,
+        residual: bool = True,
     ) -> None:
         if groups != 1:
             raise ValueError(f"DRConv supports groups=1 only, got groups={groups}")
         if regions < 1:
             raise ValueError(f"DRConv needs regions >= 1, got regions={regions}")
         self.regions = regions
+        self.residual = residual
         super().__init__(
             in_channels,
             out_channels,
@@ -392,6 +534,9 @@ class DRConv(ConvMethod):
             device,
             dtype,
         )
+        if not residual:
+            del self.weight
+            self.register_parameter("weight", None)
         factory = {"device": device, "dtype": dtype}
         self.guide_weight = nn.Parameter(
             torch.empty(regions, in_channels, *self.kernel_size, **factory)
@@ -399,14 +544,16 @@ class DRConv(ConvMethod):
         self.guide_bias = nn.Parameter(torch.empty(regions, **factory))
         _default_conv_init(self.guide_weight, self.guide_bias)
         self.generator = RegionFilterGenerator(
-            in_channels, out_channels, self.kernel_size, regions, **factory
+            in_channels, out_channels, self.kernel_size, regions, zero_init=residual, **factory
         )
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, regions: int = 8) -> DRConv:
-        """A DRConv whose outputs equal ``conv``'s until it is trained.
+    def from_conv(cls, conv: nn.Conv2d, *, regions: int = 8, residual: bool = True) -> DRConv:
+        """A DRConv with ``conv``'s geometry, device, dtype, bias and train/eval mode.
 
-        Copies the kernel, bias and geometry; raises ``ValueError`` if ``conv.groups != 1``.
+        ``residual=True``: also copies the kernel into ``weight``; the outputs equal ``conv``'s
+        (up to float rounding) until trained. ``residual=False``: the paper's layer, trained from
+        scratch (``conv``'s kernel is not used). Raises ``ValueError`` if ``conv.groups != 1``.
         """
         if conv.groups != 1:
             raise ValueError(
@@ -425,26 +572,34 @@ class DRConv(ConvMethod):
             device=conv.weight.device,
             dtype=conv.weight.dtype,
             regions=regions,
+            residual=residual,
         )
         with torch.no_grad():
-            drconv.weight.copy_(conv.weight)
+            if residual:
+                drconv.weight.copy_(conv.weight)
             if conv.bias is not None:
                 drconv.bias.copy_(conv.bias)
-        return drconv
+        return drconv.train(conv.training)
 
     def reset_parameters(self) -> None:
-        super().reset_parameters()
         # nn.Conv2d.__init__ calls this before the region parameters exist.
-        if hasattr(self, "generator"):
-            _default_conv_init(self.guide_weight, self.guide_bias)
-            self.generator.reset_parameters()
+        if not hasattr(self, "generator"):
+            super().reset_parameters()
+            return
+        if self.weight is not None:
+            super().reset_parameters()
+        elif self.bias is not None:
+            bound = 1 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+        _default_conv_init(self.guide_weight, self.guide_bias)
+        self.generator.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         stride, dilation = self.stride, self.dilation
         x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
         guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
-        dynamic = self.generator(x)
-        return drconv2d(x_in, self.weight, self.bias, dynamic, guide, stride, padding, dilation)
+        filters = self.generator(x, self.weight)
+        return _region_conv2d(x_in, filters, self.bias, guide, stride, padding, dilation)
 
     @classmethod
     def accepts(cls, conv: nn.Conv2d) -> bool:
@@ -460,19 +615,18 @@ class DRConv(ConvMethod):
         return self.fuse()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, regions={self.regions}"
+        return f"{super().extra_repr()}, regions={self.regions}, residual={self.residual}"
 
 
 class DRConvDeploy(nn.Module):
     """Inference form of :class:`DRConv`: no custom autograd Function, exportable.
 
-    Holds copies of the DRConv's tensors under the same state-dict keys. Forward has no
-    data-dependent control flow or shapes (``torch.export`` / ONNX work, batch size may be
-    dynamic): it unfolds the input and multiplies it with all ``m`` region filters of each
-    sample at once (``bmm``), then picks each pixel's region with ``gather``. That costs
-    ``m`` times the FLOPs of the conv and holds the unfolded input ``(B, Cin*kh*kw, Ho*Wo)``
-    plus all region outputs ``(B, m, Cout, Ho, Wo)``; use it where exportability matters
-    more than speed. Outputs equal DRConv's up to float rounding (same region map).
+    Holds copies of the DRConv's tensors under the same state-dict keys and computes the same
+    region conv with the same tensor code (one batched GEMM over (sample, region) tiles, the
+    static kernel folded into each region filter): one conv's multiply-adds plus the guide conv
+    and the generator, never ``m`` dense convs. Every shape depends on the input's shape only
+    (no data-dependent control flow), so ``torch.export``, ONNX (dynamo) and ``torch.jit.trace``
+    work, with a dynamic batch for the first two. Outputs equal DRConv's up to float rounding.
 
     ONNX: use the dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``). The
     TorchScript-based one handles 1x1 kernels but rejects the generator's
@@ -491,7 +645,8 @@ class DRConvDeploy(nn.Module):
         self.dilation: Pair = _pair(conv.dilation)
         self.padding_mode = conv.padding_mode
         self.regions = conv.regions
-        self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.residual = conv.residual
+        self.weight = None if conv.weight is None else nn.Parameter(conv.weight.detach().clone())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         self.guide_weight = nn.Parameter(conv.guide_weight.detach().clone())
         self.guide_bias = nn.Parameter(conv.guide_bias.detach().clone())
@@ -500,8 +655,8 @@ class DRConvDeploy(nn.Module):
             conv.out_channels,
             conv.kernel_size,
             conv.regions,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
+            device=conv.guide_weight.device,
+            dtype=conv.guide_weight.dtype,
         )
         self.generator.load_state_dict(conv.generator.state_dict())
 
@@ -509,24 +664,16 @@ class DRConvDeploy(nn.Module):
         stride, dilation = self.stride, self.dilation
         x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
         guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
-        batch, regions, out_h, out_w = guide.shape
-        filters = self.weight + self.generator(x)
-        cols = F.unfold(x_in, self.kernel_size, dilation, padding, stride)
-        responses = torch.bmm(filters.reshape(batch, regions * self.out_channels, -1), cols)
-        responses = responses.view(batch, regions, self.out_channels, out_h * out_w)
-        region = guide.argmax(1).view(batch, 1, 1, out_h * out_w)
-        out = responses.gather(1, region.expand(batch, 1, self.out_channels, out_h * out_w))
-        out = out.view(batch, self.out_channels, out_h, out_w)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        filters = self.generator(x, self.weight)
+        layout = _TiledLayout(guide)
+        return _region_conv(x_in, filters, self.bias, layout, stride, padding, dilation)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
             f"padding_mode={self.padding_mode}, bias={self.bias is not None}, "
-            f"regions={self.regions}"
+            f"regions={self.regions}, residual={self.residual}"
         )
 
 
