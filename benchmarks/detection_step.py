@@ -18,7 +18,7 @@ import time
 import torch
 from torch import Tensor
 
-from refvision.convert import conversion_report
+from refvision.surgery.convert import conversion_report
 from refvision.tasks.detection import DetectionTask
 
 

@@ -1,8 +1,19 @@
-"""refvision: RefConv and DRConv on real vision tasks, with PyTorch Lightning."""
+"""refvision: RefConv and DRConv on real vision tasks, with PyTorch Lightning.
 
-from refvision.convert import convert, reparameterize
-from refvision.nn.drconv import DRConv
-from refvision.nn.refconv import RefConv
-from refvision.profile import profile
+The root holds the pure-PyTorch API; the layers below are ``refvision.nn`` (conv methods),
+``refvision.surgery``, ``refvision.models`` / ``data`` / ``metrics``, ``refvision.tasks`` /
+``engine`` (Lightning) and ``refvision.app`` (the command).
+"""
 
-__all__ = ["DRConv", "RefConv", "convert", "profile", "reparameterize"]
+from refvision import _moved
+from refvision.nn import ACConv, ConvMethod, DRConv, RefConv, get_method, register_method, registered_methods
+from refvision.surgery import (
+    ModelProfile, conversion_report, convert, converted_layers, format_report, profile, reparameterize,
+)
+
+_moved.install()
+
+__all__ = [
+    "ACConv", "ConvMethod", "DRConv", "ModelProfile", "RefConv", "conversion_report", "convert", "converted_layers",
+    "format_report", "get_method", "profile", "register_method", "registered_methods", "reparameterize",
+]

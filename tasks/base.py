@@ -23,20 +23,20 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from refvision.checkpoint import load_init_from
-from refvision.convert import convert, reparameterize
+from refvision.engine.checkpoint import load_init_from
+from refvision.surgery.convert import convert, reparameterize
 from refvision.metrics.figures import figure_to_rgb, save_figure
 from refvision.metrics.table import PerClassTable
 from refvision.nn import get_method
-from refvision.divergence import DivergenceGuard
-from refvision.graceful_stop import StopOnSignal
-from refvision.run_checkpoint import AtomicCheckpoints, RunCheckpoint
-from refvision.run_state import RandomStateCheckpoint
-from refvision.trainable import TrainableMode, freeze_norm_statistics, set_trainable
+from refvision.engine.divergence import DivergenceGuard
+from refvision.engine.graceful_stop import StopOnSignal
+from refvision.engine.run_checkpoint import AtomicCheckpoints, RunCheckpoint
+from refvision.engine.run_state import RandomStateCheckpoint
+from refvision.surgery.trainable import TrainableMode, freeze_norm_statistics, set_trainable
 
 
 class ConvConfig(TypedDict, total=False):
-    """``model.conv``: which convs become what (see ``refvision.convert``).
+    """``model.conv``: which convs become what (see ``refvision.surgery.convert``).
 
     ``kind`` is ``none``, a registered method (``refconv``, ``drconv``, ``acconv``) or the class
     path of a user's :class:`~refvision.nn.ConvMethod`. ``options`` are that method's
@@ -86,10 +86,10 @@ class RefvisionTask(LightningModule):
     Args:
         conv: which convs to replace; ``kind: none`` keeps the model as built.
         init_from: weights loaded before conversion: a local file (Lightning checkpoint, plain
-            state dict), ``torchvision://<name>`` or a URL (see ``refvision.checkpoint``).
+            state dict), ``torchvision://<name>`` or a URL (see ``refvision.engine.checkpoint``).
         init_prefix: take only keys with this prefix from ``init_from`` (and strip it).
         init_strict: require ``init_from`` to cover the model exactly.
-        trainable: ``all`` | ``all_but_basis`` | ``refocus_only`` (see ``refvision.trainable``).
+        trainable: ``all`` | ``all_but_basis`` | ``refocus_only`` (see ``refvision.surgery.trainable``).
         optim: optimizer and schedule; missing keys take :data:`OPTIM_DEFAULTS`.
         deploy: build the deploy form (DRConv's inference form); set by ``refvision reparameterize``.
     """
@@ -179,7 +179,7 @@ class RefvisionTask(LightningModule):
         """The reliability callbacks, and ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation.
 
         A ``ModelCheckpoint`` configured by the user (``trainer.callbacks``) wins: it is kept as
-        configured and :class:`~refvision.run_checkpoint.RunCheckpoint` is not added (logged).
+        configured and :class:`~refvision.engine.run_checkpoint.RunCheckpoint` is not added (logged).
         """
         callbacks: list[Callback] = [RandomStateCheckpoint(), DivergenceGuard(), StopOnSignal(), AtomicCheckpoints()]
         configured = [c for c in self.trainer.callbacks

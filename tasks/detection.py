@@ -18,43 +18,13 @@ from torch import Tensor, nn
 from refvision.metrics import VOCMeanAveragePrecision
 from refvision.metrics.figures import per_class_bars, precision_recall_curves
 from refvision.metrics.table import PerClassTable, per_class_table
-from refvision.models.detection import build_detector
+from refvision.models.detection import SSDRawOutputs, build_detector, ssd_raw_outputs
 from refvision.tasks.base import RefvisionTask
-from refvision.writers.detection import DetectionPredictionWriter  # noqa: F401  (its former home)
+from refvision.engine.writers.detection import DetectionPredictionWriter  # noqa: F401  (its former home)
 
 Detection = dict[str, Any]
 """One image's detections: ``boxes`` ``(D, 4)`` xyxy in input pixels, ``scores`` ``(D,)``,
 ``labels`` ``(D,)`` int64 (0 is background, never predicted)."""
-
-
-def ssd_raw_outputs(model: nn.Module, images: Sequence[Tensor] | Tensor) -> Tensor:
-    """Pre-NMS outputs of a torchvision ``SSD`` on ``images``, as one ``(B, A * (4 + C))`` tensor.
-
-    ``images`` is a list of ``(3, H_i, W_i)`` tensors in [0, 1] or a ``(B, 3, H, W)`` batch. They
-    go through ``model.transform`` (resize to the model size, normalize), the backbone and the
-    head; the result concatenates the box regression ``(B, A, 4)`` and the class logits
-    ``(B, A, C)`` of all ``A`` anchors, each flattened per image. Anchor decoding, score
-    thresholding and NMS are left out: they are not parameterized, and they would turn a tiny
-    numerical difference into a different set of boxes.
-    """
-    image_list, _ = model.transform(list(images))
-    outputs = model.head(list(model.backbone(image_list.tensors).values()))
-    return torch.cat([outputs["bbox_regression"].flatten(1), outputs["cls_logits"].flatten(1)], 1)
-
-
-class SSDRawOutputs(nn.Module):
-    """``forward(images) = ssd_raw_outputs(model, images)``: what profiling and export trace.
-
-    SSD's post-processing (per-class thresholds, NMS, variable-length outputs) cannot be traced,
-    so FLOPs and parameters are those of transform + backbone + head.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Sequence[Tensor] | Tensor) -> Tensor:
-        return ssd_raw_outputs(self.model, images)
 
 
 class DetectionTask(RefvisionTask):

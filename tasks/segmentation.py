@@ -3,7 +3,7 @@
 Validation and test score full label-resolution logits produced by MMSegmentation's inference
 modes: ``whole`` (the padded image in one pass) or ``slide`` (overlapping windows, logits
 averaged where they overlap), optionally with horizontal-flip and multi-scale test-time
-augmentation. ``refvision.writers.SegmentationPredictionWriter`` writes the predictions as PNGs.
+augmentation. ``refvision.engine.writers.SegmentationPredictionWriter`` writes the predictions as PNGs.
 """
 
 from typing import Any, Literal
@@ -19,9 +19,10 @@ from refvision.metrics import MeanIoU
 from refvision.metrics.figures import confusion_matrix, per_class_bars, segmentation_grid
 from refvision.metrics.table import PerClassTable, confusion_table
 from refvision.models.segmentation import build_segmenter
-from refvision.segmentation_inference import ohem_cross_entropy, segment, whole_inference
+from refvision.models.losses import ohem_cross_entropy
+from refvision.models.segmentation_inference import segment, whole_inference
 from refvision.tasks.base import RefvisionTask
-from refvision.writers.segmentation import SegmentationPredictionWriter  # noqa: F401  (its former home)
+from refvision.engine.writers.segmentation import SegmentationPredictionWriter  # noqa: F401  (its former home)
 
 OHEM_THRESH = 0.7
 OHEM_MIN_KEPT = 100_000
@@ -46,8 +47,8 @@ class SegmentationTask(RefvisionTask):
         encoder_weights: smp pretrained encoder tag (``imagenet``) to download, or null.
         output_stride: 8 or 16; the encoder's last stages become dilated convs.
         ignore_index: mask value left out of the loss and the metrics.
-        ohem: cross-entropy over hard pixels only (see ``refvision.segmentation_inference.ohem_cross_entropy``).
-        inference: ``whole`` or ``slide`` (see ``refvision.segmentation_inference.segment``), for
+        ohem: cross-entropy over hard pixels only (see ``refvision.models.losses.ohem_cross_entropy``).
+        inference: ``whole`` or ``slide`` (see ``refvision.models.segmentation_inference.segment``), for
             validation, test and predict.
         slide_crop: window (h, w) of ``slide`` inference.
         slide_stride: window step (h, w) of ``slide`` inference.

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from refvision.cli import lightning_cli
+from refvision.app.cli import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 3
@@ -28,12 +28,12 @@ def fit_args(root: Path, data: Path, *extra: str) -> list[str]:
 
 
 def start_fit(root: Path, data: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python -m refvision.cli fit ...`` in the repository; its output goes to ``root/fit-<n>.log``."""
+    """Start ``python -m refvision fit ...`` in the repository; its output goes to ``root/fit-<n>.log``."""
     root.mkdir(parents=True, exist_ok=True)
     log = root / f"fit-{len(list(root.glob('fit-*.log')))}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "refvision.cli", *fit_args(root, data, *extra)], cwd=REPO,
+            [sys.executable, "-m", "refvision", *fit_args(root, data, *extra)], cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
         )
     process.log_path = log  # type: ignore[attr-defined]

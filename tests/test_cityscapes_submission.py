@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refvision.cli import lightning_cli, main
-from refvision.data.demo import write_cityscapes
+from refvision.app.cli import lightning_cli, main
+from refvision.app.demo.data import write_cityscapes
 
 OFFICIAL_TRAINID_TO_ID = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 """cityscapesScripts ``helpers/labels.py``: label id of train ids 0..18 (road ... bicycle); these are
@@ -59,7 +59,7 @@ def test_val_and_test_folders_are_what_the_evaluator_accepts(tmp_path: Path) -> 
     tested = lightning_cli(["test", *_args(tmp_path / "test", data), "--ckpt_path", ckpt]).trainer.callback_metrics
     out = tmp_path / "val_predictions"
     main(["predict", *_args(tmp_path / "predict", data), "--ckpt_path", ckpt, "--return_predictions", "false",
-          "--trainer.callbacks+=refvision.writers.SegmentationPredictionWriter",
+          "--trainer.callbacks+=refvision.engine.writers.SegmentationPredictionWriter",
           "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.cityscapes", "true"])
 
     results = out / "labels"  # CITYSCAPES_RESULTS

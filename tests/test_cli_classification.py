@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from refvision.cli import lightning_cli, main
-from refvision.data.demo import write_imagefolder
+from refvision.app.cli import lightning_cli, main
+from refvision.app.demo.data import write_imagefolder
 from refvision.nn.refconv import RefConv
 
 CONFIG = "configs/demo/classification.yaml"

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from refvision import DRConv, RefConv, convert, reparameterize
-from refvision.convert import Replacement, conversion_report, format_report
+from refvision.surgery.convert import Replacement, conversion_report, format_report
 
 
 def randomize_refocus(model: nn.Module) -> None:

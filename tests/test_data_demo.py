@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from refvision.data.cityscapes_labels import LABEL_IDS
-from refvision.data.demo import (
+from refvision.app.demo.data import (
     MANIFEST,
     ensure_demo_data,
     write_cityscapes,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from refvision.data import ImageFolderDataModule, write_imagefolder
+from refvision.data import ImageFolderDataModule
+from refvision.app.demo.data import write_imagefolder
 
 CLASSES = ("circle", "square", "stripes", "checker")
 

@@ -12,7 +12,8 @@ from torchvision import tv_tensors
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 
-from refvision.data import VOCDataModule, VOCDetection, detection_collate, write_vocdevkit
+from refvision.data import VOCDataModule, VOCDetection, detection_collate
+from refvision.app.demo.data import write_vocdevkit
 from refvision.data.presets import detection_train
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
 

@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 
-from refvision.data.demo import write_cityscapes, write_imagefolder, write_vocdevkit
-from refvision.deploy import reparameterize_checkpoint
+from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
+from refvision.engine.deploy import reparameterize_checkpoint
 from refvision.nn.refconv import RefConv
 from refvision.tasks.segmentation import SegmentationTask
 
-REFVISION = [sys.executable, "-m", "refvision.cli"]
+REFVISION = [sys.executable, "-m", "refvision"]
 REPO = Path(__file__).resolve().parents[1]
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
 

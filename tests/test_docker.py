@@ -247,7 +247,7 @@ def test_wheel_of_the_build_context_ships_tasks_and_configs(tmp_path: Path) -> N
         assert f"refvision/tasks/{source.name}" in names
     for config in sorted((REPO / "configs").glob("*/*.yaml")):
         assert f"refvision/configs/{config.parent.name}/{config.name}" in names
-    assert "refvision/export.py" in names
+    assert "refvision/engine/export.py" in names
 
 
 def _fake(bin_dir: Path, name: str, record: Path) -> None:
@@ -340,7 +340,7 @@ def test_image_builds_on_the_local_base_and_runs(tmp_path: Path) -> None:
         assert re.search(rf"\b{subcommand}\b", bare.stdout), bare.stdout[-2000:]
     # A tiny training run with the data and runs volumes, as the host user: the checkpoint and the
     # deploy checkpoint land on the host.
-    from refvision.data.demo import write_imagefolder
+    from refvision.app.demo.data import write_imagefolder
 
     data, runs = tmp_path / "data", tmp_path / "runs"
     runs.mkdir()

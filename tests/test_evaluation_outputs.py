@@ -16,8 +16,8 @@ from torchvision.io import decode_png, read_file
 
 from reference_miou import reference_scores
 from reference_voc_eval import voc_curve, voc_eval
-from refvision.cli import lightning_cli
-from refvision.data.demo import write_cityscapes, write_imagefolder, write_vocdevkit
+from refvision.app.cli import lightning_cli
+from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
 from refvision.data.voc_format import xyxy_to_voc
 from refvision.metrics import VOCMeanAveragePrecision
 from refvision.metrics.figures import per_class_bars, save_figure

@@ -17,10 +17,10 @@ import torch
 import torchvision
 from torch import nn
 
-import refvision.export
-from refvision.cli import main
-from refvision.deploy import load_task_checkpoint, reparameterize_checkpoint
-from refvision.export import export_checkpoint
+import refvision.engine.export
+from refvision.app.cli import main
+from refvision.engine.deploy import load_task_checkpoint, reparameterize_checkpoint
+from refvision.engine.export import export_checkpoint
 from refvision.nn import DRConv, RefConv
 from refvision.tasks.base import RefvisionTask
 from refvision.tasks.classification import ClassificationTask
@@ -127,11 +127,11 @@ def test_torchscript_and_exported_program(
     if form == "deploy":
         ckpt = str(tmp_path / "deploy.ckpt")
         reparameterize_checkpoint(refconv_ckpt, ckpt)
-    out = tmp_path / f"model{refvision.export.SUFFIXES[format]}"
+    out = tmp_path / f"model{refvision.engine.export.SUFFIXES[format]}"
     main(["export", "--ckpt", ckpt, "--output", str(out), "--format", format])
     assert ("re-parameterized" in capsys.readouterr().out) == (form == "train")
     if format == "torchscript":
-        images = torch.randn(refvision.export.EXPORT_BATCH, 3, SIZE, SIZE)
+        images = torch.randn(refvision.engine.export.EXPORT_BATCH, 3, SIZE, SIZE)
         exported = torch.jit.load(str(out))
     else:
         images = torch.randn(3, 3, SIZE, SIZE)
@@ -185,7 +185,7 @@ def test_existing_output_unknown_format_and_failed_check(
         export_checkpoint(refconv_ckpt, tmp_path / "x", "tflite")  # type: ignore[arg-type]
 
     # A check that fails leaves neither the output nor a temporary file behind.
-    monkeypatch.setattr(refvision.export, "RELATIVE_TOLERANCE", -1.0)
+    monkeypatch.setattr(refvision.engine.export, "RELATIVE_TOLERANCE", -1.0)
     with pytest.raises(ValueError, match="torchscript check: max .* exceeds"):
         export_checkpoint(refconv_ckpt, out, "torchscript", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"] and out.read_bytes() == b"keep"

@@ -11,8 +11,8 @@ import torchvision
 from mmengine.runner.checkpoint import save_checkpoint
 from safetensors.torch import save_file
 
-from refvision.cli import lightning_cli
-from refvision.data.demo import write_cityscapes, write_imagefolder
+from refvision.app.cli import lightning_cli
+from refvision.app.demo.data import write_cityscapes, write_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from refvision.cli import lightning_cli
-from refvision.data.demo import write_imagefolder
+from refvision.app.cli import lightning_cli
+from refvision.app.demo.data import write_imagefolder
 
 
 @pytest.mark.slow

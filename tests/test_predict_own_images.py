@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from refvision.cli import main
+from refvision.app.cli import main
 from refvision.data import presets
 from refvision.data.cityscapes_labels import PALETTE
 from refvision.tasks.base import RefvisionTask

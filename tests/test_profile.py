@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from refvision import convert, profile, reparameterize
-from refvision.profile import ModelProfile
+from refvision.surgery.profile import ModelProfile
 
 # Input 1x3x10x10; every layer keeps 10x10.
 H = W = 10
@@ -102,7 +102,7 @@ def test_drconv_counts_its_real_work_in_both_forms():
 
 
 def test_latencies_time_every_form_and_report_progress():
-    from refvision.cli import _latencies
+    from refvision.app.commands import _latencies
 
     lines: list[str] = []
     modules = {"train": tiny().eval(), "deploy": tiny().eval()}
@@ -112,7 +112,7 @@ def test_latencies_time_every_form_and_report_progress():
 
 
 def test_profile_command_with_device_and_input_size(capsys):
-    from refvision.cli import profile_command
+    from refvision.app.commands import profile_command
 
     profile_command(["-c", "configs/demo/classification.yaml", "--device", "cpu",
                      "--input_size", "[40, 48]", "--min_run_time", "0.01"])

@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from refvision.data import CityscapesSegmentation, ImageFolderDataModule, VOCDataModule, write_imagefolder
-from refvision.data import write_cityscapes, write_vocdevkit
+from refvision.data import CityscapesSegmentation, ImageFolderDataModule, VOCDataModule
+from refvision.app.demo.data import write_imagefolder
+from refvision.app.demo.data import write_cityscapes, write_vocdevkit
 from refvision.data.decode import decode
 from refvision.data.imagefolder import CheckedImageFolder
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from fit_process import fit_in_process, output_of, start_fit
 
-from refvision.atomic_file import is_temporary
-from refvision.cli import main
-from refvision.data.demo import write_imagefolder
+from refvision.engine.atomic_file import is_temporary
+from refvision.app.cli import main
+from refvision.app.demo.data import write_imagefolder
 
 REFCONV = ("-c", "configs/conv/refconv.yaml")
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from fit_process import fit_in_process
 
-from refvision.cli import main
-from refvision.data.demo import write_imagefolder
+from refvision.app.cli import main
+from refvision.app.demo.data import write_imagefolder
 
 
 @pytest.fixture(scope="module")

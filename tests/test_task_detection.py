@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refvision.cli import main
-from refvision.convert import reparameterize
-from refvision.data.demo import write_vocdevkit
+from refvision.app.cli import main
+from refvision.surgery.convert import reparameterize
+from refvision.app.demo.data import write_vocdevkit
 from refvision.models.detection import build_detector
 from refvision.nn.refconv import RefConv
 from refvision.tasks.detection import DetectionTask

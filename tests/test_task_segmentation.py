@@ -9,10 +9,11 @@ from torch import nn
 from torchvision.io import decode_png, read_file
 
 from refvision import RefConv, reparameterize
-from refvision.cli import lightning_cli, main
-from refvision.data.demo import write_cityscapes
+from refvision.app.cli import lightning_cli, main
+from refvision.app.demo.data import write_cityscapes
 from refvision.models.segmentation import build_segmenter
-from refvision.segmentation_inference import ohem_cross_entropy, segment, slide_inference, whole_inference
+from refvision.models.losses import ohem_cross_entropy
+from refvision.models.segmentation_inference import segment, slide_inference, whole_inference
 from refvision.tasks.segmentation import SegmentationTask
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from refvision.checkpoint import CheckpointError
-from refvision.cli import lightning_cli, main
-from refvision.data.demo import write_cityscapes, write_imagefolder, write_vocdevkit
+from refvision.engine.checkpoint import CheckpointError
+from refvision.app.cli import lightning_cli, main
+from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
 
 
 class Payload:

@@ -17,8 +17,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from reference_voc_eval import voc_eval
 
-from refvision.cli import lightning_cli, main
-from refvision.data.demo import write_vocdevkit
+from refvision.app.cli import lightning_cli, main
+from refvision.app.demo.data import write_vocdevkit
 from refvision.data.voc_format import VOC_CLASSES
 from refvision.tasks.detection import DetectionTask
 
@@ -64,7 +64,7 @@ def test_devkit_files_and_coco_json_score_as_refvision_test(tmp_path: Path) -> N
     tested = lightning_cli(["test", *_args(tmp_path / "test", data), "--ckpt_path", ckpt]).trainer.callback_metrics
     out = tmp_path / "predictions"
     main(["predict", *_args(tmp_path / "predict", data), "--ckpt_path", ckpt, "--return_predictions", "false",
-          "--trainer.callbacks+=refvision.writers.DetectionPredictionWriter",
+          "--trainer.callbacks+=refvision.engine.writers.DetectionPredictionWriter",
           "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.voc_set", "2007-test"])
 
     ids = (data / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()

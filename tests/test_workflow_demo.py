@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from refvision import workflow
-from refvision.cli import lightning_cli
-from refvision.data.demo import write_imagefolder
+from refvision.app.cli import lightning_cli
+from refvision.app.demo.data import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 

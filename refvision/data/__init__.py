@@ -1,7 +1,6 @@
-"""Dataset readers, transform presets, DataModules and demo-data writers."""
+"""Dataset readers, transform presets and DataModules (the demo-data writers live in ``refvision.app.demo.data``)."""
 
 from refvision.data.cityscapes import CityscapesDataModule, CityscapesSegmentation
-from refvision.data.demo import ensure_demo_data, write_cityscapes, write_imagefolder, write_vocdevkit
 from refvision.data.imagefolder import ImageFolderDataModule
 from refvision.data.predict import PredictImagesDataModule
 from refvision.data.voc import VOCDataModule, VOCDetection, detection_collate
@@ -14,8 +13,4 @@ __all__ = [
     "VOCDataModule",
     "VOCDetection",
     "detection_collate",
-    "ensure_demo_data",
-    "write_cityscapes",
-    "write_imagefolder",
-    "write_vocdevkit",
 ]

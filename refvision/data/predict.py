@@ -3,7 +3,7 @@
 Any file whose extension Pillow registers (``.jpg``, ``.png``, ``.bmp``, ``.tif``, ``.webp``,
 ``.gif``, ``.ppm``...) is an image; it is decoded with Pillow, EXIF orientation applied, and
 converted to RGB. A sample is named by its path relative to the folder (sub-folders kept), and
-the prediction writers (``refvision.writers``) name their outputs after it.
+the prediction writers (``refvision.engine.writers``) name their outputs after it.
 """
 
 import logging

@@ -15,11 +15,11 @@ from typing import Any
 import lightning
 import torch
 
-from refvision.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint, resolve_source, task_of
-from refvision.atomic_file import save_atomically
-from refvision.convert import reparameterize
-from refvision.divergence import non_finite_tensors
-from refvision.profile import ModelProfile, profile
+from refvision.engine.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint, resolve_source, task_of
+from refvision.engine.atomic_file import save_atomically
+from refvision.surgery.convert import reparameterize
+from refvision.engine.divergence import non_finite_tensors
+from refvision.surgery.profile import ModelProfile, profile
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 _PRIVATE_KEYS = ("_class_path", "_instantiator")
@@ -81,7 +81,7 @@ def reparameterize_checkpoint(
     """Write the deploy form of checkpoint ``source`` to ``output``.
 
     ``source`` is never modified; an existing ``output`` is refused unless ``overwrite``, a
-    directory always. The file is written atomically (``refvision.atomic_file``), so a failure
+    directory always. The file is written atomically (``refvision.engine.atomic_file``), so a failure
     leaves neither a partial file nor a temporary one. A source with non-finite weights, or a
     non-finite output gap between the two forms, is refused. ``inputs``
     (what the task's ``inputs_of`` gives; default ``task.example_inputs()``) are used to measure

@@ -7,7 +7,7 @@ when it resumes into another folder (a new logger version or ``default_root_dir`
 ``best.ckpt`` is copied into its own folder with its score; nothing is written to the old folder.
 
 ``AtomicCheckpoints`` makes every checkpoint of the fit appear atomically (see
-``refvision.atomic_file``) and deletes temporaries that killed runs left in the checkpoint folders.
+``refvision.engine.atomic_file``) and deletes temporaries that killed runs left in the checkpoint folders.
 """
 
 import os
@@ -20,11 +20,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from refvision.atomic_file import copy_atomically, remove_stale_temporaries, save_atomically
+from refvision.engine.atomic_file import copy_atomically, remove_stale_temporaries, save_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves go through :func:`refvision.atomic_file.save_atomically`."""
+    """``TorchCheckpointIO`` whose local saves go through :func:`refvision.engine.atomic_file.save_atomically`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):

@@ -1,9 +1,11 @@
 """SSD detectors on torchvision's ``SSD`` class: SSD300-VGG16 and SSDLite320 (MobileNetV3-L / V2)."""
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import partial
 from typing import Literal
 
+import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_large
@@ -128,3 +130,33 @@ def _ssdlite_mobilenet_v2(weights_backbone: torchvision.models.WeightsEnum | Non
         extractor, anchors, size, num_classes, head=head,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], topk_candidates=300, **_VOC_POSTPROCESS,
     )
+
+
+def ssd_raw_outputs(model: nn.Module, images: Sequence[Tensor] | Tensor) -> Tensor:
+    """Pre-NMS outputs of a torchvision ``SSD`` on ``images``, as one ``(B, A * (4 + C))`` tensor.
+
+    ``images`` is a list of ``(3, H_i, W_i)`` tensors in [0, 1] or a ``(B, 3, H, W)`` batch. They
+    go through ``model.transform`` (resize to the model size, normalize), the backbone and the
+    head; the result concatenates the box regression ``(B, A, 4)`` and the class logits
+    ``(B, A, C)`` of all ``A`` anchors, each flattened per image. Anchor decoding, score
+    thresholding and NMS are left out: they are not parameterized, and they would turn a tiny
+    numerical difference into a different set of boxes.
+    """
+    image_list, _ = model.transform(list(images))
+    outputs = model.head(list(model.backbone(image_list.tensors).values()))
+    return torch.cat([outputs["bbox_regression"].flatten(1), outputs["cls_logits"].flatten(1)], 1)
+
+
+class SSDRawOutputs(nn.Module):
+    """``forward(images) = ssd_raw_outputs(model, images)``: what profiling and export trace.
+
+    SSD's post-processing (per-class thresholds, NMS, variable-length outputs) cannot be traced,
+    so FLOPs and parameters are those of transform + backbone + head.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Sequence[Tensor] | Tensor) -> Tensor:
+        return ssd_raw_outputs(self.model, images)

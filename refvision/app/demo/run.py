@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from refvision.cli import lightning_cli
-from refvision.data.demo import ensure_demo_data
-from refvision.deploy import load_task_checkpoint
-from refvision.profile import profile
+from refvision.app.lightning_cli import lightning_cli
+from refvision.app.demo.data import ensure_demo_data
+from refvision.engine.deploy import load_task_checkpoint
+from refvision.surgery.profile import profile
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

@@ -1,0 +1,1 @@
+"""The application: the ``refvision`` command and the demo."""

@@ -1,0 +1,147 @@
+"""The workflow subcommands of ``refvision``: reparameterize, profile, export, demo."""
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from refvision.app.demo.run import run_demo
+from refvision.engine.deploy import load_task_checkpoint, reparameterize_checkpoint
+from refvision.engine.export import FORMATS, export_checkpoint
+from refvision.surgery.convert import reparameterize
+from refvision.surgery.profile import profile
+from refvision.tasks.base import RefvisionTask
+
+def reparameterize_command(argv: Sequence[str]) -> None:
+    parser = ArgumentParser(prog="refvision reparameterize", description="Write the deploy checkpoint of a trained checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="trained checkpoint (loaded with weights_only=True)")
+    parser.add_argument("--output", required=True, help="deploy checkpoint to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    cfg = parser.parse_args(list(argv))
+    print(reparameterize_checkpoint(cfg.ckpt, cfg.output, overwrite=cfg.overwrite))
+
+
+def build_task_from_configs(configs: Sequence[str]) -> RefvisionTask:
+    """Instantiate the ``model`` of composed ``-c`` configs without touching data or trainer."""
+    parser = ArgumentParser(prog="refvision profile")
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(RefvisionTask, "model")
+    for ignored in ("trainer", "data", "optimizer", "lr_scheduler", "deploy_checkpoint"):
+        parser.add_argument(f"--{ignored}", type=Any)
+    parser.add_argument("--seed_everything", type=Any)
+    parser.add_argument("--ckpt_path", type=Any)
+    cfg = parser.parse_args([arg for path in configs for arg in ("-c", path)])
+    return parser.instantiate_classes(cfg).model
+
+
+def profile_command(argv: Sequence[str]) -> None:
+    parser = ArgumentParser(prog="refvision profile", description="Parameters, FLOPs and latency of train and deploy form.")
+    parser.add_argument("-c", "--config", action="append", default=[], help="task config(s), composed in order")
+    parser.add_argument("--ckpt", help="a trained checkpoint instead of (or on top of) the configs")
+    parser.add_argument("--device", default="cpu", help="where both forms run and are timed (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--input_size", type=list[int] | None, default=None,
+                        help="input height and width, e.g. [512, 1024] (default: the task's example input)")
+    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timed forward passes per form")
+    cfg = parser.parse_args(list(argv))
+    if not cfg.config and not cfg.ckpt:
+        parser.error("give -c CONFIG or --ckpt CKPT")
+    if cfg.input_size is not None and len(cfg.input_size) != 2:
+        parser.error(f"--input_size takes [height, width], got {cfg.input_size}")
+    task = load_task_checkpoint(cfg.ckpt)[0] if cfg.ckpt else build_task_from_configs(cfg.config)
+    print(profile_table(task, cfg.min_run_time, device=cfg.device, input_size=cfg.input_size))
+
+
+def profile_table(task: RefvisionTask, min_run_time: float = 1.0, *, device: str | torch.device = "cpu",
+                  input_size: Sequence[int] | None = None, progress: Callable[[str], None] | None = None) -> str:
+    """Params / FLOPs / median latency (ms, batch of ``example_inputs``) of both forms on ``device``.
+
+    ``input_size`` ``(H, W)`` replaces the example input's spatial size. ``progress`` (default: a
+    line on stderr) is told what runs, since a large model takes minutes on a CPU.
+    """
+    say = progress or (lambda line: print(f"refvision profile: {line}", file=sys.stderr, flush=True))
+    device = torch.device(device)
+    task = task.eval().to(device)
+    inputs = _to_device(_resized(task.example_inputs(), input_size), device)
+    train_module = task.profile_module()
+    say("re-parameterizing")
+    original, task.model = task.model, reparameterize(task.model)
+    deploy_module = task.profile_module()
+    task.model = original
+    rows = [("", "train form", "deploy form")]
+    profiles = []
+    for name, module in (("train", train_module), ("deploy", deploy_module)):
+        say(f"counting FLOPs of the {name} form")
+        profiles.append(profile(module, inputs=inputs))
+    latency = _latencies({"train": train_module, "deploy": deploy_module}, inputs, min_run_time, say)
+    for label, field in (("params total", "params_total"), ("params trainable", "params_trainable"),
+                         ("params training-only", "params_training_only"), ("FLOPs (mult-adds)", "flops")):
+        rows.append((label, *(f"{getattr(p, field):,}" for p in profiles)))
+    rows.append((f"latency ms (median, {device.type})", *(f"{t:.2f}" for t in latency)))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width))) for r in rows)
+
+
+def _resized(inputs: Any, size: Sequence[int] | None) -> Any:
+    """The example input (a ``(B, 3, H, W)`` tensor or a list of ``(3, H, W)`` images) at ``size``."""
+    if size is None:
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return torch.randn(*inputs.shape[:-2], *size, dtype=inputs.dtype)
+    return [torch.rand(*image.shape[:-2], *size, dtype=image.dtype) for image in inputs]
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    return inputs.to(device) if isinstance(inputs, torch.Tensor) else [t.to(device) for t in inputs]
+
+
+def _latencies(modules: dict[str, torch.nn.Module], inputs: Any, min_run_time: float,
+               progress: Callable[[str], None]) -> list[float]:
+    """Median forward time (ms) of each module on its device, with ``torch.utils.benchmark.Timer``.
+
+    Each module is warmed up (two calls), then timed in blocks for at least ``min_run_time`` s
+    (``blocked_autorange``: CUDA is synchronised around every block) under ``inference_mode``.
+    """
+    from torch.utils import benchmark
+
+    medians = []
+    with torch.inference_mode():
+        for name, module in modules.items():
+            progress(f"timing the {name} form (warm-up, then {min_run_time:g} s)")
+            for _ in range(2):
+                module(inputs)
+            timer = benchmark.Timer(stmt="module(inputs)", globals={"module": module, "inputs": inputs},
+                                    num_threads=torch.get_num_threads())
+            medians.append(1000 * timer.blocked_autorange(min_run_time=min_run_time).median)
+    return medians
+
+
+def demo_command(argv: Sequence[str]) -> None:
+    parser = ArgumentParser(prog="refvision demo", description="Baseline, control and RefConv refocusing on generated data.")
+    parser.add_argument("--root", default="runs/demo", help="run directory (data is cached under ROOT/data)")
+    parser.add_argument("--tasks", type=list[str], default=["classification", "detection", "segmentation"])
+    cfg = parser.parse_args(list(argv))
+    run_demo(cfg.root, cfg.tasks)
+
+
+def export_command(argv: Sequence[str]) -> None:
+    parser = ArgumentParser(prog="refvision export",
+                            description="Export the deploy form of a checkpoint's raw network (no post-processing).")
+    parser.add_argument("--ckpt", required=True, help="train or deploy checkpoint (loaded with weights_only=True)")
+    parser.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx | torchscript | exported-program")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--check", type=bool, default=True, help="run the written file and compare it with PyTorch")
+    cfg = parser.parse_args(list(argv))
+    print(export_checkpoint(cfg.ckpt, cfg.output, cfg.format, opset=cfg.opset, overwrite=cfg.overwrite,
+                            check=cfg.check))
+
+
+EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "reparameterize": reparameterize_command,
+    "profile": profile_command,
+    "demo": demo_command,
+    "export": export_command,
+}

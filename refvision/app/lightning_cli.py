@@ -1,0 +1,99 @@
+"""The Lightning half of the ``refvision`` command: ``fit / validate / test / predict``.
+
+A :class:`~lightning.pytorch.cli.LightningCLI` whose model is any refvision task and whose data is
+any LightningDataModule, both chosen by ``class_path`` in the (composable) ``-c`` configs.
+"""
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from lightning import LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+import refvision.data  # noqa: F401  (registers the data modules for short class names)
+import refvision.tasks.classification  # noqa: F401  (registers the tasks for short class names)
+import refvision.tasks.detection  # noqa: F401
+import refvision.tasks.segmentation  # noqa: F401
+from refvision.engine.callbacks import DeployCheckpoint
+from refvision.engine.checkpoint import check_task_checkpoint, safe_checkpoint_globals
+from refvision.tasks.base import RefvisionTask
+
+EXTRA_COMMANDS_HELP = """\
+workflow subcommands:
+  reparameterize  --ckpt IN --output OUT [--overwrite]   write the deploy checkpoint of IN
+  profile         -c CONFIG [-c ...] [--ckpt CKPT]      params / FLOPs / latency, train vs deploy form
+  demo            [--root DIR]                           the whole refocus workflow on generated data
+  export          --ckpt IN --output OUT --format FMT    ONNX / TorchScript / ExportedProgram of the deploy form
+"""
+
+
+class RefvisionCLI(LightningCLI):
+    """LightningCLI with the deploy-checkpoint callback always on, ``--ckpt_path`` read safely, and
+    TensorBoard + CSV loggers by default."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyper-parameters here and the Trainer loads it later (a URL
+        # with weights_only=False). Download and check it first (readable, no pickle, this task's);
+        # both then read the local file weights-only.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+            model_class = self.config[subcommand].get("model.class_path")
+            self.config[subcommand]["ckpt_path"] = str(check_task_checkpoint(ckpt_path, model_class)[0])
+        with safe_checkpoint_globals():
+            super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        config = self.config_init[subcommand]
+        if config.get("weights_only") is False:
+            raise ValueError("--weights_only false: refvision loads checkpoints with weights_only=True only")
+        config["weights_only"] = True
+        with safe_checkpoint_globals():
+            super()._run_subcommand(subcommand)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
+
+
+def default_loggers(root_dir: str) -> list[Logger]:
+    """TensorBoard (first: it names the checkpoint folder) and CSV, both in ``root_dir/lightning_logs/version_<n>``.
+
+    ``--trainer.logger`` left unset (or ``true``) means these; any other value is used as given.
+    """
+    board = TensorBoardLogger(root_dir, version=SLURMEnvironment.job_id())
+    table = CSVLogger(root_dir, version=board.version)
+    # Open the CSV log (rank 0) before TensorBoard writes into the shared folder, which the CSV
+    # logger would otherwise take for a stale run and warn about.
+    table.experiment  # noqa: B018
+    return [board, table]
+
+
+def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RefvisionCLI:
+    """Run (or only build, ``run=False``) the Lightning part of the command on ``args``.
+
+    ``args`` given, the process's own command line is not parsed (``refvision demo`` runs several
+    such commands); LightningCLI's warning about having both is silenced. ``sys.argv`` itself is
+    left alone: Lightning's DDP launcher starts the other ranks with it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return RefvisionCLI(
+            RefvisionTask,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            parser_kwargs={"epilog": EXTRA_COMMANDS_HELP},
+            save_config_kwargs={"overwrite": True},
+        )

@@ -1,0 +1,1 @@
+"""Lightning glue: checkpoint reading, deploy checkpoints, callbacks, run state, export, prediction writers."""

@@ -1,0 +1,145 @@
+"""The package's layers: imports only go down, no cycle, one name per module."""
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import refvision
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "refvision"
+
+# Lower index = lower layer. A module may import its own layer and the layers below it.
+LAYERS: dict[str, int] = {
+    "refvision.nn": 0, "refvision.surgery": 0,
+    "refvision.models": 1, "refvision.data": 1, "refvision.metrics": 1,
+    "refvision.tasks": 2, "refvision.engine": 2,
+    "refvision.app": 3,
+}
+PURE_TORCH = ("refvision.nn", "refvision.surgery")
+
+
+def _sources() -> dict[str, Path]:
+    """Module name -> file, for the package and the tasks (which ship as ``refvision.tasks``)."""
+    found = {}
+    for root, prefix in ((PACKAGE, ("refvision",)), (REPO / "tasks", ("refvision", "tasks"))):
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            if root == PACKAGE and parts[0] in ("tasks", "configs"):
+                continue  # links to the top-level folders
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            found[".".join(prefix + parts)] = path
+    return found
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, at module level) for every import in ``path``."""
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found += [(f"{node.module}.{a.name}", id(node) in top) for a in node.names]
+            found.append((node.module, id(node) in top))
+    return found
+
+
+def _layer(module: str) -> str | None:
+    return next((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None)
+
+
+def _internal(imported: str, known: set[str]) -> str | None:
+    while imported and imported not in known:
+        imported = imported.rpartition(".")[0]
+    return imported or None
+
+
+def test_imports_only_go_down_and_surgery_is_pure_torch() -> None:
+    sources = _sources()
+    wrong = []
+    for name, path in sources.items():
+        own = _layer(name)
+        for imported, _ in _imports(path):
+            if own in PURE_TORCH and imported.split(".")[0] in ("lightning", "pytorch_lightning", "torchmetrics"):
+                wrong.append(f"{name} imports {imported} (pure-torch layer)")
+            target = _layer(imported)
+            if own is not None and target is not None and LAYERS[target] > LAYERS[own]:
+                wrong.append(f"{name} ({own}) imports {imported} ({target})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycle_and_no_function_level_internal_import() -> None:
+    sources = _sources()
+    known = set(sources)
+    graph: dict[str, set[str]] = {}
+    hidden = []
+    for name, path in sources.items():
+        edges = set()
+        for imported, top_level in _imports(path):
+            target = _internal(imported, known)
+            if target is None or target == name:
+                continue
+            edges.add(target)
+            if not top_level:
+                hidden.append(f"{name} imports {target} inside a function")
+        graph[name] = edges
+    assert not hidden, "\n".join(hidden)
+
+    # Packages import their submodules by design; a cycle is between modules beyond that.
+    def is_parent(a: str, b: str) -> bool:
+        return b.startswith(a + ".")
+
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if is_parent(node, nxt) or is_parent(nxt, node):
+                continue
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt):], nxt]) if nxt in stack else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def test_tasks_have_one_import_path() -> None:
+    done = subprocess.run([sys.executable, "-c", "import tasks.base"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and "refvision.tasks" in done.stderr
+    from refvision.tasks.base import RefvisionTask
+
+    assert importlib.import_module("refvision.tasks.base").RefvisionTask is RefvisionTask
+
+
+def test_root_names_do_not_shadow_modules() -> None:
+    profile_module = importlib.import_module("refvision.surgery.profile")
+    assert callable(refvision.surgery.profile) and refvision.surgery.profile is profile_module.profile
+    assert profile_module.ModelProfile.__name__ == "ModelProfile"
+    assert callable(refvision.surgery.convert) and callable(refvision.reparameterize)
+
+
+@pytest.mark.parametrize("old, new", [("refvision.convert", "refvision.surgery.convert"),
+                                      ("refvision.profile", "refvision.surgery.profile")])
+def test_moved_modules_that_share_a_root_name_say_where_they_went(old: str, new: str) -> None:
+    with pytest.raises(ModuleNotFoundError, match=new):
+        importlib.import_module(old)
+    assert callable(getattr(refvision, old.rpartition(".")[2]))
+
+
+def test_other_moved_modules_still_import_with_a_deprecation_warning() -> None:
+    sys.modules.pop("refvision.deploy", None)
+    with pytest.warns(DeprecationWarning, match="refvision.engine.deploy"):
+        old = importlib.import_module("refvision.deploy")
+    assert old is importlib.import_module("refvision.engine.deploy")
