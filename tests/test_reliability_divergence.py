@@ -11,6 +11,7 @@ from fit_process import fit_in_process, output_of, start_fit
 from refvision.engine.atomic_file import is_temporary
 from refvision.app.cli import main
 from refvision.app.demo.data import write_imagefolder
+from refvision.engine.divergence import TrainingDiverged
 
 REFCONV = ("-c", "configs/conv/refconv.yaml")
 
@@ -87,3 +88,10 @@ def test_non_finite_weights_are_refused(tmp_path: Path, trained: Path, command: 
         main([command, "--ckpt", str(source), "--output", str(tmp_path / "out.pt"), *extra])
     assert _files(tmp_path) == ["nan.ckpt"]
     assert not any(is_temporary(p) for p in tmp_path.iterdir())
+
+
+def test_fit_from_non_finite_weights_stops_before_validation(tmp_path: Path, data: Path, trained: Path) -> None:
+    source = _with_weights(trained.with_name("best-deploy.ckpt"), tmp_path / "nan.ckpt", _nan_weight)
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights at epoch 0, step 0: model\.classifier\.1\.bias"):
+        fit_in_process(tmp_path / "run", data, *REFCONV, "--model.init_from", str(source))
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
