@@ -36,7 +36,8 @@ class DetectionTask(RefvisionTask):
         num_classes: classes including the background (21 for VOC); must equal the data module's.
         weights_backbone: torchvision ImageNet weight name of the backbone to download
             (``DEFAULT``, ``IMAGENET1K_V1``, ``IMAGENET1K_FEATURES`` for VGG16), or null.
-        image_size: square side the SSDLite models resize to (default 320; SSD300 only takes 300).
+        image_size: square side the SSDLite models resize to (default 320; SSD300 only takes 300); the
+            command sets it from ``data.image_size``.
         eval_mode: VOC AP interpolation: ``11points`` (VOC2007, the SSD paper) or ``area`` (VOC2010+).
         norm_momentum: BatchNorm running-statistics momentum of every norm layer, or null to keep
             the detector's (SSDLite: 0.03, set for torchvision's 660-epoch schedule; with a few

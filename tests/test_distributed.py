@@ -91,7 +91,7 @@ def test_ddp_detection_map_matches_single_process(tmp_path: Path) -> None:
     data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=8, num_test=4, size=(48, 64))
     common = [
         "-c", str(REPO / "configs/demo/detection.yaml"), "--data.root", str(data), "--data.batch_size", "2",
-        "--data.pin_memory", "false", "--model.image_size", "64", "--trainer.accelerator", "cpu",
+        "--data.pin_memory", "false", "--data.image_size", "64", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false",
     ]
     # A few epochs: after 2 steps from scratch no box reaches IoU 0.5 and every mAP is 0.

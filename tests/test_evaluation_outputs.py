@@ -181,7 +181,7 @@ def test_segmentation_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
 def test_detection_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
     data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=2, num_test=4, size=(48, 64))
     cli = lightning_cli(["test", "-c", "configs/demo/detection.yaml", *COMMON, "--data.root", str(data),
-                         "--data.pin_memory", "false", "--model.image_size", "64",
+                         "--data.pin_memory", "false", "--data.image_size", "64",
                          "--trainer.default_root_dir", str(tmp_path / "run")])
     log_dir = Path(cli.trainer.log_dir)
     task = cli.model.eval()

@@ -108,7 +108,7 @@ def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> Non
     gap = int(middle[(ordered[middle + 1] - ordered[middle]).argmax()])
     threshold = float(ordered[gap] + ordered[gap + 1]) / 2
     out = tmp_path / "out"
-    _predict("detection", images, ckpt, out, tmp_path / "run", "--model.image_size", "64",
+    _predict("detection", images, ckpt, out, tmp_path / "run", "--data.image_size", "64",
              "--trainer.callbacks.score_threshold", str(threshold))
     records = json.loads((out / "detections.json").read_text())
     assert [r["file"] for r in records] == sorted(IMAGES)
@@ -179,7 +179,7 @@ def test_detection_writer_refuses_an_existing_devkit_file(tmp_path: Path, images
     taken.parent.mkdir(parents=True)
     taken.write_text("000001 0.9 1 1 5 5\n")
     with pytest.raises(FileExistsError, match="comp4_det_test_car.txt"):
-        _predict("detection", images, ckpt, tmp_path / "out", tmp_path / "run", "--model.image_size", "64",
+        _predict("detection", images, ckpt, tmp_path / "out", tmp_path / "run", "--data.image_size", "64",
                  "--trainer.callbacks.voc_set", "2007-test")
     assert taken.read_text() == "000001 0.9 1 1 5 5\n"
     assert not (tmp_path / "out" / "detections.json").exists()

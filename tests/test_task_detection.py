@@ -22,7 +22,7 @@ SIZE = 64
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
     return [
         "-c", CONFIG, *extra,
-        "--data.root", str(data), "--data.pin_memory", "false", "--model.image_size", str(SIZE),
+        "--data.root", str(data), "--data.pin_memory", "false", "--data.image_size", str(SIZE),
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(root),
         "--trainer.enable_progress_bar", "false",

@@ -26,7 +26,7 @@ CONFIG = "configs/demo/detection.yaml"
 
 
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
-    return ["-c", CONFIG, *extra, "--data.root", str(data), "--data.pin_memory", "false", "--model.image_size", "64",
+    return ["-c", CONFIG, *extra, "--data.root", str(data), "--data.pin_memory", "false", "--data.image_size", "64",
             "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
             "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(root),
             "--trainer.enable_progress_bar", "false"]

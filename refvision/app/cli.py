@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from refvision.app.commands import EXTRA_COMMANDS
-from refvision.app.lightning_cli import lightning_cli
+from refvision.app.lightning_cli import ConfigError, lightning_cli
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -21,7 +21,11 @@ def main(args: Sequence[str] | None = None) -> None:
         except (OSError, ValueError) as err:
             sys.exit(f"refvision {argv[0]}: error: {err}")
         return
-    lightning_cli(argv)
+    try:
+        lightning_cli(argv)
+    except ConfigError as err:
+        print(f"refvision {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

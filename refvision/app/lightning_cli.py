@@ -6,6 +6,7 @@ any LightningDataModule, both chosen by ``class_path`` in the (composable) ``-c`
 
 import os
 import warnings
+from argparse import ArgumentError
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,12 +32,46 @@ workflow subcommands:
 """
 
 
+class ConfigError(ValueError):
+    """A command line or config that cannot be used; the message is the cause alone."""
+
+
+def root_cause(err: BaseException) -> str:
+    """The innermost explicit cause of ``err``, without jsonargparse's dump of the given values."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).splitlines()
+             if not line.lstrip().startswith(("Given value", "Subtypes:", "- Expected a <class 'NoneType'>"))]
+    return "\n".join(lines).strip()
+
+
 class RefvisionCLI(LightningCLI):
-    """LightningCLI with the deploy-checkpoint callback always on, ``--ckpt_path`` read safely, and
-    TensorBoard + CSV loggers by default."""
+    """LightningCLI with the deploy-checkpoint callback always on, ``--ckpt_path`` read safely,
+    TensorBoard + CSV loggers by default, and config errors raised as :class:`ConfigError`."""
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        # Errors raise instead of printing usage with a dump of the whole namespace: the
+        # command prints the cause alone (see refvision.app.cli.main).
+        return super().init_parser(**{**kwargs, "exit_on_error": False})
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(root_cause(err)) from err
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, OSError) as err:
+            raise ConfigError(root_cause(err)) from err
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
+        # The input size is the data's: a data module that has `image_size` sets the model's
+        # (classification crop, detector input side), so the two never disagree. Skipped where
+        # the data module or the task has no such argument (Cityscapes, segmentation).
+        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size", apply_on="parse")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters here and the Trainer loads it later (a URL

@@ -127,9 +127,10 @@ class PredictImagesDataModule(L.LightningDataModule):
     ``preset`` applies the evaluation preprocessing of that task (use the values the model was
     trained with):
 
-    - ``classification``: resize the shorter side to ``resize_size``, center-crop ``image_size``,
-      normalize; batches ``(images (B, 3, S, S), infos)``;
-    - ``detection``: ``float32`` in [0, 1] at the image's own size (the detector resizes);
+    - ``classification``: resize the shorter side to ``resize_size``, center-crop ``image_size``
+      (``None``: 224), normalize; batches ``(images (B, 3, S, S), infos)``;
+    - ``detection``: ``float32`` in [0, 1] at the image's own size (the detector resizes to
+      ``image_size``, carried to ``model.image_size`` as from the training data module);
       batches ``(list of (3, H_i, W_i), infos)``;
     - ``segmentation``: normalized at the image's own size, any size (the task's whole / slide /
       flip / multi-scale inference handles it); batches ``(list of (3, H_i, W_i), infos)``.
@@ -143,7 +144,7 @@ class PredictImagesDataModule(L.LightningDataModule):
         self,
         root: str,
         preset: Preset,
-        image_size: int = 224,
+        image_size: int | None = None,
         resize_size: int = 256,
         interpolation: str = "bilinear",
         class_names: list[str] | str | None = None,
@@ -166,7 +167,7 @@ class PredictImagesDataModule(L.LightningDataModule):
         self.class_names = class_names
         self.num_classes = len(class_names) if class_names is not None else None
         if preset == "classification":
-            self.transform: v2.Transform = presets.classification_eval(image_size, resize_size, interpolation)
+            self.transform: v2.Transform = presets.classification_eval(image_size or 224, resize_size, interpolation)
         elif preset == "detection":
             self.transform = presets.detection_eval()
         else:

@@ -305,6 +305,10 @@ class VOCDataModule(SplitDataModule):
     difficult out of the training targets, as MMDetection's VOC configs and ssd.pytorch do;
     ``True`` trains on them too, as the original Caffe SSD (``train_on_diff_gt``). Val / test
     targets always keep them, flagged, so evaluation counts them as neither TP nor FP.
+
+    ``image_size`` is the square side the detector resizes every image to (``None``: the
+    detector's own, 320 for SSDLite, 300 for SSD300). The images are passed on at their own size;
+    the command line carries this value to ``model.image_size``.
     """
 
     collate_fn = staticmethod(detection_collate)
@@ -321,10 +325,12 @@ class VOCDataModule(SplitDataModule):
         pin_memory: bool = True,
         on_bad_sample: OnBadSample = "raise",
         train_difficult: bool = False,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_policy(on_bad_sample)
+        self.image_size = image_size
         for image_set in (*train_sets, *val_sets, *test_sets):
             image_set_file(root, image_set)
         self.root = root
