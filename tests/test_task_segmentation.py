@@ -130,6 +130,6 @@ def test_cli_fit_refconv_deploy_test_predict(tmp_path: Path) -> None:
     assert ids.shape == (1, 64, 128) and int(ids.max()) < 19
     assert all((out / folder / name).is_file() for folder in ("color", "overlay"))
     task = SegmentationTask.load_from_checkpoint(deploy).eval()
-    image = tested.datamodule.val_dataloader().dataset[0][0].unsqueeze(0)
+    image = tested.datamodule.predict_dataloader().dataset[0][0].unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(task(image).argmax(1)[0].to(torch.uint8), ids[0])
