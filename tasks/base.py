@@ -149,6 +149,10 @@ class RefvisionTask(LightningModule):
             load_init_from(model, init_from, prefix=init_prefix, strict=init_strict)
         kind = self.conv_config["kind"]
         if kind != "none":
+            try:
+                get_method(kind)
+            except ValueError as err:
+                raise ValueError(f"model.conv.kind: {err}; or none to keep the model as built") from None
             include = self.conv_config.get("include") or self.default_conv_include
             options = {k: self.conv_config[k] for k in _OPTION_SHORTHANDS if k in self.conv_config}
             options.update(self.conv_config.get("options") or {})

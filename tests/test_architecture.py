@@ -15,7 +15,7 @@ PACKAGE = REPO / "refvision"
 
 # Lower index = lower layer. A module may import its own layer and the layers below it.
 LAYERS: dict[str, int] = {
-    "refvision.nn": 0, "refvision.surgery": 0,
+    "refvision.utils": 0, "refvision.nn": 0, "refvision.surgery": 0,
     "refvision.models": 1, "refvision.data": 1, "refvision.metrics": 1,
     "refvision.tasks": 2, "refvision.engine": 2,
     "refvision.app": 3,

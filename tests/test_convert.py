@@ -249,9 +249,10 @@ def test_report_table_deepcopy_and_log(caplog):
         Replacement("1.0", "refconv", 16, 16, (1, 7), (1, 1), 16, (1, 1)),
     ]
     assert format_report(report).splitlines() == [
-        "name  kind     in  out  kernel  stride  groups  dilation",
-        "0     refconv  3   16   3x3     2x2     1       1x1",
-        "1.0   refconv  16  16   1x7     1x1     16      1x1",
+        "name      kind   in   out   kernel   stride   groups   dilation",
+        "---------------------------------------------------------------",
+        "0      refconv    3    16      3x3      2x2        1        1x1",
+        "1.0    refconv   16    16      1x7      1x1       16        1x1",
     ]
     assert conversion_report(copy.deepcopy(model)) == report
     assert all("replacement" not in key for key in model.state_dict())

@@ -5,6 +5,7 @@
 handled before LightningCLI parses, so one entry point serves all.
 """
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -12,8 +13,19 @@ from refvision.app.commands import EXTRA_COMMANDS
 from refvision.app.lightning_cli import ConfigError, lightning_cli
 
 
+def enforce_weights_only() -> None:
+    """Make every ``torch.load`` of this process weights-only, whatever its caller asked for.
+
+    refvision's own loads already are; this also covers the libraries' (torchvision's named weights
+    through ``torch.hub``, for one), so that no file this command reads can run code.
+    """
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``refvision`` console script."""
+    enforce_weights_only()
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         try:

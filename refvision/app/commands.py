@@ -13,6 +13,7 @@ from refvision.engine.export import FORMATS, export_checkpoint
 from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import profile
 from refvision.tasks.base import RefvisionTask
+from refvision.utils.table import render_table
 
 def reparameterize_command(argv: Sequence[str]) -> None:
     parser = ArgumentParser(prog="refvision reparameterize", description="Write the deploy checkpoint of a trained checkpoint.")
@@ -69,7 +70,7 @@ def profile_table(task: RefvisionTask, min_run_time: float = 1.0, *, device: str
     original, task.model = task.model, reparameterize(task.model)
     deploy_module = task.profile_module()
     task.model = original
-    rows = [("", "train form", "deploy form")]
+    rows = []
     profiles = []
     for name, module in (("train", train_module), ("deploy", deploy_module)):
         say(f"counting FLOPs of the {name} form")
@@ -79,8 +80,7 @@ def profile_table(task: RefvisionTask, min_run_time: float = 1.0, *, device: str
                          ("params training-only", "params_training_only"), ("FLOPs (mult-adds)", "flops")):
         rows.append((label, *(f"{getattr(p, field):,}" for p in profiles)))
     rows.append((f"latency ms (median, {device.type})", *(f"{t:.2f}" for t in latency)))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width))) for r in rows)
+    return render_table(("", "train form", "deploy form"), rows)
 
 
 def _resized(inputs: Any, size: Sequence[int] | None) -> Any:

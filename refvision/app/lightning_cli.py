@@ -5,6 +5,7 @@ any LightningDataModule, both chosen by ``class_path`` in the (composable) ``-c`
 """
 
 import os
+import re
 import warnings
 from argparse import ArgumentError
 from collections.abc import Sequence
@@ -37,12 +38,19 @@ class ConfigError(ValueError):
 
 
 def root_cause(err: BaseException) -> str:
-    """The innermost explicit cause of ``err``, without jsonargparse's dump of the given values."""
-    while err.__cause__ is not None:
+    """The innermost explicit cause of ``err``, after the innermost config key named on the way,
+    without jsonargparse's dump of the given values."""
+    key = None
+    while True:
+        keys = re.findall(r'Parser key "([^"]+)"', str(err))
+        key = keys[-1] if keys else key
+        if err.__cause__ is None:
+            break
         err = err.__cause__
-    lines = [line for line in str(err).splitlines()
+    lines = [line.strip() for line in str(err).splitlines()
              if not line.lstrip().startswith(("Given value", "Subtypes:", "- Expected a <class 'NoneType'>"))]
-    return "\n".join(lines).strip()
+    cause = " ".join(line for line in lines if line)
+    return f"{key}: {cause}" if key and not cause.startswith("Parser key") else cause
 
 
 class RefvisionCLI(LightningCLI):

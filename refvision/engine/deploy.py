@@ -20,6 +20,7 @@ from refvision.engine.atomic_file import save_atomically
 from refvision.surgery.convert import reparameterize
 from refvision.engine.divergence import non_finite_tensors
 from refvision.surgery.profile import ModelProfile, profile
+from refvision.utils.table import render_table
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 _PRIVATE_KEYS = ("_class_path", "_instantiator")
@@ -37,14 +38,12 @@ class DeployReport:
 
     def __str__(self) -> str:
         rows = [
-            ("", "train form", "deploy form"),
             ("params total", f"{self.train.params_total:,}", f"{self.deploy.params_total:,}"),
             ("params trainable", f"{self.train.params_trainable:,}", f"{self.deploy.params_trainable:,}"),
             ("params training-only", f"{self.train.params_training_only:,}", f"{self.deploy.params_training_only:,}"),
             ("FLOPs (mult-adds)", f"{self.train.flops:,}", f"{self.deploy.flops:,}"),
         ]
-        width = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width))) for r in rows]
+        lines = [render_table(("", "train form", "deploy form"), rows)]
         lines.append(f"max |output(train) - output(deploy)| = {self.max_abs_diff:.3e}")
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)

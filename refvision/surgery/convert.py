@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from refvision.nn import ConvMethod, get_method, method_name
+from refvision.utils.table import render_table
 
 logger = logging.getLogger("refvision")
 
@@ -210,14 +211,12 @@ def conversion_report(model: nn.Module) -> list[Replacement]:
 def format_report(replacements: Sequence[Replacement]) -> str:
     """``replacements`` as an aligned text table, one row per layer."""
     header = ("name", "kind", "in", "out", "kernel", "stride", "groups", "dilation")
-    rows = [header] + [
+    rows = [
         (r.name, r.kind, str(r.in_channels), str(r.out_channels), _dims(r.kernel_size),
          _dims(r.stride), str(r.groups), _dims(r.dilation))
         for r in replacements
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-    return "\n".join(lines)
+    return render_table(header, rows)
 
 
 def _conv_sites(

@@ -16,6 +16,7 @@ from mmengine.analysis import FlopAnalyzer
 from torch import nn
 
 from refvision.nn import ConvMethod
+from refvision.utils.table import render_table
 from refvision.nn.drconv import region_conv_macs
 
 
@@ -49,10 +50,8 @@ class ModelProfile:
     flops: int
 
     def table(self) -> str:
-        """Two aligned columns: name, value with thousands separators."""
-        width = max(len(f.name) for f in fields(self))
-        lines = (f"{f.name.ljust(width)}  {getattr(self, f.name):>15,}" for f in fields(self))
-        return "\n".join(lines)
+        """Two columns: count name, value with thousands separators."""
+        return render_table(("count", "value"), [(f.name, f"{getattr(self, f.name):,}") for f in fields(self)])
 
     def __str__(self) -> str:
         return self.table()

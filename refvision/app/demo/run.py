@@ -19,6 +19,7 @@ from refvision.app.lightning_cli import lightning_cli
 from refvision.app.demo.data import ensure_demo_data
 from refvision.engine.deploy import load_task_checkpoint
 from refvision.surgery.profile import profile
+from refvision.utils.table import render_table
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -167,8 +168,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], markdown: bool)
     if markdown:
         lines = [header, tuple("---" for _ in header), *rows]
         return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
-    width = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, width)) for row in [header, *rows])
+    return render_table(header, rows)
 
 
 def format_rows(rows: list[DemoRow], markdown: bool = False) -> str:

@@ -1,0 +1,1 @@
+"""Small helpers every layer may use (no torch, no Lightning)."""
