@@ -74,6 +74,27 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     return task.eval(), hparams
 
 
+def load_task_to_write(source: Path, output: Path, overwrite: bool) -> tuple[Any, dict[str, Any]]:
+    """Check that ``output`` may be written from checkpoint ``source``, then load the task from it.
+
+    Raises (before anything is written):
+        ValueError: ``output`` is ``source`` (also through a link, even with ``overwrite``), or the
+            checkpoint holds non-finite weights.
+        IsADirectoryError / FileExistsError: ``output`` is a directory / exists without ``overwrite``.
+    """
+    if same_file(source, output):
+        raise ValueError(f"--output {output} is the input checkpoint --ckpt; choose another path")
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a directory; give the path of the file to write")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
+    task, hparams = load_task_checkpoint(source)
+    bad = non_finite_tensors(task.state_dict())
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights ({', '.join(bad[:5])}); nothing written")
+    return task, hparams
+
+
 def reparameterize_checkpoint(
     source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False, inputs: Any = None
 ) -> DeployReport:
@@ -87,16 +108,7 @@ def reparameterize_checkpoint(
     the largest output difference between the two forms.
     """
     source, output = Path(source), Path(output)
-    if same_file(source, output):
-        raise ValueError(f"--output {output} is the input checkpoint; choose another path")
-    if output.is_dir():
-        raise IsADirectoryError(f"--output {output} is a directory; give the path of the file to write")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
-    task, hparams = load_task_checkpoint(source)
-    bad = non_finite_tensors(task.state_dict())
-    if bad:
-        raise ValueError(f"{source} holds non-finite weights ({', '.join(bad[:5])}); nothing written")
+    task, hparams = load_task_to_write(source, output, overwrite)
     task_cls = type(task)
     deploy_hparams = task_cls.deploy_hparams(hparams)
     deploy_task = task_cls(**deploy_hparams).eval()

@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from refvision.engine.atomic_file import written_atomically
 from refvision.surgery.convert import converted_layers, reparameterize
-from refvision.engine.deploy import load_task_checkpoint, same_file
-from refvision.engine.divergence import non_finite_tensors
+from refvision.engine.deploy import load_task_to_write
 
 ExportFormat = Literal["onnx", "torchscript", "exported-program"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "exported-program")
@@ -115,16 +114,7 @@ def export_checkpoint(
     if format not in FORMATS:
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     source, output = Path(ckpt), Path(output)
-    if same_file(source, output):
-        raise ValueError(f"--output {output} is the input checkpoint --ckpt; choose another path")
-    if output.is_dir():
-        raise IsADirectoryError(f"--output {output} is a directory; give the path of the file to write")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
-    task, _ = load_task_checkpoint(source)
-    bad = non_finite_tensors(task.state_dict())
-    if bad:
-        raise ValueError(f"{source} holds non-finite weights ({', '.join(bad[:5])}); nothing exported")
+    task, _ = load_task_to_write(source, output, overwrite)
     example = task.example_inputs()
     reparameterized = bool(converted_layers(task.model))
     fold_gap = None
