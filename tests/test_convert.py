@@ -267,3 +267,14 @@ def test_reparameterize_copies_unless_inplace_and_keeps_modes():
     same = reparameterize(model, inplace=True)
     assert same is model and type(model[0]) is nn.Conv2d
     assert type(reparameterize(RefConv(3, 4, 3))) is nn.Conv2d
+
+
+@pytest.mark.parametrize("kind", ["refconv", "drconv", "acconv"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_kernel_is_refused_naming_the_layer(kind: str, bad: float) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3)))
+    with torch.no_grad():
+        model[1][0].weight[0, 0, 1, 1] = bad
+    with pytest.raises(ValueError, match=r"cannot convert '1\.0' .* weight holds NaN or inf"):
+        convert(model, kind)
+    assert type(model[0]) is nn.Conv2d and type(model[1][0]) is nn.Conv2d  # all or nothing
