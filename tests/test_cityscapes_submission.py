@@ -25,7 +25,8 @@ also exactly the labels with ``ignoreInEval=False``, the ones the evaluator scor
 
 
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
-    return ["-c", "configs/demo/segmentation.yaml", *extra, "--data.root", str(data), "--data.crop_size", "[64,128]",
+    return ["-c", "configs/demo/segmentation.yaml", *extra, "--data.root", str(data), "--data.test_split", "val",
+            "--data.crop_size", "[64,128]",
             "--model.example_size", "[64,128]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
             "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
@@ -78,6 +79,7 @@ def test_val_and_test_folders_are_what_the_evaluator_accepts(tmp_path: Path) -> 
     assert _evaluator_miou(pairs) == pytest.approx(float(tested["test/miou"]), abs=1e-6)
 
     # The test split: images only (its labels are not public), through the plain-folder data module.
+    shutil.rmtree(data / "leftImg8bit" / "test")
     shutil.copytree(data / "leftImg8bit" / "val", data / "leftImg8bit" / "test")
     test_out = tmp_path / "test_predictions"
     main(["predict", "-c", "configs/demo/segmentation.yaml", "-c", "configs/predict/segmentation.yaml",

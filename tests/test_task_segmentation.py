@@ -124,7 +124,7 @@ def test_cli_fit_refconv_deploy_test_predict(tmp_path: Path) -> None:
     main(["predict", *_args(tmp_path / "pred_run", data), "--ckpt_path", str(deploy),
           "--trainer.callbacks+=refvision.tasks.segmentation.SegmentationPredictionWriter",
           "--trainer.callbacks.output_dir", str(out)])
-    first = sorted((data / "leftImg8bit" / "val").glob("*/*.png"))[0]
+    first = sorted((data / "leftImg8bit" / tested.datamodule.test_split).glob("*/*.png"))[0]
     name = f"{first.parent.name}/{first.stem}.png"
     ids = decode_png(read_file(str(out / "labels" / name)))
     assert ids.shape == (1, 64, 128) and int(ids.max()) < 19

@@ -21,7 +21,7 @@ from refvision.engine.deploy import load_task_checkpoint
 from refvision.surgery.profile import profile
 from refvision.utils.table import render_table
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 SCOPE = ("One seed, a few hundred images generated here, models trained from scratch on 2 CPU cores: "
          "the table shows that the workflow runs end to end and that the deploy form is exact. "
