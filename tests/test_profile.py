@@ -71,11 +71,13 @@ def test_needs_exactly_one_input_spec(kwargs):
 
 def test_table():
     assert str(VANILLA).splitlines() == [
-        "params_total                      324",
-        "params_trainable                  324",
-        "params_training_only                0",
-        "params_frozen                       0",
-        "flops                          32,000",
+        "count                   value",
+        "-----------------------------",
+        "params_total              324",
+        "params_trainable          324",
+        "params_training_only        0",
+        "params_frozen               0",
+        "flops                  32,000",
     ]
 
 

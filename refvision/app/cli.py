@@ -24,8 +24,10 @@ def enforce_weights_only() -> None:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``refvision`` console script."""
-    enforce_weights_only()
+    """Entry point of the ``refvision`` console script (``args``: run in-process on these instead of
+    the command line, leaving the process's settings alone)."""
+    if args is None:
+        enforce_weights_only()
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in EXTRA_COMMANDS:
         try:
