@@ -14,11 +14,12 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
+# Two workers, one per core; a test file stays on one worker (its module fixtures are built once).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/refvision demo --root $(RUNS)/demo

@@ -103,9 +103,10 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path: Path, data: Path, signum:
     stopped = _load(last)
     assert stopped["global_step"] > seen
     if signum == signal.SIGTERM:
-        # The same command resumes it and ends the epoch it was stopped in.
-        finish(start_fit(tmp_path, data, "--trainer.max_epochs", str(stopped["epoch"] + 1), "--ckpt_path", str(last)))
-        assert _load(checkpoint_dir(tmp_path, 1) / "last.ckpt")["global_step"] == (stopped["epoch"] + 1) * STEPS_PER_EPOCH
+        # The same command resumes it, ends the epoch it was stopped in and runs one more (one more,
+        # so that the resumed run has an epoch to finish even when the signal came at an epoch's end).
+        finish(start_fit(tmp_path, data, "--trainer.max_epochs", str(stopped["epoch"] + 2), "--ckpt_path", str(last)))
+        assert _load(checkpoint_dir(tmp_path, 1) / "last.ckpt")["global_step"] == (stopped["epoch"] + 2) * STEPS_PER_EPOCH
 
 
 def _kill_while_saving(root: Path, data: Path, env: dict[str, str]) -> list[Path]:
