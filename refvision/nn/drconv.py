@@ -4,7 +4,8 @@ A learned *guide* conv splits the output plane into ``m`` regions (per-pixel arg
 every region gets its own input-dependent filter; each output pixel is computed with the
 one filter of its region.
 
-Choices made here (see METHODS.md for what the paper and the official code do):
+Choices made here (docs/methods.md states what the paper and the official code do, and where
+refvision differs):
 
 * **Filter generator: the paper's**, ``AdaptiveAvgPool2d((kh, kw))`` -> 1x1 conv
   ``Cin -> m^2`` -> sigmoid -> grouped 1x1 conv ``m^2 -> m*Cout*Cin`` (``m`` groups) ->
