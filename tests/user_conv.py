@@ -43,10 +43,5 @@ class RepBranchConv(ConvMethod):
         return self._conv_forward(input, self.kernel(), self.bias)
 
     def fuse(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, self.bias is not None, self.padding_mode)
         with torch.no_grad():
-            conv.weight.copy_(self.kernel())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv.train(self.training)
+            return self.plain_conv(self.kernel())

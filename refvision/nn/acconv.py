@@ -78,14 +78,5 @@ class ACConv(ConvMethod):
         return self._conv_forward(input, self.composed_weight(), self.bias)
 
     def fuse(self) -> nn.Conv2d:
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode,
-            device=self.weight.device, dtype=self.weight.dtype,
-        )
         with torch.no_grad():
-            conv.weight.copy_(self.composed_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        conv._reversed_padding_repeated_twice = list(self._reversed_padding_repeated_twice)
-        return conv.train(self.training)
+            return self.plain_conv(self.composed_weight())

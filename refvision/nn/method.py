@@ -16,6 +16,7 @@ import importlib
 from collections.abc import Iterator
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 
@@ -53,6 +54,24 @@ class ConvMethod(nn.Conv2d):
         :attr:`folds_to_conv`.
         """
         raise NotImplementedError
+
+    def plain_conv(self, kernel: Tensor) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with this layer's geometry, padding mode, device, dtype and train /
+        eval mode, holding ``kernel`` (copied, detached; the shape of ``weight``) and this layer's bias:
+        what :meth:`fuse` returns for a method that folds into one kernel."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode,
+            device=kernel.device, dtype=kernel.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(kernel)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        # Non-zero padding modes pad from this list, fixed at construction even if `padding` was
+        # patched later: keep the padding this layer actually applies.
+        conv._reversed_padding_repeated_twice = list(self._reversed_padding_repeated_twice)
+        return conv.train(self.training)
 
     def frozen_basis(self) -> Tensor | None:
         """The basis when it is a buffer (never trained, but part of the model's numbers), else None."""

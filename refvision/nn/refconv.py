@@ -178,19 +178,8 @@ class RefConv(ConvMethod):
         Same channels, kernel, stride, padding, dilation, groups, padding mode, device,
         dtype and train/eval mode.
         """
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode,
-            device=self.weight.device, dtype=self.weight.dtype,
-        )
         with torch.no_grad():
-            conv.weight.copy_(self.refocused_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        # Non-zero padding modes pad from this list, fixed at construction even if
-        # `padding` was patched later: keep the padding this layer actually applies.
-        conv._reversed_padding_repeated_twice = list(self._reversed_padding_repeated_twice)
-        return conv.train(self.training)
+            return self.plain_conv(self.refocused_weight())
 
     def to_conv(self) -> nn.Conv2d:
         """Deprecated name of :meth:`fuse`."""
