@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE
+from refvision.data.cityscapes_labels import IGNORE_INDEX, palette
 from refvision.data.presets import IMAGENET_MEAN, IMAGENET_STD
 from refvision.metrics import MeanIoU
 from refvision.metrics.figures import confusion_matrix, per_class_bars, segmentation_grid
@@ -159,8 +159,7 @@ class SegmentationTask(RefvisionTask):
         }
         if self._samples:
             images, masks, preds = (torch.stack(part) for part in zip(*self._samples))
-            palette = _palette(self.num_classes)
-            figures["test_samples"] = segmentation_grid(images, masks, preds, palette, self.ignore_index)
+            figures["test_samples"] = segmentation_grid(images, masks, preds, palette(self.num_classes), self.ignore_index)
         self._samples = []
         return figures
 
@@ -181,9 +180,3 @@ def to_rgb(images: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return ((images.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _palette(num_classes: int) -> Tensor:
-    """``(num_classes, 3) uint8``: the Cityscapes palette, extended by torchvision's color rule where it ends."""
-    extra = [[c * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1)] for c in range(len(PALETTE), num_classes)]
-    return torch.tensor([*PALETTE, *extra][:num_classes], dtype=torch.uint8)

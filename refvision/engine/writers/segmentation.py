@@ -5,26 +5,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from lightning import LightningModule, Trainer
 from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_segmentation_masks
 
-from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES, TRAINID_TO_ID
+from refvision.data.cityscapes_labels import TRAIN_CLASSES, TRAINID_TO_ID, palette
 from refvision.data.predict import Source, read_rgb
 from refvision.engine.writers.base import FileWriter
 
 CITYSCAPES_NAME = re.compile(r"[^_]+_\d{6}_\d{6}")
 """``<city>_<seq>_<frame>``: what cityscapesScripts' evaluator looks for at the start of a file name."""
 FOLDERS = ("labels", "color", "overlay")
-
-
-def palette(num_colors: int) -> Tensor:
-    """``(num_colors, 3) uint8``: the Cityscapes colours for the first 19 classes, then well-spread others."""
-    extra = [tuple(i * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1)) for i in range(len(PALETTE), num_colors)]
-    return torch.tensor([*PALETTE, *extra][:num_colors], dtype=torch.uint8).reshape(-1, 3)
 
 
 class SegmentationPredictionWriter(FileWriter):
