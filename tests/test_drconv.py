@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from drconv_reference import dense_drconv, softmax_rule
 from torch import Tensor, nn
 
+import refvision.nn.drconv as drconv_module
 from refvision.nn.drconv import DRConv, DRConvDeploy, drconv2d
 
 
@@ -54,17 +55,34 @@ def randomized_drconv(
     return conv
 
 
+def use_layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Run the region conv one way: ``grouped`` (eager CPU's default), ``grouped-chunked`` (one
+    sample per chunk, in the layer and in the layout), ``tiled`` (CUDA's and exported graphs')."""
+    if layout == "tiled":
+        monkeypatch.setattr(drconv_module, "_region_layout", drconv_module._TiledLayout)
+    elif layout == "grouped-chunked":
+        monkeypatch.setattr(drconv_module, "_CHUNK_BYTES", 1)
+    else:
+        assert layout == "grouped"
+
+
+LAYOUTS = ["grouped", "grouped-chunked", "tiled"]
+
+
 def all_grads(out: Tensor, grad_out: Tensor, x: Tensor, module: nn.Module) -> dict[str, Tensor]:
     names, params = zip(*module.named_parameters())
     grads = torch.autograd.grad(out, (x, *params), grad_out)
     return dict(zip(("input", *names), grads))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "paper"])
 @pytest.mark.parametrize(
     "cin, cout, k, stride, padding, dilation, batch, regions, size, bias, padding_mode", CASES
 )
 def test_matches_dense_reference(
+    monkeypatch: pytest.MonkeyPatch,
+    layout: str,
     residual: bool,
     cin: int,
     cout: int,
@@ -78,6 +96,7 @@ def test_matches_dense_reference(
     bias: bool,
     padding_mode: str,
 ) -> None:
+    use_layout(monkeypatch, layout)
     torch.manual_seed(0)
     conv = randomized_drconv(
         cin, cout, k, regions=regions, stride=stride, padding=padding, dilation=dilation,
@@ -91,6 +110,10 @@ def test_matches_dense_reference(
 
     out = conv(x)
     torch.testing.assert_close(out, reference.out)
+    with torch.no_grad():
+        torch.testing.assert_close(conv.eval()(x), reference.out)
+        torch.testing.assert_close(conv.fuse()(x), reference.out)
+    conv.train()
 
     grad_out = torch.randn_like(out)
     got = all_grads(out, grad_out, x, conv)
@@ -338,20 +361,32 @@ def test_residual_variant_guide_gradient_is_exactly_zero_at_step_zero() -> None:
 
 
 def test_inference_path_computes_one_conv_of_rows() -> None:
-    """Deploy form: the region GEMM covers B * (tiles * T) rows, at most m * T padding rows per
-    sample, never m dense convs (counted with torch's FLOP counter on the real ops)."""
+    """Deploy form, counted with torch's FLOP counter on the real ops, never m dense convs.
+
+    Eager on CPU: exactly one conv's multiply-adds (one GEMM per (sample, region) group). With
+    autograd recording (as in a traced or exported graph, and on CUDA): the tiled GEMM over
+    B * (tiles * T) rows, at most m * T padding rows per sample (region_conv_macs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from refvision.nn.drconv import _tile_rows, region_conv_macs
 
     torch.manual_seed(12)
     conv = randomized_drconv(8, 8, 3, regions=8, dtype=torch.float32, padding=1).eval()
+    deploy = conv.fuse()
     x = torch.randn(2, 8, 16, 16)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        conv.fuse()(x)
     generator = 8 * (2 * 3 * 3) * 8 * (8 * 8)  # expand layer: m groups of (B*kh*kw, m) @ (m, Cout*Cin)
-    bmm = counter.get_flop_counts()["Global"][torch.ops.aten.bmm] // 2 - generator
     one_conv = 2 * (16 * 16) * 8 * 72
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eager = deploy(x)
+    counts = counter.get_flop_counts()["Global"]
+    assert counts[torch.ops.aten.bmm] // 2 == generator
+    assert counts[torch.ops.aten.mm] // 2 == one_conv
+
+    with FlopCounterMode(display=False) as counter:
+        tiled = deploy(x)
+    bmm = counter.get_flop_counts()["Global"][torch.ops.aten.bmm] // 2 - generator
     padding_bound = 2 * 8 * _tile_rows(16 * 16, 8) * 8 * 72
     assert bmm == region_conv_macs(2, 8, (16, 16), 8, 72)
     assert one_conv <= bmm <= one_conv + padding_bound < 8 * one_conv
+    torch.testing.assert_close(tiled, eager, rtol=1e-5, atol=1e-5)

@@ -160,7 +160,7 @@ class _RegionConvFunction(torch.autograd.Function):
         dilation: Pair,
     ) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            layout = _TiledLayout(guide)
+            layout = _region_layout(guide)
             out = _region_conv(x, filters, bias, layout, stride, padding, dilation)
         ctx.save_for_backward(x, filters, guide)
         ctx.layout = layout
@@ -173,41 +173,37 @@ class _RegionConvFunction(torch.autograd.Function):
         x, filters, guide = ctx.saved_tensors
         layout: _RegionLayout = ctx.layout
         need_x, need_filters, need_bias, need_guide = ctx.needs_input_grad[:4]
-        grad_x = grad_filters = grad_bias = grad_guide = None
-        cout = filters.shape[2]
+        grad_bias = grad_guide = grad_filters = None
         with torch.autocast(x.device.type, enabled=False):
             patches = _SlotPatches(layout, x.shape, filters.shape[-2:], *ctx.geometry)
-            grads = layout.pixels_to_rows(grad_out.permute(0, 2, 3, 1).reshape(-1, cout))
-            flat_filters = _group_filters(filters)  # (m*B, Cout, K)
-
+            grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
+            grad_x, summed, responses = layout.backward(
+                patches, x, _group_filters(filters), grad_rows, need_x, need_filters, need_guide
+            )
             if need_bias:
                 grad_bias = grad_out.sum((0, 2, 3))
             if need_filters:
-                summed = layout.filter_grad(grads, patches.gather(x))
                 grad_filters = _ungroup_filters(summed, filters.shape)
             if need_guide:
-                grad_guide = _softmax_rule_grad(x, grad_out, filters, guide, *ctx.geometry)
-            if need_x:
-                grad_x = patches.scatter(layout.matmul_transposed(grads, flat_filters))
-
+                soft = torch.softmax(guide, dim=1)
+                grad_guide = soft * (responses - (soft * responses).sum(1, keepdim=True))
         return grad_x, grad_filters, grad_bias, grad_guide, None, None, None
 
 
 class _RegionLayout:
-    """Output pixels as GEMM rows grouped by (sample, region): ``B * m`` groups, group ``j * B + b``
-    multiplied by filter ``filters[b, j]``. Every shape depends on ``(B, m, P)`` only, and nothing is
-    read back to the host, so the same code runs on CUDA without syncs.
+    """Output pixels as GEMM rows (*slots*) grouped by (sample, region); group of region ``j`` of
+    sample ``b`` is multiplied by ``filters[j * B + b]`` of the grouped filters ``(m*B, Cout, K)``
+    (:func:`_group_filters`, ``K = kh*kw*Cin``).
 
-    Attributes (``B`` samples, ``P = Ho * Wo`` pixels, ``S`` slots, ``S / B`` per sample):
-        slot: ``(B, P)`` slot of each pixel, counted within its sample.
-        global_slot: ``(B * P,)`` slot of each flat pixel ``b * P + p``.
-        slot_pixel: ``(S,)`` flat pixel held by each slot; ``B * P`` for a padding slot.
+    Attributes (``B`` samples, ``P = Ho * Wo`` pixels, ``S`` slots):
+        slot_pixel: ``(S,)`` flat pixel ``b * P + p`` held by each slot; ``B * P`` for a padding slot.
+        global_slot: ``(B * P,)`` slot of each flat pixel.
     """
 
     batch: int
+    regions: int
     pixels: int
     out_size: Pair
-    slot: Tensor
     global_slot: Tensor
     slot_pixel: Tensor
 
@@ -215,20 +211,28 @@ class _RegionLayout:
         """``(S, C)`` slot rows -> ``(B * P, C)`` pixel rows."""
         return rows.index_select(0, self.global_slot)
 
-    def pixels_to_rows(self, pixel_rows: Tensor) -> Tensor:
-        """``(B * P, C)`` pixel rows -> ``(S, C)`` slot rows, zero in padding slots."""
-        return F.pad(pixel_rows, (0, 0, 0, 1)).index_select(0, self.slot_pixel)
-
-    def matmul(self, rows: Tensor, filters: Tensor) -> Tensor:
-        """``rows (S, K) @ filters[group]^T`` with ``filters (m*B, Cout, K)`` -> ``(S, Cout)``."""
+    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor) -> Tensor:
+        """The region conv without bias: ``(B * P, Cout)`` pixel rows of ``x`` ``(B, Cin, H, W)``."""
         raise NotImplementedError
 
-    def matmul_transposed(self, grads: Tensor, filters: Tensor) -> Tensor:
-        """``grads (S, Cout) @ filters[group]`` -> ``(S, K)``."""
-        raise NotImplementedError
+    def backward(
+        self,
+        patches: _SlotPatches,
+        x: Tensor,
+        filters: Tensor,
+        grad_rows: Tensor,
+        need_x: bool,
+        need_filters: bool,
+        need_guide: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients of :meth:`conv` from its output gradient ``grad_rows`` ``(B * P, Cout)``.
 
-    def filter_grad(self, grads: Tensor, rows: Tensor) -> Tensor:
-        """``sum over each group's rows of grads^T @ rows`` -> ``(m*B, Cout, K)``."""
+        Returns ``(dL/dx (B, Cin, H, W), dL/dfilters (m*B, Cout, K), g (B, m, Ho, Wo))``, each None
+        unless asked for; ``g_j = sum_c dL/dY_c * Y^(j)_c`` (region ``j``'s response at every
+        pixel, no bias) up to a per-pixel constant shared by all regions, which cancels in the
+        softmax rule. ``g`` is computed from ``filters[j] - filters[0]``, so ``g_0 = 0`` (``m - 1``
+        region convs) and regions sharing one filter give exactly zero.
+        """
         raise NotImplementedError
 
 
@@ -239,7 +243,8 @@ class _TiledLayout(_RegionLayout):
     fill ``ceil(count / tile)`` consecutive tiles (the last one padded), the regions following
     each other; ``tiles = ceil(P / tile) + m`` bounds that sum for every region map. Each tile is
     one GEMM with its group's filter, copied per tile. Costs at most ``m * tile`` padding rows
-    per sample (see :func:`region_conv_macs`).
+    per sample (see :func:`region_conv_macs`). Every shape depends on ``(B, m, P)`` only and
+    nothing is read back to the host, so CUDA runs it without syncs.
     """
 
     def __init__(self, guide: Tensor) -> None:
@@ -258,7 +263,7 @@ class _TiledLayout(_RegionLayout):
         region_tiles = torch.div(running[:, -1] + tile - 1, tile, rounding_mode="floor")
         tile_end = region_tiles.cumsum(1)  # (B, m)
         first_tile = (tile_end - region_tiles).gather(1, region)
-        self.slot = first_tile * tile + rank
+        slot = first_tile * tile + rank
 
         samples = torch.arange(batch, device=device)
         tile_ids = torch.arange(tiles, device=device)
@@ -266,40 +271,204 @@ class _TiledLayout(_RegionLayout):
         tile_region = tile_region.clamp(max=regions - 1)  # unused tail tiles: any filter
         self.tile_filter = (tile_region * batch + samples.unsqueeze(1)).view(-1)
 
-        global_slot = self.slot + samples.unsqueeze(1) * (tiles * tile)
+        global_slot = slot + samples.unsqueeze(1) * (tiles * tile)
         flat_pixels = torch.arange(batch * pixels, device=device)
         self.global_slot = global_slot.view(-1)
         self.slot_pixel = torch.full(
             (batch * tiles * tile,), batch * pixels, dtype=torch.long, device=device
         ).scatter(0, self.global_slot, flat_pixels)
 
+    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor) -> Tensor:
+        rows = patches.gather(patches.padded_rows(x), 0, patches.slots)
+        tiled = rows.view(-1, self.tile, rows.shape[-1])
+        out = torch.bmm(tiled, self._tile_filters(filters).transpose(1, 2)).flatten(0, 1)
+        return self.rows_to_pixels(out)
+
+    def backward(
+        self,
+        patches: _SlotPatches,
+        x: Tensor,
+        filters: Tensor,
+        grad_rows: Tensor,
+        need_x: bool,
+        need_filters: bool,
+        need_guide: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        grad_x = grad_filters = responses = None
+        grads = F.pad(grad_rows, (0, 0, 0, 1)).index_select(0, self.slot_pixel)  # 0 in padding
+        tiled_grads = grads.view(-1, self.tile, grads.shape[-1])
+        if need_filters:
+            rows = patches.gather(patches.padded_rows(x), 0, patches.slots)
+            per_tile = torch.bmm(tiled_grads.transpose(1, 2), rows.view(-1, self.tile, rows.shape[-1]))
+            grad_filters = per_tile.new_zeros(self.batch * self.regions, *per_tile.shape[1:])
+            grad_filters.index_add_(0, self.tile_filter, per_tile)
+        if need_x:
+            rows = torch.bmm(tiled_grads, self._tile_filters(filters)).flatten(0, 1)
+            padded = patches.new_padded(rows)
+            patches.scatter(padded, rows, 0)
+            grad_x = patches.unpad(padded)
+        if need_guide:
+            responses = self._region_responses(patches, x, filters, grad_rows)
+        return grad_x, grad_filters, responses
+
     def _tile_filters(self, filters: Tensor) -> Tensor:
         # Indexing a 2-D view: index_select is much slower for long rows on CPU.
         flat = filters.reshape(filters.shape[0], -1)[self.tile_filter]
         return flat.view(-1, *filters.shape[1:])
 
-    def matmul(self, rows: Tensor, filters: Tensor) -> Tensor:
-        tile_filters = self._tile_filters(filters)
-        tiled = rows.view(-1, self.tile, rows.shape[-1])
-        return torch.bmm(tiled, tile_filters.transpose(1, 2)).flatten(0, 1)
+    def _region_responses(
+        self, patches: _SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor
+    ) -> Tensor:
+        # One direct conv per region with the batch folded into groups (no patch matrix), so the
+        # extra memory is one output-sized response.
+        batch, regions, (out_h, out_w) = self.batch, self.regions, self.out_size
+        cin, height, width = x.shape[1:]
+        kh, kw = patches.kernel_size
+        folded = x.reshape(1, batch * cin, height, width)
+        grads = grad_rows.view(batch, out_h, out_w, -1)
+        g = x.new_zeros(batch, regions, out_h, out_w)
+        for j in range(1, regions):
+            diff = filters[j * batch : (j + 1) * batch] - filters[:batch]  # (B, Cout, K)
+            kernels = diff.view(-1, kh, kw, cin).permute(0, 3, 1, 2)
+            response = F.conv2d(folded, kernels, None, *patches.geometry, groups=batch)
+            g[:, j] = (response.view(batch, -1, out_h, out_w).permute(0, 2, 3, 1) * grads).sum(-1)
+        return g
 
-    def matmul_transposed(self, grads: Tensor, filters: Tensor) -> Tensor:
-        tile_filters = self._tile_filters(filters)
-        return torch.bmm(grads.view(-1, self.tile, grads.shape[-1]), tile_filters).flatten(0, 1)
 
-    def filter_grad(self, grads: Tensor, rows: Tensor) -> Tensor:
-        tiled_grads = grads.view(-1, self.tile, grads.shape[-1])
-        per_tile = torch.bmm(tiled_grads.transpose(1, 2), rows.view(-1, self.tile, rows.shape[-1]))
-        out = per_tile.new_zeros(self.batch * self.regions, *per_tile.shape[1:])
-        return out.index_add_(0, self.tile_filter, per_tile)
+class _GroupedLayout(_RegionLayout):
+    """Exact groups: the pixels sorted by (sample, region), one GEMM per non-empty group with its
+    filter read in place; no padding rows and no filter copies.
+
+    The group sizes are read on the host, which costs nothing for CPU tensors: used in eager mode
+    on CPU only (:func:`_region_layout`); CUDA and traced or exported graphs use
+    :class:`_TiledLayout`, whose shapes do not depend on the data. Slots are the sorted pixels
+    (``S = B * P``; sample ``b`` owns slots ``b * P`` to ``(b + 1) * P``). Samples are processed
+    in chunks of about ``_CHUNK_BYTES`` of patches, so the patch matrix is never built whole.
+    """
+
+    def __init__(self, guide: Tensor) -> None:
+        batch, regions, out_h, out_w = guide.shape
+        pixels = out_h * out_w
+        device = guide.device
+        self.batch, self.regions, self.pixels, self.out_size = batch, regions, pixels, (out_h, out_w)
+        samples = torch.arange(batch, device=device)
+        key = (guide.argmax(1).view(batch, pixels) + samples.unsqueeze(1) * regions).view(-1)
+        self.slot_pixel = torch.argsort(key, stable=True)
+        flat_pixels = torch.arange(batch * pixels, device=device)
+        self.global_slot = torch.empty_like(flat_pixels).index_copy_(0, self.slot_pixel, flat_pixels)
+        counts = torch.bincount(key, minlength=batch * regions).view(batch, regions).tolist()
+        # Per sample: (first slot, end slot, filter index) of each non-empty region.
+        self.groups: list[list[tuple[int, int, int]]] = []
+        start = 0
+        for sample, sample_counts in enumerate(counts):
+            groups = []
+            for region, count in enumerate(sample_counts):
+                if count:
+                    groups.append((start, start + count, region * batch + sample))
+                start += count
+            self.groups.append(groups)
+
+    def _chunks(self, patch_numel: int, itemsize: int) -> list[tuple[int, int]]:
+        per_chunk = max(1, _CHUNK_BYTES // (self.pixels * patch_numel * itemsize))
+        return [(b, min(b + per_chunk, self.batch)) for b in range(0, self.batch, per_chunk)]
+
+    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor) -> Tensor:
+        flat_x = patches.padded_rows(x)
+        out = x.new_empty(self.batch * self.pixels, filters.shape[1])
+        for first, stop in self._chunks(filters.shape[2], x.element_size()):
+            base = first * self.pixels
+            rows = patches.gather(flat_x, base, stop * self.pixels)
+            for sample in range(first, stop):
+                for start, end, index in self.groups[sample]:
+                    torch.mm(rows[start - base : end - base], filters[index].t(), out=out[start:end])
+        return self.rows_to_pixels(out)
+
+    def backward(
+        self,
+        patches: _SlotPatches,
+        x: Tensor,
+        filters: Tensor,
+        grad_rows: Tensor,
+        need_x: bool,
+        need_filters: bool,
+        need_guide: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        batch, pixels, regions = self.batch, self.pixels, self.regions
+        patch_numel = filters.shape[2]
+        grads = grad_rows.index_select(0, self.slot_pixel)
+        flat_x = patches.padded_rows(x) if need_filters or need_guide else None
+        grad_filters = filters.new_zeros(filters.shape) if need_filters else None
+        padded = patches.new_padded(x) if need_x else None
+        g = x.new_zeros(regions, batch * pixels) if need_guide else None
+        for first, stop in self._chunks(patch_numel, x.element_size()):
+            base, chunk_end = first * pixels, stop * pixels
+            chunk_grads = grads[base:chunk_end]
+            rows = patches.gather(flat_x, base, chunk_end) if flat_x is not None else None
+            patch_grads = x.new_empty(chunk_end - base, patch_numel) if need_x else None
+            for sample in range(first, stop):
+                for start, end, index in self.groups[sample]:
+                    if need_filters:
+                        torch.mm(grads[start:end].t(), rows[start - base : end - base], out=grad_filters[index])
+                    if need_x:
+                        torch.mm(grads[start:end], filters[index], out=patch_grads[start - base : end - base])
+            if need_x:
+                patches.scatter(padded, patch_grads, base)
+            if need_guide:
+                # Region j's response on every pixel of the chunk: one batched GEMM per region.
+                sample_rows = rows.view(stop - first, pixels, patch_numel)
+                for j in range(1, regions):
+                    diff = filters[j * batch + first : j * batch + stop] - filters[first:stop]
+                    response = torch.bmm(sample_rows, diff.transpose(1, 2)).view(chunk_end - base, -1)
+                    g[j, base:chunk_end] = (response * chunk_grads).sum(1)
+        grad_x = patches.unpad(padded) if need_x else None
+        responses = None
+        if need_guide:
+            out_h, out_w = self.out_size
+            responses = g.index_select(1, self.global_slot).view(regions, batch, out_h, out_w).transpose(0, 1)
+        return grad_x, grad_filters, responses
+
+
+_CHUNK_BYTES = 8 << 20
+"""Patch bytes gathered at once by :class:`_GroupedLayout`: small enough to stay in cache and to be
+reused by the allocator instead of fresh (page-faulting) memory on every call."""
+
+
+def _eager_cpu(tensor: Tensor) -> bool:
+    """True for a plain CPU tensor in eager mode with no autograd recording: values can be read on
+    the host for free and the ops need not be differentiable or traceable."""
+    traced = (
+        torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    )
+    return not traced and tensor.device.type == "cpu" and type(tensor) is Tensor and not torch.is_grad_enabled()
+
+
+def _region_layout(guide: Tensor) -> _RegionLayout:
+    """:class:`_GroupedLayout` where the group sizes can be read for free (:func:`_eager_cpu`), else
+    :class:`_TiledLayout` (CUDA: no host syncs; traced or exported graphs: shapes independent of
+    the data; grad mode: its ops are differentiable)."""
+    return _GroupedLayout(guide) if _eager_cpu(guide) else _TiledLayout(guide)
+
+
+def _in_sample_chunks(forward: Any, x: Tensor, generator: RegionFilterGenerator) -> Tensor:
+    """``forward(x)``, run on chunks of samples where :func:`_eager_cpu` allows, so that the
+    generator's output for a chunk (``m * Cout * Cin * kh * kw`` numbers a sample) stays near
+    ``_CHUNK_BYTES`` instead of being built for the whole batch. Every sample is computed on its
+    own either way (pooling, guide and filters are per sample), so the result is the same."""
+    kh, kw = generator.kernel_size
+    per_sample = generator.regions * generator.out_channels * generator.in_channels * kh * kw
+    chunk = max(1, _CHUNK_BYTES // (per_sample * x.element_size()))
+    if chunk >= x.shape[0] or not _eager_cpu(x):
+        return forward(x)
+    return torch.cat([forward(part) for part in x.split(chunk)])
 
 
 class _SlotPatches:
     """The ``kh x kw x Cin`` input patch (taps-major) of every slot of a :class:`_RegionLayout`.
 
     Patches are gathered with ``index_select`` straight from the channels-last, zero-padded
-    input; padding slots read some pixel's patch (their results are never used, and their
-    gradients are zero).
+    input (:meth:`padded_rows`); padding slots read some pixel's patch (their results are never
+    used, and their gradients are zero).
     """
 
     def __init__(
@@ -313,6 +482,8 @@ class _SlotPatches:
     ) -> None:
         self._input_shape = input_shape
         self._padding = padding
+        self.kernel_size = kernel_size
+        self.geometry = (stride, padding, dilation)
         padded_h = input_shape[2] + 2 * padding[0]
         padded_w = input_shape[3] + 2 * padding[1]
         pixels, out_width = layout.pixels, layout.out_size[1]
@@ -322,28 +493,43 @@ class _SlotPatches:
         row = torch.div(pixel, out_width, rounding_mode="floor")
         col = pixel - row * out_width
         corner = (sample * padded_h + row * stride[0]) * padded_w + col * stride[1]
-        kh, kw = kernel_size
+        kh, kw = self.kernel_size
         device = flat.device
         tap_rows = torch.arange(kh, device=device) * (dilation[0] * padded_w)
         tap_cols = torch.arange(kw, device=device) * dilation[1]
         taps = (tap_rows.unsqueeze(1) + tap_cols).view(-1)
-        self._slots = flat.shape[0]
+        self.slots = flat.shape[0]
+        self._taps = kh * kw
         self._index = (corner.unsqueeze(1) + taps).view(-1)
 
-    def gather(self, x: Tensor) -> Tensor:
-        """``(B, Cin, H, W)`` -> slot patches ``(S, kh*kw*Cin)``."""
+    def padded_rows(self, x: Tensor) -> Tensor:
+        """``(B, Cin, H, W)`` -> ``(B * Hp * Wp, Cin)``: zero-padded, channels-last, one row per pixel."""
         pad_h, pad_w = self._padding
         padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h)) if pad_h or pad_w else x
-        flat = padded.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-        return flat.index_select(0, self._index).view(self._slots, -1)
+        return padded.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
-    def scatter(self, rows: Tensor) -> Tensor:
-        """Adjoint of :meth:`gather`: sum slot patches ``(S, kh*kw*Cin)`` into ``(B, Cin, H, W)``."""
+    def gather(self, flat_x: Tensor, start: int, end: int) -> Tensor:
+        """Patches of slots ``start:end`` from :meth:`padded_rows` -> ``(end - start, kh*kw*Cin)``."""
+        index = self._index[start * self._taps : end * self._taps]
+        return flat_x.index_select(0, index).view(end - start, -1)
+
+    def new_padded(self, like: Tensor) -> Tensor:
+        """Zeros shaped like :meth:`padded_rows`' result, to :meth:`scatter` into."""
         batch, channels, height, width = self._input_shape
         pad_h, pad_w = self._padding
-        padded = rows.new_zeros(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
-        padded.view(-1, channels).index_add_(0, self._index, rows.reshape(-1, channels))
-        return padded[:, pad_h : pad_h + height, pad_w : pad_w + width].permute(0, 3, 1, 2)
+        return like.new_zeros(batch * (height + 2 * pad_h) * (width + 2 * pad_w), channels)
+
+    def scatter(self, padded: Tensor, rows: Tensor, start: int) -> None:
+        """Adjoint of :meth:`gather`: add the patches ``rows`` of slots ``start:`` into ``padded``."""
+        index = self._index[start * self._taps : (start + rows.shape[0]) * self._taps]
+        padded.index_add_(0, index, rows.reshape(-1, padded.shape[1]))
+
+    def unpad(self, padded: Tensor) -> Tensor:
+        """:meth:`new_padded`'s layout -> ``(B, Cin, H, W)`` (channels-last strides)."""
+        batch, channels, height, width = self._input_shape
+        pad_h, pad_w = self._padding
+        grid = padded.view(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
+        return grid[:, pad_h : pad_h + height, pad_w : pad_w + width].permute(0, 3, 1, 2)
 
 
 def _tile_rows(pixels: int, regions: int) -> int:
@@ -355,10 +541,12 @@ _TILE_SCALE = 32
 
 
 def region_conv_macs(batch: int, regions: int, out_size: Pair, cout: int, patch: int) -> int:
-    """Multiply-adds of the region GEMMs for ``B`` samples: ``B * tiles * T`` rows of ``patch x cout``.
+    """Multiply-adds of the tiled region GEMMs for ``B`` samples: ``B * tiles * T`` rows of
+    ``patch x cout``.
 
     That is one conv's ``B * Ho * Wo * patch * cout`` plus the padding rows (at most ``m * T`` per
-    sample); the guide conv and the generator are counted apart.
+    sample): what CUDA and exported graphs compute. Eager CPU computes exactly one conv's
+    (no padding rows). The guide conv and the generator are counted apart.
     """
     pixels = out_size[0] * out_size[1]
     tile = _tile_rows(pixels, regions)
@@ -375,46 +563,14 @@ def _region_conv(
     padding: Pair,
     dilation: Pair,
 ) -> Tensor:
-    """Forward of the region conv: one grouped / batched GEMM. Shapes as :func:`drconv2d`."""
+    """Forward of the region conv. Shapes as :func:`drconv2d`."""
     batch, _, cout = filters.shape[:3]
     out_h, out_w = layout.out_size
     patches = _SlotPatches(layout, x.shape, filters.shape[-2:], stride, padding, dilation)
-    flat_filters = _group_filters(filters)
-    out = layout.rows_to_pixels(layout.matmul(patches.gather(x), flat_filters))
+    out = layout.conv(patches, x, _group_filters(filters))
     if bias is not None:
         out = out.add_(bias)
     return out.view(batch, out_h, out_w, cout).permute(0, 3, 1, 2)
-
-
-def _softmax_rule_grad(
-    x: Tensor,
-    grad_out: Tensor,
-    filters: Tensor,
-    guide: Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-) -> Tensor:
-    """``dL/dF = S * (g - sum_j S_j g_j)`` for guide logits ``F`` ``(B, m, Ho, Wo)``.
-
-    ``g_j = sum_c dL/dY_c * Y^(j)_c`` needs region ``j``'s response at every pixel: one conv per
-    region with the batch folded into groups (a direct conv, no patch matrix), so the extra memory
-    is one ``(B, Cout, Ho, Wo)`` response. Adding the same filter to every region adds the same
-    amount to every ``g_j``, which cancels in ``g - sum_j S_j g_j``; the filters
-    ``(B, m, Cout, Cin, kh, kw)`` are centred on their region mean first, so a layer whose regions
-    share one filter gets an exactly zero guide gradient.
-    """
-    batch, regions = guide.shape[:2]
-    cin, height, width = x.shape[1:]
-    centred = filters - filters.mean(1, keepdim=True)
-    folded = x.reshape(1, batch * cin, height, width)
-    g = torch.empty_like(guide)
-    for j in range(regions):
-        kernels = centred[:, j].reshape(-1, *centred.shape[-3:])
-        response = F.conv2d(folded, kernels, None, stride, padding, dilation, batch)
-        g[:, j] = (response.view_as(grad_out) * grad_out).sum(1)
-    soft = torch.softmax(guide, dim=1)
-    return soft * (g - (soft * g).sum(1, keepdim=True))
 
 
 def _group_filters(filters: Tensor) -> Tensor:
@@ -596,6 +752,9 @@ class DRConv(ConvMethod):
         self.generator.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        return _in_sample_chunks(self._forward, x, self.generator)
+
+    def _forward(self, x: Tensor) -> Tensor:
         stride, dilation = self.stride, self.dilation
         x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
         guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
@@ -662,11 +821,14 @@ class DRConvDeploy(nn.Module):
         self.generator.load_state_dict(conv.generator.state_dict())
 
     def forward(self, x: Tensor) -> Tensor:
+        return _in_sample_chunks(self._forward, x, self.generator)
+
+    def _forward(self, x: Tensor) -> Tensor:
         stride, dilation = self.stride, self.dilation
         x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
         guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
         filters = self.generator(x, self.weight)
-        layout = _TiledLayout(guide)
+        layout = _region_layout(guide)
         return _region_conv(x_in, filters, self.bias, layout, stride, padding, dilation)
 
     def extra_repr(self) -> str:
