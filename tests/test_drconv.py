@@ -189,23 +189,36 @@ def test_function_guide_gradient_is_softmax_rule() -> None:
     torch.testing.assert_close(grad_guide, expected)
 
 
-def test_region_filter_gets_gradient_only_from_its_pixels() -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("k, padding", [(3, 1), (1, 0)], ids=["k3", "k1"])
+def test_region_filter_gets_gradient_only_from_its_pixels(
+    monkeypatch: pytest.MonkeyPatch, layout: str, k: int, padding: int
+) -> None:
+    use_layout(monkeypatch, layout)
     torch.manual_seed(4)
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    t = _function_inputs(2, 3, 4, 3, 4, (6, 6))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    t = _function_inputs(2, 3, 4, k, 4, (6, 6))
     guide = t["guide"]
     guide[:, 3] -= 100.0  # region 3 is never the argmax
     guide[1, 0] -= 100.0  # sample 1 never uses region 0
-    out = drconv2d(x, t["weight"], t["bias"], t["dynamic"], guide, padding=1)
+    out = drconv2d(x, t["weight"], t["bias"], t["dynamic"], guide, padding=padding)
     grad_out = torch.randn_like(out)
-    (grad_dynamic,) = torch.autograd.grad(out, t["dynamic"], grad_out)
+    grad_x, grad_dynamic = torch.autograd.grad(out, (x, t["dynamic"]), grad_out)
+    region = guide.argmax(1, keepdim=True)
+    filters = (t["weight"] + t["dynamic"]).detach()
+    expected_x = torch.stack([
+        torch.nn.grad.conv2d_input(
+            (1, *x.shape[1:]), filters[b, j], (grad_out * (region == j))[b : b + 1], padding=padding
+        )[0]
+        for b in range(2) for j in range(4)
+    ]).view(2, 4, *x.shape[1:]).sum(1)
+    torch.testing.assert_close(grad_x, expected_x)
 
     assert torch.count_nonzero(grad_dynamic[:, 3]) == 0
     assert torch.count_nonzero(grad_dynamic[1, 0]) == 0
-    region = guide.argmax(1, keepdim=True)
     for b, j in [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2)]:
         assigned = (grad_out * (region == j))[b : b + 1]
-        expected = torch.nn.grad.conv2d_weight(x[b : b + 1], (4, 3, 3, 3), assigned, padding=1)
+        expected = torch.nn.grad.conv2d_weight(x[b : b + 1].detach(), (4, 3, k, k), assigned, padding=padding)
         assert expected.abs().sum() > 0, f"region {j} of sample {b} has no pixels"
         torch.testing.assert_close(grad_dynamic[b, j], expected)
 

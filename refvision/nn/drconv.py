@@ -352,7 +352,9 @@ class _GroupedLayout(_RegionLayout):
         device = guide.device
         self.batch, self.regions, self.pixels, self.out_size = batch, regions, pixels, (out_h, out_w)
         samples = torch.arange(batch, device=device)
-        key = (guide.argmax(1).view(batch, pixels) + samples.unsqueeze(1) * regions).view(-1)
+        # max(1).indices: argmax's first-maximum rule, and several times faster over dim 1 on CPU.
+        region = guide.max(1).indices.view(batch, pixels)
+        key = (region + samples.unsqueeze(1) * regions).view(-1)
         self.slot_pixel = torch.argsort(key, stable=True)
         flat_pixels = torch.arange(batch * pixels, device=device)
         self.global_slot = torch.empty_like(flat_pixels).index_copy_(0, self.slot_pixel, flat_pixels)
@@ -397,7 +399,7 @@ class _GroupedLayout(_RegionLayout):
         patch_numel = filters.shape[2]
         grads = grad_rows.index_select(0, self.slot_pixel)
         flat_x = patches.padded_rows(x) if need_filters or need_guide else None
-        grad_filters = filters.new_zeros(filters.shape) if need_filters else None
+        grad_filters = self._new_filter_grad(filters) if need_filters else None
         padded = patches.new_padded(x) if need_x else None
         g = x.new_zeros(regions, batch * pixels) if need_guide else None
         for first, stop in self._chunks(patch_numel, x.element_size()):
@@ -426,6 +428,16 @@ class _GroupedLayout(_RegionLayout):
             out_h, out_w = self.out_size
             responses = g.index_select(1, self.global_slot).view(regions, batch, out_h, out_w).transpose(0, 1)
         return grad_x, grad_filters, responses
+
+
+    def _new_filter_grad(self, filters: Tensor) -> Tensor:
+        """Uninitialised ``(m*B, Cout, K)`` but for zeros at the filters of empty groups (every other
+        one is written whole by its group's GEMM)."""
+        grad = torch.empty_like(filters)
+        used = {index for groups in self.groups for _, _, index in groups}
+        for index in set(range(filters.shape[0])) - used:
+            grad[index].zero_()
+        return grad
 
 
 _CHUNK_BYTES = 8 << 20
@@ -501,6 +513,12 @@ class _SlotPatches:
         self.slots = flat.shape[0]
         self._taps = kh * kw
         self._index = (corner.unsqueeze(1) + taps).view(-1)
+        # Every input pixel in exactly one patch (1x1, stride 1, no padding) and no padding slots:
+        # the adjoint of the gather is a copy, not a sum.
+        self._bijective = (
+            isinstance(layout, _GroupedLayout) and self._taps == 1 and tuple(stride) == (1, 1)
+            and tuple(padding) == (0, 0)
+        )
 
     def padded_rows(self, x: Tensor) -> Tensor:
         """``(B, Cin, H, W)`` -> ``(B * Hp * Wp, Cin)``: zero-padded, channels-last, one row per pixel."""
@@ -514,15 +532,20 @@ class _SlotPatches:
         return flat_x.index_select(0, index).view(end - start, -1)
 
     def new_padded(self, like: Tensor) -> Tensor:
-        """Zeros shaped like :meth:`padded_rows`' result, to :meth:`scatter` into."""
+        """Zeros shaped like :meth:`padded_rows`' result, to :meth:`scatter` into (uninitialised
+        where the scatter writes every row once)."""
         batch, channels, height, width = self._input_shape
         pad_h, pad_w = self._padding
-        return like.new_zeros(batch * (height + 2 * pad_h) * (width + 2 * pad_w), channels)
+        rows = batch * (height + 2 * pad_h) * (width + 2 * pad_w)
+        return like.new_empty(rows, channels) if self._bijective else like.new_zeros(rows, channels)
 
     def scatter(self, padded: Tensor, rows: Tensor, start: int) -> None:
         """Adjoint of :meth:`gather`: add the patches ``rows`` of slots ``start:`` into ``padded``."""
         index = self._index[start * self._taps : (start + rows.shape[0]) * self._taps]
-        padded.index_add_(0, index, rows.reshape(-1, padded.shape[1]))
+        if self._bijective:
+            padded.index_copy_(0, index, rows)
+        else:
+            padded.index_add_(0, index, rows.reshape(-1, padded.shape[1]))
 
     def unpad(self, padded: Tensor) -> Tensor:
         """:meth:`new_padded`'s layout -> ``(B, Cin, H, W)`` (channels-last strides)."""
