@@ -257,16 +257,18 @@ def test_geometry_changed_after_construction_is_honoured() -> None:
     torch.testing.assert_close(out, dense_drconv(conv, x).out)
 
 
-def test_deploy_matches_eval_and_exports(tmp_path) -> None:
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "paper"])
+def test_deploy_matches_eval_and_exports(tmp_path, residual: bool) -> None:
     import onnxruntime
     torch.manual_seed(7)
-    conv = randomized_drconv(4, 6, 3, regions=4, dtype=torch.float32, padding=1).eval()
+    conv = randomized_drconv(4, 6, 3, regions=4, dtype=torch.float32, padding=1, residual=residual).eval()
     x = torch.randn(2, 4, 10, 9)
     deploy = conv.fuse().eval()
     assert isinstance(deploy, DRConvDeploy)
     assert deploy.state_dict().keys() == conv.state_dict().keys()
     with torch.no_grad():
-        expected = conv(x)
+        expected = dense_drconv(conv, x).out
+        torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(deploy(x), expected, rtol=1e-5, atol=1e-5)
 
     batch = torch.export.Dim("batch", min=1, max=64)
@@ -279,7 +281,7 @@ def test_deploy_matches_eval_and_exports(tmp_path) -> None:
     x3 = torch.randn(3, 4, 10, 9)
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x3.numpy()})
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(onnx_out), conv(x3), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(onnx_out), dense_drconv(conv, x3).out, rtol=1e-4, atol=1e-4)
 
 
 def test_autocast_bf16_cpu_forward_backward() -> None:

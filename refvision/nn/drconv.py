@@ -23,18 +23,24 @@ refvision differs):
   mask; with ``S = softmax(F)`` over regions and ``g_j = sum_c dL/dY_c * Y^(j)_c``, the guide
   logits get ``dL/dF = S * (g - sum_j S_j g_j)``. Region ``j``'s filter only receives
   gradient from pixels assigned to ``j``.
-* **Cost.** The static kernel is folded into every (sample, region) filter, and the output
-  pixels are laid out as GEMM rows grouped by (sample, region) in fixed-size tiles
-  (:class:`_TiledLayout`), so forward is one ``torch.bmm`` with one conv's multiply-adds plus at
-  most ``m * T`` padding rows per sample (:func:`region_conv_macs`), never ``m`` dense convs.
-  Backward: one such GEMM each for the input and the filter gradients; the guide gradient
-  needs every region's response at every pixel (inherent to the rule): ``m`` GEMMs, one region
-  at a time, so the extra memory is one output-sized buffer. Only ``x``, the filters, the guide
-  logits and index vectors are saved. All shapes depend on the input's shape only and nothing
-  is read back to the host: CUDA runs the same code without syncs, and the inference form
-  exports. The generator's output holds ``B * m * Cout * Cin * kh * kw`` numbers (and its last
-  layer ``m^2 * Cout * Cin`` weights), the price of the paper's generator; each tile copies its
-  filter (``B * (P / T + m)`` filters), the price of batching without host syncs.
+* **Cost.** The static kernel is folded into every (sample, region) filter and the output
+  pixels become GEMM rows grouped by (sample, region), so the region conv has one conv's
+  multiply-adds, never ``m`` dense convs. Two layouts of those rows, one result:
+  :class:`_GroupedLayout` (eager CPU without autograd recording, which covers the Function's
+  forward and backward, eval and the deploy form): pixels sorted by (sample, region), one GEMM
+  per non-empty group with its filter read in place, samples in chunks so that neither the patch
+  matrix nor (at inference) the generator's output is built for the whole batch; the group sizes
+  are read on the host, free on CPU. :class:`_TiledLayout` (CUDA, autograd-recording calls,
+  traced and exported graphs): fixed-size tiles, one ``torch.bmm``, at most ``m * T`` padding
+  rows per sample (:func:`region_conv_macs`); every shape depends on the input's shape only and
+  nothing is read back to the host, so CUDA runs it without syncs and the inference form exports;
+  each tile copies its filter (``B * (P / T + m)`` filters). Backward: one GEMM each for the
+  input and the filter gradients; the guide gradient needs every region's response at every
+  pixel (inherent to the rule): ``m - 1`` region GEMMs / convs on ``filters[j] - filters[0]``,
+  one region at a time, so the extra memory is one output-sized buffer. Only ``x``, the
+  filters, the guide logits and index vectors are saved. The generator's output holds
+  ``B * m * Cout * Cin * kh * kw`` numbers (and its last layer ``m^2 * Cout * Cin`` weights), the
+  price of the paper's generator.
 * **Mixed precision.** Under ``torch.autocast`` the guide and generator run in reduced
   precision like any conv; the region conv itself casts its inputs to float32 and runs
   with autocast disabled (forward and backward), returning float32.
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -462,7 +469,7 @@ def _region_layout(guide: Tensor) -> _RegionLayout:
     return _GroupedLayout(guide) if _eager_cpu(guide) else _TiledLayout(guide)
 
 
-def _in_sample_chunks(forward: Any, x: Tensor, generator: RegionFilterGenerator) -> Tensor:
+def _in_sample_chunks(forward: Callable[[Tensor], Tensor], x: Tensor, generator: RegionFilterGenerator) -> Tensor:
     """``forward(x)``, run on chunks of samples where :func:`_eager_cpu` allows, so that the
     generator's output for a chunk (``m * Cout * Cin * kh * kw`` numbers a sample) stays near
     ``_CHUNK_BYTES`` instead of being built for the whole batch. Every sample is computed on its
