@@ -73,8 +73,11 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
     assert torch.load(deploy, weights_only=True)["hyper_parameters"]["conv"] == {"kind": "none"}
 
 
-def _fit_refconv_then_test(tmp_path: Path, common: list[str], key: str, epochs: int) -> None:
-    """DDP ``fit`` with RefConv, then ``test`` of its deploy checkpoint with 2 processes and with 1."""
+def _fit_refconv_then_test(tmp_path: Path, task: str, data: Path, options: list[str], key: str, epochs: int) -> None:
+    """DDP ``fit`` with RefConv of the demo config of ``task`` on ``data`` (plus ``options``), on CPU,
+    then ``test`` of its deploy checkpoint with 2 processes and with 1."""
+    common = ["-c", str(REPO / f"configs/demo/{task}.yaml"), "--data.root", str(data), "--data.pin_memory", "false",
+              *options, "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
     deploy = _ddp_fit(tmp_path, [*common, "-c", str(REPO / "configs/conv/refconv.yaml"), "--trainer.max_epochs",
                                  str(epochs), "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps",
                                  "0"], tmp_path / "fit")
@@ -88,17 +91,11 @@ def _fit_refconv_then_test(tmp_path: Path, common: list[str], key: str, epochs: 
 @pytest.mark.slow
 def test_ddp_detection_map_matches_single_process(tmp_path: Path) -> None:
     # 8 images, batch 2: each rank evaluates two whole batches; mAP needs every rank's detections.
-    data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=8, num_test=4, size=(48, 64))
-    common = [
-        "-c", str(REPO / "configs/demo/detection.yaml"), "--data.root", str(data), "--data.batch_size", "2",
-        "--data.pin_memory", "false", "--data.image_size", "64", "--data.val_sets", "[2007-train]",
-        "--data.test_sets", "[2007-train]",
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-    ]
     # Evaluated on the 8 training images: a few epochs from scratch fit them well enough for a
     # non-zero mAP (on unseen images every mAP is still 0), which the equality below needs.
-    _fit_refconv_then_test(tmp_path, common, "test/map", epochs=8)
+    data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=8, num_test=4, size=(48, 64))
+    _fit_refconv_then_test(tmp_path, "detection", data, ["--data.batch_size", "2", "--data.image_size", "64",
+                           "--data.val_sets", "[2007-train]", "--data.test_sets", "[2007-train]"], "test/map", epochs=8)
 
 
 @pytest.mark.slow
@@ -106,13 +103,8 @@ def test_ddp_segmentation_miou_matches_single_process(tmp_path: Path) -> None:
     # `--trainer.sync_batchnorm true` is GPU-only (torch's DDP refuses SyncBatchNorm on CPU); its
     # effect on refvision's models is covered by test_sync_batchnorm_keeps_the_checkpoint_format.
     data = write_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=4, size=(64, 128))
-    common = [
-        "-c", str(REPO / "configs/demo/segmentation.yaml"), "--data.root", str(data), "--data.batch_size", "2",
-        "--data.val_batch_size", "2", "--data.pin_memory", "false", "--data.crop_size", "[64,128]",
-        "--model.example_size", "[64,128]", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-    ]
-    _fit_refconv_then_test(tmp_path, common, "test/miou", epochs=4)
+    _fit_refconv_then_test(tmp_path, "segmentation", data, ["--data.batch_size", "2", "--data.val_batch_size", "2",
+                           "--data.crop_size", "[64,128]", "--model.example_size", "[64,128]"], "test/miou", epochs=4)
 
 
 def test_sync_batchnorm_keeps_the_checkpoint_format(tmp_path: Path) -> None:

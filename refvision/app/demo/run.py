@@ -52,20 +52,18 @@ DEMO_TASKS: dict[str, DemoTask] = {
 class DemoRow:
     """One task's results and where they come from.
 
-    ``params`` / ``flops`` are ``(baseline, deploy)``; ``refconv_train_*`` are the RefConv model in
-    its training form (training-only refocusing weights included); ``images`` are the
-    ``(train, val, test)`` split sizes; ``epochs`` are ``(baseline, control = RefConv)``;
-    ``baseline_val`` is the baseline's validation metric ``(best, last epoch)``, in percent: far
-    apart, the baseline had not settled.
+    ``scores`` are the test metric ``(baseline, control, RefConv deploy)`` in percent; ``params`` /
+    ``flops`` are ``(baseline, deploy, RefConv train form)``, the train form with its training-only
+    refocusing weights; ``images`` are the ``(train, val, test)`` split sizes; ``epochs`` are
+    ``(baseline, control = RefConv)``; ``baseline_val`` is the baseline's validation metric
+    ``(best, last epoch)``, in percent: far apart, the baseline had not settled.
     """
 
     task: str
     label: str
-    baseline: float
-    control: float
-    refconv: float
-    params: tuple[int, int]
-    flops: tuple[int, int]
+    scores: tuple[float, float, float]
+    params: tuple[int, int, int]
+    flops: tuple[int, int, int]
     max_abs_diff: float
     seconds: float
     model: str
@@ -74,8 +72,6 @@ class DemoRow:
     images: tuple[int, int, int]
     epochs: tuple[int, int]
     seed: int
-    refconv_train_params: int
-    refconv_train_flops: int
     baseline_val: tuple[float, float]
 
 
@@ -135,18 +131,15 @@ def run_task(name: str, root: Path, data_root: Path) -> DemoRow:
     base_task, deploy_task = load_task_checkpoint(baseline.best)[0], load_task_checkpoint(deploy)[0]
     train_task = load_task_checkpoint(refconv.best)[0]
     inputs = base_task.example_inputs()
-    base_profile, deploy_profile, train_profile = (profile(task.profile_module(), inputs=inputs)
-                                                   for task in (base_task, deploy_task, train_task))
+    profiles = [profile(task.profile_module(), inputs=inputs) for task in (base_task, deploy_task, train_task)]
     max_abs_diff = torch.load(deploy, map_location="cpu", weights_only=True)["refvision"]["max_abs_diff"]
     return DemoRow(
-        task=name, label=spec.label, baseline=tested[0][0], control=tested[1][0], refconv=tested[2][0],
-        params=(base_profile.params_total, deploy_profile.params_total),
-        flops=(base_profile.flops, deploy_profile.flops),
+        task=name, label=spec.label, scores=(tested[0][0], tested[1][0], tested[2][0]),
+        params=tuple(p.params_total for p in profiles), flops=tuple(p.flops for p in profiles),
         max_abs_diff=max_abs_diff, seconds=time.perf_counter() - start,
         model=_model_name(base_task), data=f"{spec.data} {data_root}", input_size=_input_size(inputs),
         images=(baseline.train_size, baseline.val_size, tested[0][1]), epochs=(baseline.epochs, refconv.epochs),
-        seed=baseline.seed, refconv_train_params=train_profile.params_total, refconv_train_flops=train_profile.flops,
-        baseline_val=(baseline.val_best, baseline.val_last),
+        seed=baseline.seed, baseline_val=(baseline.val_best, baseline.val_last),
     )
 
 
@@ -158,9 +151,10 @@ RESULT_COLUMNS = ("task", "metric", "baseline", "control", "refconv_deploy", "mo
 
 def result_record(row: DemoRow) -> dict[str, Any]:
     """``row`` as one CSV record with :data:`RESULT_COLUMNS` (full precision, FLOPs as multiply-adds)."""
-    values = (row.task, row.label, row.baseline, row.control, row.refconv, row.model, row.data, row.input_size,
-              *row.images, *row.epochs, row.seed, *row.params, *row.flops, row.refconv_train_params,
-              row.refconv_train_flops, *row.baseline_val, row.max_abs_diff, round(row.seconds, 1))
+    (base_params, deploy_params, train_params), (base_flops, deploy_flops, train_flops) = row.params, row.flops
+    values = (row.task, row.label, *row.scores, row.model, row.data, row.input_size, *row.images, *row.epochs,
+              row.seed, base_params, deploy_params, base_flops, deploy_flops, train_params, train_flops,
+              *row.baseline_val, row.max_abs_diff, round(row.seconds, 1))
     return dict(zip(RESULT_COLUMNS, values))
 
 
@@ -174,7 +168,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], markdown: bool)
 def format_rows(rows: list[DemoRow], markdown: bool = False) -> str:
     """The demo's result table (aligned text, or markdown), then its provenance table."""
     results = [
-        (r.task, r.label, f"{r.baseline:.2f}", f"{r.control:.2f}", f"{r.refconv:.2f}",
+        (r.task, r.label, *(f"{score:.2f}" for score in r.scores),
          f"{r.params[0]:,} / {r.params[1]:,}", f"{r.flops[0]:,} / {r.flops[1]:,}",
          f"{r.max_abs_diff:.2e}", f"{r.seconds:.0f}")
         for r in rows
@@ -182,7 +176,7 @@ def format_rows(rows: list[DemoRow], markdown: bool = False) -> str:
     provenance = [
         (r.task, r.model, r.input_size, " / ".join(str(n) for n in r.images), f"{r.epochs[0]} / {r.epochs[1]}",
          f"{r.baseline_val[0]:.2f} / {r.baseline_val[1]:.2f}", str(r.seed),
-         f"{r.refconv_train_params:,} / {r.refconv_train_flops:,}", r.data)
+         f"{r.params[2]:,} / {r.flops[2]:,}", r.data)
         for r in rows
     ]
     return "\n\n".join((
