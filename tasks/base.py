@@ -4,6 +4,13 @@ A task subclass builds its network in ``build_model`` and says how to run it raw
 (``raw_forward``: one tensor of pre-post-processing outputs, used to compare train and deploy
 forms). Everything about how a conv is implemented stays behind ``convert`` / ``reparameterize``.
 
+Every task takes float RGB images in [0, 1] and normalises them itself with ``mean`` / ``std``
+(:class:`~refvision.models.normalize.Normalize`, non-persistent buffers: checkpoint keys stay
+those of the bare network), so the exported and profiled module (:meth:`profile_module`) takes
+[0, 1] RGB too. What the data is -- ``num_classes``, ``class_names``, ``mean`` / ``std`` (and a
+segmentation palette) -- is set from the data module by the command (see
+``refvision.app.lightning_cli``) and saved in the hyper-parameters, so checkpoints carry it.
+
 Evaluation is owned here: one metric per stage (``val``, ``test``) from ``create_metric``, fed
 by ``evaluation_step``, computed, logged (``logged_metrics``) and reset at the end of each stage.
 At ``test`` the per-class table is printed and saved as CSV and the task's figures are saved as
@@ -27,6 +34,7 @@ from refvision.engine.checkpoint import load_init_from
 from refvision.surgery.convert import convert, reparameterize
 from refvision.metrics.figures import figure_to_rgb, save_figure
 from refvision.metrics.table import PerClassTable
+from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from refvision.nn import get_method
 from refvision.engine.divergence import DivergenceGuard
 from refvision.engine.graceful_stop import StopOnSignal
@@ -92,6 +100,12 @@ class RefvisionTask(LightningModule):
         trainable: ``all`` | ``all_but_basis`` | ``refocus_only`` (see ``refvision.surgery.trainable``).
         optim: optimizer and schedule; missing keys take :data:`OPTIM_DEFAULTS`.
         deploy: build the deploy form (DRConv's inference form); set by ``refvision reparameterize``.
+        class_names: the names of the ``num_classes`` classes in label order (detection: background
+            first), or null (classes named by number); the command sets it from the data module.
+        mean: per-channel RGB mean the [0, 1] input is normalised with (the command sets it from
+            the data module; default ImageNet's, which pretrained weights expect); null: the
+            network takes the [0, 1] input as it is (detection: normalises with its own values).
+        std: per-channel RGB standard deviation, as ``mean``.
     """
 
     default_conv_include: ClassVar[list[str] | None] = None
@@ -103,6 +117,7 @@ class RefvisionTask(LightningModule):
     """The validation metric that picks ``best.ckpt`` (and so the deploy checkpoint)."""
     num_classes_note: ClassVar[str] = ""
     """How this task counts ``num_classes``, quoted in the class-count mismatch error."""
+    num_classes: int
 
     def __init__(
         self,
@@ -113,6 +128,9 @@ class RefvisionTask(LightningModule):
         trainable: TrainableMode = "all",
         optim: OptimConfig | None = None,
         deploy: bool = False,
+        class_names: list[str] | None = None,
+        mean: tuple[float, float, float] | None = IMAGENET_MEAN,
+        std: tuple[float, float, float] | None = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.conv_config: ConvConfig = {"kind": "none", **(conv or {})}
@@ -120,29 +138,41 @@ class RefvisionTask(LightningModule):
         self.trainable = trainable
         self._init = (init_from, init_prefix, init_strict)
         self.deploy = deploy
+        self.class_names = list(class_names) if class_names is not None else None
+        if (mean is None) != (std is None):
+            raise ValueError(f"model.mean={mean}, model.std={std}: give both or neither")
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.normalize: nn.Module = Normalize(mean, std) if mean is not None and std is not None else nn.Identity()
 
     def build_model(self) -> nn.Module:
         """Build the network (pretrained weights by name allowed)."""
         raise NotImplementedError
 
     def raw_forward(self, model: nn.Module, inputs: Any) -> Tensor:
-        """Run ``model`` on ``inputs`` (what :meth:`inputs_of` gives) to one raw output tensor."""
-        return model(inputs)
+        """Run ``model`` (this task's network or its deploy form) on ``inputs`` ([0, 1] RGB, what
+        :meth:`inputs_of` gives), normalised first, to one raw output tensor."""
+        return model(self.normalize(inputs))
 
     def inputs_of(self, batch: Any) -> Any:
         """The model inputs within a batch of this task's data module."""
         return batch[0]
 
     def profile_module(self) -> nn.Module:
-        """The module profiled on :meth:`example_inputs` (its forward gives the raw outputs)."""
-        return self.model
+        """The module profiled and exported on :meth:`example_inputs`: [0, 1] RGB in, the raw
+        outputs out, the normalisation included."""
+        return nn.Sequential(self.normalize, self.model)
 
     def example_inputs(self) -> Any:
-        """A small input for profiling and train/deploy comparisons."""
+        """A small [0, 1] RGB input for profiling and train/deploy comparisons."""
         raise NotImplementedError
 
     def configure_model_pipeline(self) -> None:
-        """Build, load ``init_from``, convert, (deploy,) freeze. Subclasses call it at the end of ``__init__``."""
+        """Build, load ``init_from``, convert, (deploy,) freeze. Subclasses call it at the end of ``__init__``,
+        ``num_classes`` set."""
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(f"model.class_names has {len(self.class_names)} names but model.num_classes="
+                             f"{self.num_classes}{self.num_classes_note}")
         model = self.build_model()
         init_from, init_prefix, init_strict = self._init
         if init_from:
@@ -162,16 +192,6 @@ class RefvisionTask(LightningModule):
             model = reparameterize(model, inplace=True)
         set_trainable(model, self.trainable)
         self.model = model
-
-    def setup(self, stage: str) -> None:
-        """Refuse a data module whose ``num_classes`` differs from the model's ``num_classes``."""
-        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self._trainer else None
-        model_classes = getattr(self, "num_classes", None)
-        if data_classes is not None and model_classes is not None and data_classes != model_classes:
-            raise ValueError(
-                f"model.num_classes={model_classes}{self.num_classes_note} but the data has {data_classes} "
-                f"classes{self.num_classes_note}; set --model.num_classes {data_classes}"
-            )
 
     def train(self, mode: bool = True) -> "RefvisionTask":
         super().train(mode)
@@ -275,9 +295,8 @@ class RefvisionTask(LightningModule):
         raise NotImplementedError
 
     def eval_class_names(self) -> list[str]:
-        """Names of the classes, in label order: the data module's ``class_names``, else the label ids."""
-        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer else None
-        return list(names) if names is not None else [str(i) for i in range(getattr(self, "num_classes", 0))]
+        """Names of the classes, in label order: ``class_names``, else the label ids."""
+        return list(self.class_names) if self.class_names is not None else [str(i) for i in range(self.num_classes)]
 
     def per_class_table(self, result: dict[str, Any]) -> PerClassTable | None:
         """The per-class table of a ``test`` result (printed and saved as CSV), or None."""

@@ -16,16 +16,17 @@ from refvision.tasks.base import RefvisionTask
 
 
 class ClassificationTask(RefvisionTask):
-    """Fine-tune a classifier; batches are ``(images (B, 3, H, W) normalized, labels (B,))``.
+    """Fine-tune a classifier; batches are ``(images (B, 3, H, W) RGB in [0, 1], labels (B,))``.
 
     Args:
         backbone: torchvision model name or ``timm:<name>`` (see ``refvision.models.build_classifier``).
-        num_classes: classes of the data (must equal the data module's).
+        num_classes: classes of the data; the command sets it from the data module.
         weights: pretrained weight name to download (``DEFAULT``, ``IMAGENET1K_V1``...), or null.
         label_smoothing: cross-entropy label smoothing.
         image_size: side of the example input used for profiling.
         **kwargs: the shared options of :class:`~refvision.tasks.base.RefvisionTask`
-            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``).
+            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``,
+            ``class_names``, ``mean``, ``std``).
     """
 
     download_options = ("weights",)
@@ -52,11 +53,11 @@ class ClassificationTask(RefvisionTask):
         return build_classifier(self.backbone, self.num_classes, self.weights)
 
     def example_inputs(self) -> Tensor:
-        return torch.randn(1, 3, self.image_size, self.image_size)
+        return torch.rand(1, 3, self.image_size, self.image_size)
 
     def forward(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> logits ``(B, num_classes)``."""
-        return self.model(images)
+        """RGB ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, num_classes)``."""
+        return self.model(self.normalize(images))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch

@@ -33,7 +33,7 @@ class DetectionTask(RefvisionTask):
     Args:
         detector: ``ssd300_vgg16``, ``ssdlite320_mobilenet_v3_large`` or ``ssdlite320_mobilenet_v2``
             (see ``refvision.models.build_detector``).
-        num_classes: classes including the background (21 for VOC); must equal the data module's.
+        num_classes: classes including the background (21 for VOC); the command sets it from the data module.
         weights_backbone: torchvision ImageNet weight name of the backbone to download
             (``DEFAULT``, ``IMAGENET1K_V1``, ``IMAGENET1K_FEATURES`` for VGG16), or null.
         image_size: square side the SSDLite models resize to (default 320; SSD300 only takes 300); the
@@ -43,7 +43,11 @@ class DetectionTask(RefvisionTask):
             the detector's (SSDLite: 0.03, set for torchvision's 660-epoch schedule; with a few
             hundred steps such slow statistics lag far behind the weights and spoil evaluation).
         **kwargs: the shared options of :class:`~refvision.tasks.base.RefvisionTask`
-            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``).
+            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``,
+            ``class_names`` (background first)).
+        mean: per-channel RGB mean the detector's transform normalises with, or null for the
+            detector's own (SSDLite 0.5, SSD300 VGG16's Caffe mean); set from the data module.
+        std: per-channel RGB standard deviation, as ``mean`` (SSDLite 0.5, SSD300 1 / 255).
 
     By default only the backbone's feature layers are converted (``conv.include`` widens it, e.g.
     ``[backbone.*]`` adds the extra layers, ``[head.*]`` the prediction heads).
@@ -63,9 +67,11 @@ class DetectionTask(RefvisionTask):
         image_size: int | None = None,
         eval_mode: Literal["11points", "area"] = "11points",
         norm_momentum: float | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(mean=mean, std=std, **kwargs)
         self.save_hyperparameters()
         if num_classes < 2:
             raise ValueError(f"model.num_classes={num_classes}; expected at least 2 (the background included)")
@@ -78,6 +84,8 @@ class DetectionTask(RefvisionTask):
 
     def build_model(self) -> nn.Module:
         model = build_detector(self.detector, self.num_classes, self.weights_backbone, self.image_size)
+        if self.mean is not None and self.std is not None:
+            model.transform.image_mean, model.transform.image_std = list(self.mean), list(self.std)
         if self.norm_momentum is not None:
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from refvision.data.cityscapes_labels import IGNORE_INDEX, palette
-from refvision.data.presets import IMAGENET_MEAN, IMAGENET_STD
+from refvision.data.cityscapes_labels import IGNORE_INDEX
 from refvision.metrics import MeanIoU
 from refvision.metrics.figures import confusion_matrix, per_class_bars, segmentation_grid
 from refvision.metrics.table import PerClassTable, confusion_table
@@ -22,6 +21,7 @@ from refvision.models.segmentation import build_segmenter
 from refvision.models.losses import ohem_cross_entropy
 from refvision.models.segmentation_inference import segment, whole_inference
 from refvision.tasks.base import RefvisionTask
+from refvision.utils.colors import label_color
 from refvision.engine.writers.segmentation import SegmentationPredictionWriter  # noqa: F401  (its former home)
 
 OHEM_THRESH = 0.7
@@ -36,14 +36,14 @@ InferenceMode = Literal["whole", "slide"]
 class SegmentationTask(RefvisionTask):
     """Train and evaluate a DeepLabV3+ segmenter.
 
-    Batches are ``(images (B, 3, H, W) float normalized, masks (B, H, W) int64)`` with class ids
+    Batches are ``(images (B, 3, H, W) float RGB in [0, 1], masks (B, H, W) int64)`` with class ids
     ``0..num_classes-1`` and ``ignore_index`` (as :class:`~refvision.data.CityscapesDataModule`
     gives). Training crops must have H, W divisible by the encoder's output stride.
 
     Args:
         encoder: smp encoder name or ``tu-<timm name>`` (see ``refvision.models.build_segmenter``).
-        num_classes: classes of the data (must equal the data module's; at most 255, as
-            predictions are stored as ``uint8`` train-id maps).
+        num_classes: classes of the data (at most 255, as predictions are stored as ``uint8``
+            train-id maps); the command sets it from the data module.
         encoder_weights: smp pretrained encoder tag (``imagenet``) to download, or null.
         output_stride: 8 or 16; the encoder's last stages become dilated convs.
         ignore_index: mask value left out of the loss and the metrics.
@@ -55,8 +55,11 @@ class SegmentationTask(RefvisionTask):
         flip: average with the horizontally flipped input at evaluation.
         scales: evaluation scales (multi-scale test-time augmentation when not ``[1.0]``).
         example_size: (h, w) of the example input used for profiling and deploy checks.
+        palette: RGB colour ``[r, g, b]`` (0..255) of each class in figures and prediction images;
+            set from the data module; null: well-spread colours.
         **kwargs: the shared options of :class:`~refvision.tasks.base.RefvisionTask`
-            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``).
+            (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``,
+            ``class_names``, ``mean``, ``std``).
     """
 
     download_options = ("encoder_weights",)
@@ -80,6 +83,7 @@ class SegmentationTask(RefvisionTask):
         flip: bool = False,
         scales: tuple[float, ...] = (1.0,),
         example_size: tuple[int, int] = (512, 1024),
+        palette: list[tuple[int, int, int]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -92,6 +96,11 @@ class SegmentationTask(RefvisionTask):
         self.output_stride, self.ignore_index, self.ohem = output_stride, ignore_index, ohem
         self.inference, self.slide_crop, self.slide_stride = inference, tuple(slide_crop), tuple(slide_stride)
         self.flip, self.scales, self.example_size = flip, tuple(scales), tuple(example_size)
+        if palette is not None and len(palette) != num_classes:
+            raise ValueError(f"model.palette has {len(palette)} colours but model.num_classes={num_classes}")
+        colors = palette if palette is not None else [label_color(c) for c in range(num_classes)]
+        self.palette = torch.tensor(colors, dtype=torch.uint8).reshape(-1, 3)
+        """``(num_classes, 3) uint8``: the colour of each class."""
         self.configure_model_pipeline()
         self.configure_metrics()
         self._samples: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -100,18 +109,19 @@ class SegmentationTask(RefvisionTask):
         return build_segmenter(self.encoder, self.num_classes, self.encoder_weights, self.output_stride)
 
     def raw_forward(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        """Logits ``(B, C, H, W)`` of ``model`` on normalized ``(B, 3, H, W)`` (padded inside to multiples of 16)."""
-        return whole_inference(model, inputs)
+        """Logits ``(B, C, H, W)`` of ``model`` on ``(B, 3, H, W)`` in [0, 1], normalised and padded
+        to multiples of 16 inside."""
+        return whole_inference(model, self.normalize(inputs))
 
     def inputs_of(self, batch: Any) -> Tensor:
         return batch if isinstance(batch, Tensor) else batch[0]
 
     def example_inputs(self) -> Tensor:
-        return torch.randn(1, 3, *self.example_size)
+        return torch.rand(1, 3, *self.example_size)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Normalized ``(B, 3, H, W)`` -> class scores ``(B, C, H, W)`` with the configured inference."""
-        return segment(self.model, images, self.num_classes, self.inference, self.slide_crop, self.slide_stride,
+        """RGB ``(B, 3, H, W)`` in [0, 1] -> class scores ``(B, C, H, W)`` with the configured inference."""
+        return segment(self.model, self.normalize(images), self.num_classes, self.inference, self.slide_crop, self.slide_stride,
                        self.flip, self.scales)
 
     def loss(self, logits: Tensor, masks: Tensor) -> Tensor:
@@ -123,7 +133,7 @@ class SegmentationTask(RefvisionTask):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, masks = batch
-        loss = self.loss(self.model(images), masks)
+        loss = self.loss(self.model(self.normalize(images)), masks)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(masks))
         return loss
 
@@ -159,7 +169,7 @@ class SegmentationTask(RefvisionTask):
         }
         if self._samples:
             images, masks, preds = (torch.stack(part) for part in zip(*self._samples))
-            figures["test_samples"] = segmentation_grid(images, masks, preds, palette(self.num_classes), self.ignore_index)
+            figures["test_samples"] = segmentation_grid(images, masks, preds, self.palette, self.ignore_index)
         self._samples = []
         return figures
 
@@ -176,7 +186,5 @@ class SegmentationTask(RefvisionTask):
 
 
 def to_rgb(images: Tensor) -> Tensor:
-    """``uint8 (B, 3, H, W)`` RGB of the normalized model inputs ``(B, 3, H, W)``."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return ((images.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    """``uint8 (B, 3, H, W)`` RGB of the model inputs ``(B, 3, H, W)`` in [0, 1]."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)

@@ -3,7 +3,8 @@
 Checkpoints are built without training: random refocusing / region-filter weights and batch-norm
 statistics of a random batch, so that outputs are of order one. Every exported file is compared
 with the *train-form* PyTorch model (RefConv / DRConv layers inside) on a fresh input, within
-``TOLERANCE * max(1, max |output|)``.
+``TOLERANCE * max(1, max |output|)``. Exported graphs take [0, 1] RGB: the reference normalises
+with torchvision's ``normalize`` and the checkpoint's mean / std, then runs the bare network.
 """
 
 from collections.abc import Iterator
@@ -16,11 +17,13 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.transforms.v2.functional import normalize
 
 import refvision.engine.export
 from refvision.app.cli import main
 from refvision.engine.deploy import load_task_checkpoint, reparameterize_checkpoint
 from refvision.engine.export import export_checkpoint
+from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from refvision.nn import DRConv, RefConv
 from refvision.tasks.base import RefvisionTask
 from refvision.tasks.classification import ClassificationTask
@@ -71,9 +74,14 @@ def _batch(task: RefvisionTask, n: int) -> Any:
 
 
 def _train_outputs(ckpt: str, inputs: Any) -> torch.Tensor:
+    """The train-form network on ``inputs`` in [0, 1]: normalised, then the bare network (detection:
+    the SSD, whose transform normalises)."""
     task, _ = load_task_checkpoint(ckpt)
     assert any(isinstance(m, (RefConv, DRConv)) for m in task.modules()), "the reference is the train form"
     with torch.no_grad():
+        if isinstance(inputs, torch.Tensor):
+            return task.model(normalize(inputs, list(task.hparams.get("mean", IMAGENET_MEAN)),
+                                        list(task.hparams.get("std", IMAGENET_STD))))
         return task.profile_module()(inputs)
 
 
@@ -112,7 +120,7 @@ def test_onnx_of_a_refconv_train_checkpoint_is_the_vanilla_network(
     printed = capsys.readouterr().out
     assert "train-form checkpoint: re-parameterized" in printed
     assert "torch.onnx.export(dynamo=True)" in printed and "batch dim dynamic" in printed
-    images = torch.randn(3, 3, SIZE, SIZE)  # neither the export batch (2) nor the checked one (1)
+    images = torch.rand(3, 3, SIZE, SIZE)  # neither the export batch (2) nor the checked one (1)
     _assert_close(_onnxruntime(out, images), _train_outputs(refconv_ckpt, images))
     convs = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Conv"]
     vanilla = [m for m in torchvision.models.mobilenet_v2().modules() if isinstance(m, nn.Conv2d)]
@@ -131,10 +139,10 @@ def test_torchscript_and_exported_program(
     main(["export", "--ckpt", ckpt, "--output", str(out), "--format", format])
     assert ("re-parameterized" in capsys.readouterr().out) == (form == "train")
     if format == "torchscript":
-        images = torch.randn(refvision.engine.export.EXPORT_BATCH, 3, SIZE, SIZE)
+        images = torch.rand(refvision.engine.export.EXPORT_BATCH, 3, SIZE, SIZE)
         exported = torch.jit.load(str(out))
     else:
-        images = torch.randn(3, 3, SIZE, SIZE)
+        images = torch.rand(3, 3, SIZE, SIZE)
         exported = torch.export.load(out).module()
     with torch.no_grad():
         got = exported(images)
@@ -148,7 +156,7 @@ def test_drconv_train_checkpoint_exports_its_inference_form(tmp_path: Path, drco
     assert report.max_abs_diff is not None and report.tolerance is not None
     assert report.max_abs_diff <= report.tolerance
     assert {n.domain for n in onnx.load(str(out)).graph.node} <= {"", "ai.onnx"}, "standard ONNX ops only"
-    images = torch.randn(3, 3, SIZE, SIZE)
+    images = torch.rand(3, 3, SIZE, SIZE)
     _assert_close(_onnxruntime(out, images), _train_outputs(drconv_ckpt, images))
 
 
@@ -167,7 +175,7 @@ def test_onnx_falls_back_to_the_torchscript_exporter(
     report = export_checkpoint(refconv_ckpt, out, "onnx")
     assert report.exporter == "torch.onnx.export(dynamo=False)" and report.dynamic_batch
     assert report.fallback_reason == "RuntimeError: unsupported operator"
-    images = torch.randn(3, 3, SIZE, SIZE)
+    images = torch.rand(3, 3, SIZE, SIZE)
     _assert_close(_onnxruntime(out, images), _train_outputs(refconv_ckpt, images))
 
 
@@ -198,13 +206,13 @@ def test_existing_output_unknown_format_and_failed_check(
 def test_segmentation_export(tmp_path: Path) -> None:
     from refvision.tasks.segmentation import SegmentationTask
 
-    task = SegmentationTask(encoder="mobilenet_v2", num_classes=3, example_size=(64, 64),
-                            conv={"kind": "refconv", "include": ["encoder.features.[0-3].*"]})
+    task = SegmentationTask(encoder="mobilenet_v2", num_classes=3, example_size=(64, 64), mean=(0.2, 0.5, 0.7),
+                            std=(0.1, 0.3, 0.2), conv={"kind": "refconv", "include": ["encoder.features.[0-3].*"]})
     ckpt = _write_checkpoint(task, tmp_path / "segmentation.ckpt")
     out = tmp_path / "segmentation.onnx"
     report = export_checkpoint(ckpt, out, "onnx")
     assert report.reparameterized and report.dynamic_batch and report.input_shapes == ((2, 3, 64, 64),)
-    images = torch.randn(3, 3, 64, 64)
+    images = torch.rand(3, 3, 64, 64)
     expected = _train_outputs(ckpt, images)
     assert expected.shape == (3, 3, 64, 64)
     _assert_close(_onnxruntime(out, images), expected)

@@ -1,11 +1,13 @@
 """`refvision predict` on a plain folder of unlabelled images, for all three tasks, through the CLI.
 
 Each writer's output is checked against the model run here on the images read independently
-(Pillow + the task's preset), so a wrong file, order, preprocessing or number fails.
+(Pillow + the task's preset), so a wrong file, order, preprocessing or number fails. The class
+names (and the palette) come from the checkpoint, as ``refvision fit`` stores them.
 """
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +18,8 @@ from PIL import Image
 
 from refvision.app.cli import main
 from refvision.data import presets
-from refvision.data.cityscapes_labels import PALETTE
+from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
+from refvision.data.voc_format import VOC_CLASSES
 from refvision.tasks.base import RefvisionTask
 from refvision.tasks.classification import ClassificationTask
 from refvision.tasks.detection import DetectionTask
@@ -68,13 +71,17 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_images(tmp_path_factory.mktemp("own_images"))
 
 
+def _top5_rows(out: Path) -> list[list[str]]:
+    with (out / "predictions.csv").open() as f:
+        return list(csv.reader(f))
+
+
 def test_classification_csv_has_top5_per_file(tmp_path: Path, images: Path) -> None:
     torch.manual_seed(0)
-    task = ClassificationTask(backbone="resnet18", num_classes=6, image_size=64).eval()
+    task = ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64).eval()
     ckpt = _checkpoint(task, tmp_path / "cls.ckpt")
     out = tmp_path / "out"
-    _predict("classification", images, ckpt, out, tmp_path / "run", "--model.num_classes", "6",
-             "--data.class_names", json.dumps(CLASS_NAMES))
+    _predict("classification", images, ckpt, out, tmp_path / "run")
     with (out / "predictions.csv").open() as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["file"] + [f"{k}_{i}" for i in range(1, 6) for k in ("class", "prob")]
@@ -88,9 +95,29 @@ def test_classification_csv_has_top5_per_file(tmp_path: Path, images: Path) -> N
         np.testing.assert_allclose([float(p) for p in row[2::2]], top.values.numpy(), atol=2e-6)
 
 
+def test_classes_of_a_checkpoint_without_names_come_from_data_class_names(
+    tmp_path: Path, images: Path, capsys: pytest.CaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    old = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=6, image_size=64), tmp_path / "old.ckpt")
+    _predict("classification", images, old, tmp_path / "ids", tmp_path / "run")
+    assert set(_top5_rows(tmp_path / "ids")[1][1::2]) <= {str(i) for i in range(6)}  # numbers: no names known
+    _predict("classification", images, old, tmp_path / "named", tmp_path / "run",
+             "--data.class_names", json.dumps(CLASS_NAMES))
+    assert set(_top5_rows(tmp_path / "named")[1][1::2]) <= set(CLASS_NAMES)
+    named = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64),
+                        tmp_path / "named.ckpt")
+    other = ["a", "b", "c", "d", "e", "f"]
+    with pytest.raises(SystemExit):
+        _predict("classification", images, named, tmp_path / "other", tmp_path / "run",
+                 "--data.class_names", json.dumps(other))
+    assert re.search(r"model\.class_names=\['ant', .*\] but the data \(PredictImagesDataModule\) has "
+                     r"class_names=\['a', .*--ckpt_path: the checkpoint was trained on other data", capsys.readouterr().err)
+
+
 def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> None:
     torch.manual_seed(0)
-    task = DetectionTask(image_size=64, norm_momentum=0.2).eval()
+    task = DetectionTask(image_size=64, norm_momentum=0.2, class_names=["__background__", *VOC_CLASSES]).eval()
     with torch.no_grad():  # an untrained head scores every class 1/21: spread the scores
         for param in task.model.head.classification_head.parameters():
             param.normal_(0.0, 0.3)
@@ -131,19 +158,20 @@ def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> Non
 def test_segmentation_any_size_with_slide_flip_and_scales(tmp_path: Path, images: Path) -> None:
     torch.manual_seed(0)
     task = SegmentationTask(output_stride=16, example_size=(64, 64), inference="slide", slide_crop=(32, 32),
-                            slide_stride=(24, 24), flip=True, scales=(0.75, 1.0)).eval()
+                            slide_stride=(24, 24), flip=True, scales=(0.75, 1.0), class_names=list(TRAIN_CLASSES),
+                            palette=list(PALETTE)).eval()
     ckpt = _checkpoint(task, tmp_path / "seg.ckpt")
     out = tmp_path / "out"
     _predict("segmentation", images, ckpt, out, tmp_path / "run", "--model.inference", "slide",
              "--model.slide_crop", "[32,32]", "--model.slide_stride", "[24,24]", "--model.flip", "true",
              "--model.scales", "[0.75,1.0]")
-    normalize = presets.segmentation_eval()
+    to_float = presets.segmentation_eval()
     palette = torch.tensor(PALETTE, dtype=torch.uint8)
     for name, size in IMAGES.items():
         stem = name.rsplit(".", 1)[0]
         labels = torch.from_numpy(np.asarray(Image.open(out / "labels" / f"{stem}.png")).copy())
         with torch.no_grad():
-            expected = task(normalize(_read(images, name))[None]).argmax(1)[0]
+            expected = task(to_float(_read(images, name))[None]).argmax(1)[0]
         assert labels.shape == size
         assert torch.equal(labels.long(), expected)
         color = torch.from_numpy(np.asarray(Image.open(out / "color" / f"{stem}.png")).copy())
@@ -174,7 +202,7 @@ def test_writers_refuse_existing_outputs_unless_overwrite(tmp_path: Path, images
 
 
 def test_detection_writer_refuses_an_existing_devkit_file(tmp_path: Path, images: Path) -> None:
-    ckpt = _checkpoint(DetectionTask(image_size=64), tmp_path / "det.ckpt")
+    ckpt = _checkpoint(DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "det.ckpt")
     taken = tmp_path / "out" / "results" / "VOC2007" / "Main" / "comp4_det_test_car.txt"
     taken.parent.mkdir(parents=True)
     taken.write_text("000001 0.9 1 1 5 5\n")

@@ -101,10 +101,12 @@ def _args(root: Path, data: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_class_count_must_match_the_data(tmp_path: Path) -> None:
+def test_class_count_must_match_the_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = write_cityscapes(tmp_path / "cityscapes", num_train=1, num_val=1, size=(64, 128))
-    with pytest.raises(ValueError, match=r"model\.num_classes=5 but the data has 19 classes; set --model\.num_classes 19"):
+    with pytest.raises(SystemExit):
         main(["fit", *_args(tmp_path / "run", data), "--model.num_classes", "5"])
+    assert ("model.num_classes=5 but the data (CityscapesDataModule) has num_classes=19: the data module sets "
+            "model.num_classes; leave it out of the config") in capsys.readouterr().err
 
 
 @pytest.mark.slow

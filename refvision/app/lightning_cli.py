@@ -4,6 +4,8 @@ A :class:`~lightning.pytorch.cli.LightningCLI` whose model is any refvision task
 any LightningDataModule, both chosen by ``class_path`` in the (composable) ``-c`` configs.
 """
 
+import importlib
+import inspect
 import os
 import re
 import warnings
@@ -23,6 +25,10 @@ import refvision.tasks.segmentation  # noqa: F401
 from refvision.engine.callbacks import DeployCheckpoint
 from refvision.engine.checkpoint import check_task_checkpoint, safe_checkpoint_globals
 from refvision.tasks.base import RefvisionTask
+
+DESCRIBED_BY_DATA = ("num_classes", "class_names", "mean", "std", "palette")
+"""What a data module says about its data and the model takes from it (attributes of the data
+module -> init arguments of the task, each where both exist)."""
 
 EXTRA_COMMANDS_HELP = """\
 workflow subcommands:
@@ -69,10 +75,13 @@ class RefvisionCLI(LightningCLI):
             raise ConfigError(root_cause(err)) from err
 
     def instantiate_classes(self) -> None:
+        model_config = self._get(self.config, "model")
+        given = given_description(model_config.class_path, model_config.init_args.as_dict())
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, OSError) as err:
             raise ConfigError(root_cause(err)) from err
+        check_description(given, self.datamodule, getattr(self.model, "num_classes_note", ""))
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
@@ -80,6 +89,14 @@ class RefvisionCLI(LightningCLI):
         # (classification crop, detector input side), so the two never disagree. Skipped where
         # the data module or the task has no such argument (Cityscapes, segmentation).
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size", apply_on="parse")
+        # What the data is, from the instantiated data module (classes are only known once it has
+        # read its folders). jsonargparse skips a link whose attribute the data module lacks (the
+        # model keeps its value: for predict on plain images, the checkpoint's) or whose argument
+        # the task lacks (palette: segmentation only). A model value the config or the checkpoint
+        # gives is checked against the data's after instantiation (check_description).
+        for key in DESCRIBED_BY_DATA:
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", compute_fn=config_value,
+                                  apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters here and the Trainer loads it later (a URL
@@ -106,6 +123,53 @@ class RefvisionCLI(LightningCLI):
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         return super().instantiate_trainer(**kwargs)
+
+
+def given_description(model_class: str, init_args: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`DESCRIBED_BY_DATA` values of a model config (its own, or merged from
+    ``--ckpt_path``'s hyper-parameters) that differ from the task's defaults: the ones given."""
+    module, _, name = model_class.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return {key: init_args[key] for key in DESCRIBED_BY_DATA
+            if init_args.get(key) is not None and config_value(init_args[key]) != config_value(_default(cls, key))}
+
+
+def check_description(given: dict[str, Any], datamodule: LightningDataModule, num_classes_note: str = "") -> None:
+    """Refuse a given model value (:func:`given_description`) that the data module describes otherwise.
+
+    The data module's value has been linked into the model; a different one in the config (or in
+    the checkpoint being tested) means the model and the data disagree, so the run stops here,
+    naming the key, instead of failing later on a shape or silently using the data's value.
+    """
+    for key, value in given.items():
+        if not hasattr(datamodule, key):
+            continue
+        described = getattr(datamodule, key)
+        if config_value(described) != config_value(value):
+            note = num_classes_note if key == "num_classes" else ""
+            raise ConfigError(
+                f"model.{key}={config_value(value)}{note} but the data ({type(datamodule).__name__}) has {key}="
+                f"{config_value(described)}{note}: the data module sets model.{key}; leave it out of the config "
+                "(with --ckpt_path: the checkpoint was trained on other data)"
+            )
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of init argument ``name`` of ``cls`` (looked up through the base classes), or None."""
+    for klass in cls.__mro__:
+        parameter = inspect.signature(klass.__init__).parameters.get(name)
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    return None
+
+
+def config_value(value: Any) -> Any:
+    """``value`` as a YAML config holds it (tuples as lists): how the links pass the data module's
+    attributes, so that the model's hyper-parameters equal the data module's where both have a key
+    (Lightning refuses to log hyper-parameters that differ, in type too)."""
+    if isinstance(value, (list, tuple)):
+        return [config_value(item) for item in value]
+    return value
 
 
 def default_loggers(root_dir: str) -> list[Logger]:

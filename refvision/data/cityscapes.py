@@ -22,9 +22,10 @@ from torchvision.io import ImageReadMode
 
 from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy
-from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, TRAIN_CLASSES, TRAIN_IDS
+from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, PALETTE, TRAIN_CLASSES, TRAIN_IDS
 from refvision.data.decode import BadImageError, decode, read_header
 from refvision.data.loader import SplitDataModule
+from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 LAYOUT = (
     "root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
@@ -146,12 +147,16 @@ def _label_file(image: Path, label_dir: Path, label_source: LabelSource) -> Path
 class CityscapesDataModule(SplitDataModule):
     """Cityscapes train / val with MMSegmentation's DeepLabV3+ augmentation.
 
-    Train batches: ``(images (B, 3, *crop_size) float32 normalized, masks (B, *crop_size) int64)``
+    Train batches: ``(images (B, 3, *crop_size) float32 RGB in [0, 1], masks (B, *crop_size) int64)``
     after random scaling by ``scale_range``, crop (padding: image 0, mask 255), flip and
     photometric distortion. Val / test batches are full resolution, or ``eval_size`` (H, W) when
     given (the mask is then resized with nearest neighbour, so metrics are computed at that
     size). ``test`` and ``predict`` use ``test_split``: ``val`` by default, since Cityscapes test
     labels are not public; ``test`` for a tree whose test split holds real labels.
+
+    The data describes itself to the model (the command carries it): the 19 train classes
+    (``class_names``, ``num_classes``), their Cityscapes colours (``palette``) and the ``mean`` /
+    ``std`` the model normalises with (default ImageNet's).
     """
 
     def __init__(
@@ -159,6 +164,8 @@ class CityscapesDataModule(SplitDataModule):
         root: str,
         crop_size: tuple[int, int] = (512, 1024),
         scale_range: tuple[float, float] = (0.5, 2.0),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         batch_size: int = 8,
         val_batch_size: int = 1,
         num_workers: int = 4,
@@ -185,6 +192,7 @@ class CityscapesDataModule(SplitDataModule):
         self.eval_transform = presets.segmentation_eval(eval_size)
         self.class_names = list(TRAIN_CLASSES)
         self.num_classes = len(TRAIN_CLASSES)
+        self.palette = list(PALETTE)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers

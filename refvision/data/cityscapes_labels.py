@@ -94,9 +94,3 @@ TRAINID_TO_ID = torch.tensor([label.id for label in _TRAIN_LABELS], dtype=torch.
 """Lookup table ``(19,) uint8``: ``TRAINID_TO_ID[train_ids]`` gives the label ids that
 ``*_gtFine_labelIds.png`` files and the official evaluator use."""
 
-
-def palette(num_colors: int) -> torch.Tensor:
-    """``(num_colors, 3) uint8``: the Cityscapes colours of the first 19 train ids, then well-spread
-    others (torchvision's colour rule) for label sets with more classes."""
-    extra = [tuple(i * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1)) for i in range(len(PALETTE), num_colors)]
-    return torch.tensor([*PALETTE, *extra][:num_colors], dtype=torch.uint8).reshape(-1, 3)

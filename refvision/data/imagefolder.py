@@ -12,6 +12,7 @@ from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy, describe
 from refvision.data.decode import READABLE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, BadImageError, decode, read_header
 from refvision.data.loader import SplitDataModule
+from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("refvision")
 
@@ -104,8 +105,11 @@ def _class_names(split_dir: Path) -> list[str]:
 class ImageFolderDataModule(SplitDataModule):
     """Train / val / test image folders with torchvision's classification reference presets.
 
-    Batches are ``(images (B, 3, image_size, image_size) float32 normalized, labels (B,) int64)``.
-    Class folders are sorted by name (``ImageFolder`` order) and must be identical in every split.
+    Batches are ``(images (B, 3, image_size, image_size) float32 RGB in [0, 1], labels (B,) int64)``.
+    Class folders are sorted by name (``ImageFolder`` order) and must be identical in every split;
+    they are ``class_names`` (``num_classes`` of them). ``mean`` / ``std`` are the statistics the
+    model normalises these images with (default ImageNet's, what pretrained weights expect);
+    the command carries all four to the model.
     ``test`` and ``predict`` use ``root/test`` when it exists, else ``root/val``.
     Every image file is checked at ``setup`` and decode failures are handled while loading,
     both by ``on_bad_sample`` (see :class:`CheckedImageFolder`).
@@ -123,6 +127,8 @@ class ImageFolderDataModule(SplitDataModule):
         auto_augment: str | None = None,
         random_erase: float = 0.0,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
         on_bad_sample: OnBadSample = "raise",
     ) -> None:
         super().__init__()
@@ -141,7 +147,7 @@ class ImageFolderDataModule(SplitDataModule):
                 )
         self.num_classes = len(self.class_names)
         self.train_transform = presets.classification_train(
-            image_size, interpolation, auto_augment, random_erase, crop_scale
+            image_size, interpolation, auto_augment, random_erase, crop_scale, self.mean
         )
         self.eval_transform = presets.classification_eval(image_size, resize_size, interpolation)
         self.batch_size = batch_size

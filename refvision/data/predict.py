@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from refvision.data import presets
-from refvision.data.cityscapes_labels import TRAIN_CLASSES
+from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
 from refvision.data.loader import make_loader
 from refvision.data.voc import detection_collate
 from refvision.data.voc_format import VOC_CLASSES
@@ -34,6 +34,8 @@ NAMED_CLASS_LISTS: dict[str, tuple[str, ...]] = {
     "cityscapes": TRAIN_CLASSES,
 }
 """Class lists that ``class_names`` may name instead of listing them."""
+NAMED_PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {"cityscapes": PALETTE}
+"""The colours of the named class lists that have their own."""
 
 
 class Source(NamedTuple):
@@ -125,19 +127,23 @@ class PredictImagesDataModule(L.LightningDataModule):
     """``predict`` on a plain folder of images, for every refvision task.
 
     ``preset`` applies the evaluation preprocessing of that task (use the values the model was
-    trained with):
+    trained with); images are ``float32`` RGB in [0, 1], which the model normalises itself:
 
     - ``classification``: resize the shorter side to ``resize_size``, center-crop ``image_size``
-      (``None``: 224), normalize; batches ``(images (B, 3, S, S), infos)``;
-    - ``detection``: ``float32`` in [0, 1] at the image's own size (the detector resizes to
-      ``image_size``, carried to ``model.image_size`` as from the training data module);
-      batches ``(list of (3, H_i, W_i), infos)``;
-    - ``segmentation``: normalized at the image's own size, any size (the task's whole / slide /
-      flip / multi-scale inference handles it); batches ``(list of (3, H_i, W_i), infos)``.
+      (``None``: 224); batches ``(images (B, 3, S, S), infos)``;
+    - ``detection``: at the image's own size (the detector resizes to ``image_size``, carried to
+      ``model.image_size`` as from the training data module); batches ``(list of (3, H_i, W_i), infos)``;
+    - ``segmentation``: at the image's own size, any size (the task's whole / slide / flip /
+      multi-scale inference handles it); batches ``(list of (3, H_i, W_i), infos)``.
 
-    ``infos[i]`` is ``{"file": path relative to root}``. ``class_names`` (``voc``,
-    ``cityscapes`` or a list; background first for detection) names the model's classes for
-    the writers, and is checked against ``model.num_classes`` when given.
+    ``infos[i]`` is ``{"file": path relative to root}``.
+
+    The images alone do not say what the classes are: the checkpoint predicted with does (its
+    ``class_names``, ``mean`` / ``std``, palette), and this module leaves them to it. It has no
+    ``mean`` / ``std`` attributes, and ``class_names`` / ``num_classes`` (and for ``cityscapes``
+    the ``palette``) only when ``class_names`` is given (``voc``, ``cityscapes`` or a list;
+    background first for detection): the command carries only the attributes a data module has
+    to the model, and refuses names that differ from the checkpoint's.
     """
 
     def __init__(
@@ -154,18 +160,22 @@ class PredictImagesDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         # Sizes only mean something to classification; logging them otherwise would clash with
-        # a model's own ``image_size`` in Lightning's hparams merge.
+        # a model's own ``image_size`` in Lightning's hparams merge, as a class-list name would
+        # with the model's ``class_names``.
         resizing = ("image_size", "resize_size", "interpolation")
-        self.save_hyperparameters(ignore=[] if preset == "classification" else list(resizing))
+        self.save_hyperparameters(ignore=["class_names", *([] if preset == "classification" else resizing)])
         if preset not in ("classification", "detection", "segmentation"):
             raise ValueError(f"data.preset={preset!r}; allowed: classification, detection, segmentation")
         if isinstance(class_names, str):
             if class_names not in NAMED_CLASS_LISTS:
                 raise ValueError(f"data.class_names={class_names!r}; expected a list or one of {sorted(NAMED_CLASS_LISTS)}")
+            if class_names in NAMED_PALETTES and preset == "segmentation":
+                self.palette = list(NAMED_PALETTES[class_names])
             class_names = list(NAMED_CLASS_LISTS[class_names])
+        if class_names is not None:
+            self.class_names = class_names
+            self.num_classes = len(class_names)
         self.root, self.preset = root, preset
-        self.class_names = class_names
-        self.num_classes = len(class_names) if class_names is not None else None
         if preset == "classification":
             self.transform: v2.Transform = presets.classification_eval(image_size or 224, resize_size, interpolation)
         elif preset == "detection":

@@ -1,11 +1,13 @@
 """Transform presets for the three tasks, built from ``torchvision.transforms.v2``.
 
-Every preset takes a decoded ``uint8`` sample and returns what the task consumes:
+Every preset takes a decoded ``uint8`` sample and returns what the task consumes, images as
+``float32`` RGB in [0, 1] (every model normalises inside, with the mean / std the data module
+describes):
 
-- classification: ``Image (3, H, W) uint8`` -> ``float32 (3, S, S)``, normalized;
-- detection: ``(Image, target)`` -> ``(float32 (3, H', W') in [0, 1], target)``, boxes and all
-  per-box fields filtered together; the SSD model resizes and normalizes internally;
-- segmentation: ``(Image, Mask int64 (H, W))`` -> ``(float32 (3, H', W') normalized, Mask)``.
+- classification: ``Image (3, H, W) uint8`` -> ``float32 (3, S, S)``;
+- detection: ``(Image, target)`` -> ``(float32 (3, H', W'), target)``, boxes and all per-box
+  fields filtered together; the SSD model resizes too;
+- segmentation: ``(Image, Mask int64 (H, W))`` -> ``(float32 (3, H', W'), Mask)``.
 """
 
 from collections.abc import Sequence
@@ -18,9 +20,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from refvision.data.cityscapes_labels import IGNORE_INDEX
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from refvision.models.normalize import IMAGENET_MEAN
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 """Accepted ``auto_augment`` names, as in torchvision's classification reference."""
 
@@ -34,8 +34,13 @@ def classification_train(
     auto_augment: str | None = None,
     random_erase: float = 0.0,
     crop_scale: tuple[float, float] = (0.08, 1.0),
+    mean: Sequence[float] = IMAGENET_MEAN,
 ) -> v2.Compose:
-    """RandomResizedCrop (area fraction in ``crop_scale``) + flip (+ auto-augment) + normalize (+ random erasing)."""
+    """RandomResizedCrop (area fraction in ``crop_scale``) + flip (+ auto-augment) (+ random erasing).
+
+    Random erasing fills with ``mean`` (the colour the model normalises to 0), as torchvision's
+    reference erases normalised images with 0.
+    """
     mode = v2.InterpolationMode(interpolation)
     transforms: list[v2.Transform] = [
         v2.RandomResizedCrop(image_size, scale=crop_scale, interpolation=mode, antialias=True),
@@ -43,19 +48,18 @@ def classification_train(
     ]
     if auto_augment is not None:
         transforms.append(_auto_augment(auto_augment, mode))
-    transforms += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    transforms.append(v2.ToDtype(torch.float32, scale=True))
     if random_erase > 0:
-        transforms.append(v2.RandomErasing(p=random_erase))
+        transforms.append(v2.RandomErasing(p=random_erase, value=list(mean)))
     return v2.Compose(transforms)
 
 
 def classification_eval(image_size: int, resize_size: int, interpolation: str = "bilinear") -> v2.Compose:
-    """Resize the shorter side to ``resize_size``, center-crop ``image_size``, normalize."""
+    """Resize the shorter side to ``resize_size``, center-crop ``image_size``."""
     return v2.Compose([
         v2.Resize(resize_size, interpolation=v2.InterpolationMode(interpolation), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
@@ -102,7 +106,7 @@ def detection_train(preset: str = "ssd") -> v2.Compose:
 
 
 def detection_eval() -> v2.Compose:
-    """Convert to ``float32`` in [0, 1]; nothing else (the detector resizes and normalizes)."""
+    """Convert to ``float32`` in [0, 1]; nothing else (the detector resizes and normalises)."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
 
 
@@ -148,12 +152,11 @@ def segmentation_train(crop_size: Sequence[int], scale_range: tuple[float, float
             brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1)
         ),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
 def segmentation_eval(size: Sequence[int] | None = None) -> v2.Compose:
-    """Normalize at full resolution, or resize image (bilinear) and mask (nearest) to ``size``."""
+    """Full resolution, or image (bilinear) and mask (nearest) resized to ``size``."""
     transforms: list[v2.Transform] = [] if size is None else [v2.Resize(list(size), antialias=True)]
-    transforms += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    transforms.append(v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(transforms)

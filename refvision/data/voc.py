@@ -307,8 +307,10 @@ class VOCDataModule(SplitDataModule):
     targets always keep them, flagged, so evaluation counts them as neither TP nor FP.
 
     ``image_size`` is the square side the detector resizes every image to (``None``: the
-    detector's own, 320 for SSDLite, 300 for SSD300). The images are passed on at their own size;
-    the command line carries this value to ``model.image_size``.
+    detector's own, 320 for SSDLite, 300 for SSD300). The images are passed on at their own size
+    in [0, 1]. ``mean`` / ``std`` are the statistics the detector normalises with (``None``: the
+    detector's own). The command line carries ``image_size``, ``num_classes``, ``class_names``,
+    ``mean`` and ``std`` to the model.
     """
 
     collate_fn = staticmethod(detection_collate)
@@ -320,6 +322,8 @@ class VOCDataModule(SplitDataModule):
         val_sets: Sequence[str] = ("2007-test",),
         test_sets: Sequence[str] = ("2007-test",),
         preset: Literal["ssd", "ssdlite"] = "ssd",
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         batch_size: int = 32,
         num_workers: int = 4,
         pin_memory: bool = True,

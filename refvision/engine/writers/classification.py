@@ -13,8 +13,9 @@ from refvision.engine.writers.base import FileWriter
 
 
 def class_names_of(trainer: Trainer, given: Sequence[str] | None) -> Sequence[str] | None:
-    """``given``, else the data module's ``class_names``, else ``None`` (classes shown by number)."""
-    return given or getattr(trainer.datamodule, "class_names", None)
+    """``given``, else the model's ``class_names`` (its checkpoint's, which the data module set), else
+    ``None`` (classes shown by number)."""
+    return given or getattr(trainer.lightning_module, "class_names", None)
 
 
 class ClassificationPredictionWriter(FileWriter):
@@ -23,7 +24,7 @@ class ClassificationPredictionWriter(FileWriter):
     Columns: ``file`` (the input's name with its suffix, sub-folders kept: ``street/img_001.jpg``),
     then ``class_1, prob_1, ..., class_k, prob_k``, the ``k = min(5, num_classes)`` most probable
     classes by descending softmax probability. Classes are named by ``class_names``, else the
-    data module's ``class_names``, else their index. Consumes
+    model's ``class_names``, else their index. Consumes
     :meth:`~refvision.tasks.classification.ClassificationTask.predict_step` outputs.
     """
 

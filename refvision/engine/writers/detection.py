@@ -12,6 +12,7 @@ from refvision.data.predict import Source, read_rgb
 from refvision.engine.writers.base import FileWriter
 from refvision.engine.writers.classification import class_names_of
 from refvision.engine.writers.detection_formats import coco_results, voc_lines, voc_result_file, write_json
+from refvision.utils.colors import label_color
 
 Detection = dict[str, Any]
 
@@ -30,8 +31,8 @@ class DetectionPredictionWriter(FileWriter):
       ``results/VOC<year>/Main/comp4_det_<split>_<class>.txt`` for every class, every detection,
       1-based VOC pixel coordinates, image id = the input's name (the VOC id for VOC data).
 
-    ``class_names[label]`` names a label (background first): the given list, else the data
-    module's ``class_names``, else the label number (``voc_set`` requires names).
+    ``class_names[label]`` names a label (background first): the given list, else the
+    model's ``class_names``, else the label number (``voc_set`` requires names).
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class DetectionPredictionWriter(FileWriter):
         if self.voc_set is None:
             return []
         if names is None:
-            raise ValueError("voc_set needs class names: set class_names or use a data module that has them")
+            raise ValueError("voc_set needs class names: set class_names or predict with a model that has them")
         return [voc_result_file(self.output_dir / "results", self.voc_set, name) for name in names[1:]]
 
     def planned_files(self, trainer: Trainer, sources: list[Source]) -> list[Path]:
@@ -82,7 +83,7 @@ class DetectionPredictionWriter(FileWriter):
                 labels = record["labels"][keep].tolist()
                 texts = [f"{_name(names, i)} {s:.2f}" for i, s in zip(labels, record["scores"][keep].tolist())]
                 drawn = draw_bounding_boxes(read_rgb(source.file), record["boxes"][keep], labels=texts,
-                                            colors=[_color(i) for i in labels], width=2)
+                                            colors=[label_color(i) for i in labels], width=2)
                 path = self.output_dir / "boxes" / f"{source.name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_png(drawn, str(path))
@@ -113,8 +114,3 @@ class DetectionPredictionWriter(FileWriter):
 
 def _name(names: Sequence[str] | None, label: int) -> str:
     return names[label] if names is not None and label < len(names) else str(label)
-
-
-def _color(label: int) -> tuple[int, int, int]:
-    """A fixed, well-spread RGB color per label (torchvision's palette rule)."""
-    return tuple(label * m % 255 for m in (2**25 - 1, 2**15 - 1, 2**21 - 1))

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_segmentation_masks
 
-from refvision.data.cityscapes_labels import TRAIN_CLASSES, TRAINID_TO_ID, palette
+from refvision.data.cityscapes_labels import TRAIN_CLASSES, TRAINID_TO_ID
 from refvision.data.predict import Source, read_rgb
 from refvision.engine.writers.base import FileWriter
 
@@ -28,7 +28,8 @@ class SegmentationPredictionWriter(FileWriter):
 
     - ``labels/<name>.png``: one ``uint8`` channel, the predicted class ids (train ids), or with
       ``cityscapes: true`` the official label ids (``TRAINID_TO_ID``: road 7, ..., bicycle 33);
-    - ``color/<name>.png``: the classes in the palette (Cityscapes colours for 19 classes);
+    - ``color/<name>.png``: the classes in the model's palette (``model.palette``: the data module's,
+      Cityscapes colours for Cityscapes);
     - ``overlay/<name>.png``: the input image with the coloured classes blended in at ``alpha``.
 
     With ``cityscapes: true``, ``<output_dir>/labels`` is a folder that cityscapesScripts'
@@ -59,8 +60,7 @@ class SegmentationPredictionWriter(FileWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        num_classes = getattr(pl_module, "num_classes", None) or int(max(int(p.max()) for p in prediction)) + 1
-        colors = palette(num_classes)
+        colors: Tensor = pl_module.palette  # a SegmentationTask's (num_classes, 3) uint8 colours
         for source, pred in zip(self.batch_sources(batch_indices, dataloader_idx, len(prediction)), prediction):
             pred = pred.detach().cpu()
             if int(pred.max()) >= len(colors):
