@@ -218,8 +218,8 @@ class _RegionLayout:
         """``(S, C)`` slot rows -> ``(B * P, C)`` pixel rows."""
         return rows.index_select(0, self.global_slot)
 
-    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor) -> Tensor:
-        """The region conv without bias: ``(B * P, Cout)`` pixel rows of ``x`` ``(B, Cin, H, W)``."""
+    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
+        """The region conv: ``(B * P, Cout)`` pixel rows of ``x`` ``(B, Cin, H, W)``."""
         raise NotImplementedError
 
     def backward(
@@ -285,11 +285,12 @@ class _TiledLayout(_RegionLayout):
             (batch * tiles * tile,), batch * pixels, dtype=torch.long, device=device
         ).scatter(0, self.global_slot, flat_pixels)
 
-    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor) -> Tensor:
+    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
         rows = patches.gather(patches.padded_rows(x), 0, patches.slots)
         tiled = rows.view(-1, self.tile, rows.shape[-1])
         out = torch.bmm(tiled, self._tile_filters(filters).transpose(1, 2)).flatten(0, 1)
-        return self.rows_to_pixels(out)
+        out = self.rows_to_pixels(out)
+        return out if bias is None else out.add_(bias)
 
     def backward(
         self,
@@ -315,31 +316,13 @@ class _TiledLayout(_RegionLayout):
             patches.scatter(padded, rows, 0)
             grad_x = patches.unpad(padded)
         if need_guide:
-            responses = self._region_responses(patches, x, filters, grad_rows)
+            responses = _conv_responses(x, filters, grad_rows, self.regions, self.out_size, patches)
         return grad_x, grad_filters, responses
 
     def _tile_filters(self, filters: Tensor) -> Tensor:
         # Indexing a 2-D view: index_select is much slower for long rows on CPU.
         flat = filters.reshape(filters.shape[0], -1)[self.tile_filter]
         return flat.view(-1, *filters.shape[1:])
-
-    def _region_responses(
-        self, patches: _SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor
-    ) -> Tensor:
-        # One direct conv per region with the batch folded into groups (no patch matrix), so the
-        # extra memory is one output-sized response.
-        batch, regions, (out_h, out_w) = self.batch, self.regions, self.out_size
-        cin, height, width = x.shape[1:]
-        kh, kw = patches.kernel_size
-        folded = x.reshape(1, batch * cin, height, width)
-        grads = grad_rows.view(batch, out_h, out_w, -1)
-        g = x.new_zeros(batch, regions, out_h, out_w)
-        for j in range(1, regions):
-            diff = filters[j * batch : (j + 1) * batch] - filters[:batch]  # (B, Cout, K)
-            kernels = diff.view(-1, kh, kw, cin).permute(0, 3, 1, 2)
-            response = F.conv2d(folded, kernels, None, *patches.geometry, groups=batch)
-            g[:, j] = (response.view(batch, -1, out_h, out_w).permute(0, 2, 3, 1) * grads).sum(-1)
-        return g
 
 
 class _GroupedLayout(_RegionLayout):
@@ -381,7 +364,7 @@ class _GroupedLayout(_RegionLayout):
         per_chunk = max(1, _CHUNK_BYTES // (self.pixels * patch_numel * itemsize))
         return [(b, min(b + per_chunk, self.batch)) for b in range(0, self.batch, per_chunk)]
 
-    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor) -> Tensor:
+    def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
         flat_x = patches.padded_rows(x)
         out = x.new_empty(self.batch * self.pixels, filters.shape[1])
         for first, stop in self._chunks(filters.shape[2], x.element_size()):
@@ -389,7 +372,11 @@ class _GroupedLayout(_RegionLayout):
             rows = patches.gather(flat_x, base, stop * self.pixels)
             for sample in range(first, stop):
                 for start, end, index in self.groups[sample]:
-                    torch.mm(rows[start - base : end - base], filters[index].t(), out=out[start:end])
+                    group_rows, filter_t = rows[start - base : end - base], filters[index].t()
+                    if bias is None:
+                        torch.mm(group_rows, filter_t, out=out[start:end])
+                    else:
+                        torch.addmm(bias, group_rows, filter_t, out=out[start:end])
         return self.rows_to_pixels(out)
 
     def backward(
@@ -405,10 +392,10 @@ class _GroupedLayout(_RegionLayout):
         batch, pixels, regions = self.batch, self.pixels, self.regions
         patch_numel = filters.shape[2]
         grads = grad_rows.index_select(0, self.slot_pixel)
+        g = x.new_zeros(regions, batch * pixels) if need_guide else None
         flat_x = patches.padded_rows(x) if need_filters or need_guide else None
         grad_filters = self._new_filter_grad(filters) if need_filters else None
         padded = patches.new_padded(x) if need_x else None
-        g = x.new_zeros(regions, batch * pixels) if need_guide else None
         for first, stop in self._chunks(patch_numel, x.element_size()):
             base, chunk_end = first * pixels, stop * pixels
             chunk_grads = grads[base:chunk_end]
@@ -445,6 +432,26 @@ class _GroupedLayout(_RegionLayout):
         for index in set(range(filters.shape[0])) - used:
             grad[index].zero_()
         return grad
+
+
+def _conv_responses(
+    x: Tensor, filters: Tensor, grad_rows: Tensor, regions: int, out_size: Pair, patches: _SlotPatches
+) -> Tensor:
+    """``g (B, m, Ho, Wo)`` of :meth:`_RegionLayout.backward` by direct convs: one per region
+    ``j >= 1`` with ``filters[j] - filters[0]`` and the batch folded into groups (no patch matrix),
+    so the extra memory is one output-sized response. ``grad_rows`` ``(B * P, Cout)``."""
+    batch, cin, height, width = x.shape
+    out_h, out_w = out_size
+    kh, kw = patches.kernel_size
+    folded = x.reshape(1, batch * cin, height, width)
+    grads = grad_rows.view(batch, out_h, out_w, -1)
+    g = x.new_zeros(batch, regions, out_h, out_w)
+    for j in range(1, regions):
+        diff = filters[j * batch : (j + 1) * batch] - filters[:batch]  # (B, Cout, K)
+        kernels = diff.view(-1, kh, kw, cin).permute(0, 3, 1, 2)
+        response = F.conv2d(folded, kernels, None, *patches.geometry, groups=batch)
+        g[:, j] = (response.view(batch, -1, out_h, out_w).permute(0, 2, 3, 1) * grads).sum(-1)
+    return g
 
 
 _CHUNK_BYTES = 8 << 20
@@ -597,9 +604,7 @@ def _region_conv(
     batch, _, cout = filters.shape[:3]
     out_h, out_w = layout.out_size
     patches = _SlotPatches(layout, x.shape, filters.shape[-2:], stride, padding, dilation)
-    out = layout.conv(patches, x, _group_filters(filters))
-    if bias is not None:
-        out = out.add_(bias)
+    out = layout.conv(patches, x, _group_filters(filters), bias)
     return out.view(batch, out_h, out_w, cout).permute(0, 3, 1, 2)
 
 
