@@ -348,35 +348,42 @@ class _GroupedLayout(_RegionLayout):
         self.slot_pixel = torch.argsort(key, stable=True)
         flat_pixels = torch.arange(batch * pixels, device=device)
         self.global_slot = torch.empty_like(flat_pixels).index_copy_(0, self.slot_pixel, flat_pixels)
-        counts = torch.bincount(key, minlength=batch * regions).view(batch, regions).tolist()
-        # Per sample: (first slot, end slot, filter index) of each non-empty region.
-        self.groups: list[list[tuple[int, int, int]]] = []
-        start = 0
-        for sample, sample_counts in enumerate(counts):
-            groups = []
-            for region, count in enumerate(sample_counts):
-                if count:
-                    groups.append((start, start + count, region * batch + sample))
-                start += count
-            self.groups.append(groups)
+        self.counts: list[int] = torch.bincount(key, minlength=batch * regions).tolist()
+        """Pixels of group ``b * m + j`` (region ``j`` of sample ``b``), in slot order."""
 
     def _chunks(self, patch_numel: int, itemsize: int) -> list[tuple[int, int]]:
         per_chunk = max(1, _CHUNK_BYTES // (self.pixels * patch_numel * itemsize))
         return [(b, min(b + per_chunk, self.batch)) for b in range(0, self.batch, per_chunk)]
 
+    def _per_group(self, grouped: Tensor) -> list[tuple[Tensor, ...]]:
+        """``(m*B, ...)`` in :func:`_group_filters` order -> views ``[j][b]`` (one op per region, not
+        one per group: the group loops are bound by per-op overhead for small layers)."""
+        return [region.unbind(0) for region in grouped.unflatten(0, (self.regions, self.batch)).unbind(0)]
+
+    def _groups(self, first: int, stop: int) -> list[tuple[int, int, int]]:
+        """``(sample, region, count)`` of the groups of samples ``first:stop``, in slot order."""
+        regions = self.regions
+        return [
+            (first + i // regions, i % regions, count)
+            for i, count in enumerate(self.counts[first * regions : stop * regions])
+        ]
+
     def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
+        pixels, regions = self.pixels, self.regions
         flat_x = patches.padded_rows(x)
-        out = x.new_empty(self.batch * self.pixels, filters.shape[1])
+        out = x.new_empty(self.batch * pixels, filters.shape[1])
+        transposed = self._per_group(filters.transpose(1, 2))
         for first, stop in self._chunks(filters.shape[2], x.element_size()):
-            base = first * self.pixels
-            rows = patches.gather(flat_x, base, stop * self.pixels)
-            for sample in range(first, stop):
-                for start, end, index in self.groups[sample]:
-                    group_rows, filter_t = rows[start - base : end - base], filters[index].t()
-                    if bias is None:
-                        torch.mm(group_rows, filter_t, out=out[start:end])
-                    else:
-                        torch.addmm(bias, group_rows, filter_t, out=out[start:end])
+            counts = self.counts[first * regions : stop * regions]
+            rows = patches.gather(flat_x, first * pixels, stop * pixels).split(counts)
+            outs = out[first * pixels : stop * pixels].split(counts)
+            for (sample, region, count), group_rows, group_out in zip(self._groups(first, stop), rows, outs):
+                if not count:
+                    continue
+                if bias is None:
+                    torch.mm(group_rows, transposed[region][sample], out=group_out)
+                else:
+                    torch.addmm(bias, group_rows, transposed[region][sample], out=group_out)
         return self.rows_to_pixels(out)
 
     def backward(
@@ -394,19 +401,30 @@ class _GroupedLayout(_RegionLayout):
         grads = grad_rows.index_select(0, self.slot_pixel)
         g = x.new_zeros(regions, batch * pixels) if need_guide else None
         flat_x = patches.padded_rows(x) if need_filters or need_guide else None
-        grad_filters = self._new_filter_grad(filters) if need_filters else None
+        # Every filter gradient is written whole: by its group's GEMM, or zeroed if the group is empty.
+        grad_filters = torch.empty_like(filters) if need_filters else None
+        filter_grads = self._per_group(grad_filters) if need_filters else None
+        per_group = self._per_group(filters)
         padded = patches.new_padded(x) if need_x else None
         for first, stop in self._chunks(patch_numel, x.element_size()):
             base, chunk_end = first * pixels, stop * pixels
+            counts = self.counts[first * regions : stop * regions]
             chunk_grads = grads[base:chunk_end]
             rows = patches.gather(flat_x, base, chunk_end) if flat_x is not None else None
             patch_grads = x.new_empty(chunk_end - base, patch_numel) if need_x else None
-            for sample in range(first, stop):
-                for start, end, index in self.groups[sample]:
-                    if need_filters:
-                        torch.mm(grads[start:end].t(), rows[start - base : end - base], out=grad_filters[index])
-                    if need_x:
-                        torch.mm(grads[start:end], filters[index], out=patch_grads[start - base : end - base])
+            group_grads = chunk_grads.split(counts)
+            group_rows = rows.split(counts) if need_filters else group_grads
+            group_patch_grads = patch_grads.split(counts) if need_x else group_grads
+            for (sample, region, count), grad, row, patch_grad in zip(
+                self._groups(first, stop), group_grads, group_rows, group_patch_grads
+            ):
+                if need_filters:
+                    if count:
+                        torch.mm(grad.t(), row, out=filter_grads[region][sample])
+                    else:
+                        filter_grads[region][sample].zero_()
+                if need_x and count:
+                    torch.mm(grad, per_group[region][sample], out=patch_grad)
             if need_x:
                 patches.scatter(padded, patch_grads, base)
             if need_guide:
@@ -422,16 +440,6 @@ class _GroupedLayout(_RegionLayout):
             out_h, out_w = self.out_size
             responses = g.index_select(1, self.global_slot).view(regions, batch, out_h, out_w).transpose(0, 1)
         return grad_x, grad_filters, responses
-
-
-    def _new_filter_grad(self, filters: Tensor) -> Tensor:
-        """Uninitialised ``(m*B, Cout, K)`` but for zeros at the filters of empty groups (every other
-        one is written whole by its group's GEMM)."""
-        grad = torch.empty_like(filters)
-        used = {index for groups in self.groups for _, _, index in groups}
-        for index in set(range(filters.shape[0])) - used:
-            grad[index].zero_()
-        return grad
 
 
 def _conv_responses(
