@@ -14,12 +14,12 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
-# Two workers, one per core; a test file stays on one worker (its module fixtures are built once).
+# Two workers, one per core; idle workers take tests from busy ones (the DDP and resume tests are long).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/refvision demo --root $(RUNS)/demo

@@ -63,7 +63,9 @@ def test_every_load_of_the_command_is_weights_only(tmp_path: Path, monkeypatch: 
     planted = tmp_path / "weights.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": payload}, planted)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    # setenv first, so that the variable enforce_weights_only sets is removed after the test.
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     enforce_weights_only()
     assert os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
     with pytest.raises(pickle.UnpicklingError):

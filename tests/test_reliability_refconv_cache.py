@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from refvision.nn.refconv import RefConv
-from tests.test_refconv import reference_refocus
+from test_refconv import reference_refocus
 
 
 def _layer() -> RefConv:
