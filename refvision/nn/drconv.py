@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -184,9 +184,8 @@ class _RegionConvFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             patches = _SlotPatches(layout, x.shape, filters.shape[-2:], *ctx.geometry)
             grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
-            grad_x, summed, responses = layout.backward(
-                patches, x, _group_filters(filters), grad_rows, need_x, need_filters, need_guide
-            )
+            needs = _Needs(need_x, need_filters, need_guide)
+            grad_x, summed, responses = layout.backward(patches, x, _group_filters(filters), grad_rows, needs)
             if need_bias:
                 grad_bias = grad_out.sum((0, 2, 3))
             if need_filters:
@@ -195,6 +194,17 @@ class _RegionConvFunction(torch.autograd.Function):
                 soft = torch.softmax(guide, dim=1)
                 grad_guide = soft * (responses - (soft * responses).sum(1, keepdim=True))
         return grad_x, grad_filters, grad_bias, grad_guide, None, None, None
+
+
+class _Needs(NamedTuple):
+    """Which gradients :meth:`_RegionLayout.backward` computes."""
+
+    x: bool
+    filters: bool
+    guide: bool
+
+
+_Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
 class _RegionLayout:
@@ -222,16 +232,7 @@ class _RegionLayout:
         """The region conv: ``(B * P, Cout)`` pixel rows of ``x`` ``(B, Cin, H, W)``."""
         raise NotImplementedError
 
-    def backward(
-        self,
-        patches: _SlotPatches,
-        x: Tensor,
-        filters: Tensor,
-        grad_rows: Tensor,
-        need_x: bool,
-        need_filters: bool,
-        need_guide: bool,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(self, patches: _SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor, needs: _Needs) -> _Grads:
         """Gradients of :meth:`conv` from its output gradient ``grad_rows`` ``(B * P, Cout)``.
 
         Returns ``(dL/dx (B, Cin, H, W), dL/dfilters (m*B, Cout, K), g (B, m, Ho, Wo))``, each None
@@ -292,16 +293,8 @@ class _TiledLayout(_RegionLayout):
         out = self.rows_to_pixels(out)
         return out if bias is None else out.add_(bias)
 
-    def backward(
-        self,
-        patches: _SlotPatches,
-        x: Tensor,
-        filters: Tensor,
-        grad_rows: Tensor,
-        need_x: bool,
-        need_filters: bool,
-        need_guide: bool,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(self, patches: _SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor, needs: _Needs) -> _Grads:
+        need_x, need_filters, need_guide = needs
         grad_x = grad_filters = responses = None
         grads = F.pad(grad_rows, (0, 0, 0, 1)).index_select(0, self.slot_pixel)  # 0 in padding
         tiled_grads = grads.view(-1, self.tile, grads.shape[-1])
@@ -386,16 +379,8 @@ class _GroupedLayout(_RegionLayout):
                     torch.addmm(bias, group_rows, transposed[region][sample], out=group_out)
         return self.rows_to_pixels(out)
 
-    def backward(
-        self,
-        patches: _SlotPatches,
-        x: Tensor,
-        filters: Tensor,
-        grad_rows: Tensor,
-        need_x: bool,
-        need_filters: bool,
-        need_guide: bool,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def backward(self, patches: _SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor, needs: _Needs) -> _Grads:
+        need_x, need_filters, need_guide = needs
         batch, pixels, regions = self.batch, self.pixels, self.regions
         patch_numel = filters.shape[2]
         grads = grad_rows.index_select(0, self.slot_pixel)
