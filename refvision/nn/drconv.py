@@ -792,11 +792,8 @@ class DRConv(ConvMethod):
         return _in_sample_chunks(self._forward, x, self.generator)
 
     def _forward(self, x: Tensor) -> Tensor:
-        stride, dilation = self.stride, self.dilation
-        x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
-        guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
-        filters = self.generator(x, self.weight)
-        return _region_conv2d(x_in, filters, self.bias, guide, stride, padding, dilation)
+        x_in, padding, guide, filters = _guide_and_filters(self, x)
+        return _region_conv2d(x_in, filters, self.bias, guide, self.stride, padding, self.dilation)
 
     @classmethod
     def accepts(cls, conv: nn.Conv2d) -> bool:
@@ -861,12 +858,8 @@ class DRConvDeploy(nn.Module):
         return _in_sample_chunks(self._forward, x, self.generator)
 
     def _forward(self, x: Tensor) -> Tensor:
-        stride, dilation = self.stride, self.dilation
-        x_in, padding = _pad_input(x, self.padding, self.padding_mode, self.kernel_size, dilation)
-        guide = F.conv2d(x_in, self.guide_weight, self.guide_bias, stride, padding, dilation)
-        filters = self.generator(x, self.weight)
-        layout = _region_layout(guide)
-        return _region_conv(x_in, filters, self.bias, layout, stride, padding, dilation)
+        x_in, padding, guide, filters = _guide_and_filters(self, x)
+        return _region_conv(x_in, filters, self.bias, _region_layout(guide), self.stride, padding, self.dilation)
 
     def extra_repr(self) -> str:
         return (
@@ -875,6 +868,15 @@ class DRConvDeploy(nn.Module):
             f"padding_mode={self.padding_mode}, bias={self.bias is not None}, "
             f"regions={self.regions}, residual={self.residual}"
         )
+
+
+def _guide_and_filters(layer: DRConv | DRConvDeploy, x: Tensor) -> tuple[Tensor, Pair, Tensor, Tensor]:
+    """What both forms compute before the region conv: ``x`` padded for it and its remaining
+    (symmetric zero) ``padding`` (:func:`_pad_input`), the guide logits ``(B, m, Ho, Wo)`` and the
+    filters ``(B, m, Cout, Cin, kh, kw)`` with the static kernel folded in."""
+    x_in, padding = _pad_input(x, layer.padding, layer.padding_mode, layer.kernel_size, layer.dilation)
+    guide = F.conv2d(x_in, layer.guide_weight, layer.guide_bias, layer.stride, padding, layer.dilation)
+    return x_in, padding, guide, layer.generator(x, layer.weight)
 
 
 def _pad_input(
