@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from refvision.data.cityscapes_labels import IGNORE_INDEX
 from refvision.metrics import MeanIoU
 from refvision.metrics.figures import confusion_matrix, per_class_bars, segmentation_grid
 from refvision.metrics.table import PerClassTable, confusion_table
@@ -46,7 +45,8 @@ class SegmentationTask(RefvisionTask):
             train-id maps); the command sets it from the data module.
         encoder_weights: smp pretrained encoder tag (``imagenet``) to download, or null.
         output_stride: 8 or 16; the encoder's last stages become dilated convs.
-        ignore_index: mask value left out of the loss and the metrics.
+        ignore_index: mask value left out of the loss and the metrics (255, the Cityscapes / MMSegmentation
+            convention); the command sets it from the data module where it has one.
         ohem: cross-entropy over hard pixels only (see ``refvision.models.losses.ohem_cross_entropy``).
         inference: ``whole`` or ``slide`` (see ``refvision.models.segmentation_inference.segment``), for
             validation, test and predict.
@@ -75,7 +75,7 @@ class SegmentationTask(RefvisionTask):
         num_classes: int = 19,
         encoder_weights: str | None = None,
         output_stride: int = 8,
-        ignore_index: int = IGNORE_INDEX,
+        ignore_index: int = 255,
         ohem: bool = False,
         inference: InferenceMode = "whole",
         slide_crop: tuple[int, int] = (512, 1024),

@@ -12,7 +12,7 @@ from torchvision.transforms.v2.functional import normalize
 
 from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
 from refvision.app.lightning_cli import ConfigError, lightning_cli
-from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
+from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE, TRAIN_CLASSES
 from refvision.data.voc_format import VOC_CLASSES
 from refvision.engine.deploy import reparameterize_checkpoint
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
@@ -100,6 +100,7 @@ def test_cityscapes_and_voc_describe_their_classes_and_colours(tmp_path: Path) -
     cityscapes = write_cityscapes(tmp_path / "cityscapes", num_train=1, num_val=1, size=(64, 128))
     model = _cli("-c", "configs/demo/segmentation.yaml", "--data.root", str(cityscapes)).model
     assert model.class_names == list(TRAIN_CLASSES) and model.palette.tolist() == [list(c) for c in PALETTE]
+    assert model.ignore_index == IGNORE_INDEX
     voc = write_vocdevkit(tmp_path / "VOCdevkit", num_train=2, num_test=2, size=(48, 64))
     model = _cli("-c", "configs/demo/detection.yaml", "--data.root", str(voc)).model
     assert model.class_names == ["__background__", *VOC_CLASSES] and model.num_classes == 21

@@ -26,7 +26,7 @@ from refvision.engine.callbacks import DeployCheckpoint
 from refvision.engine.checkpoint import check_task_checkpoint, safe_checkpoint_globals
 from refvision.tasks.base import RefvisionTask
 
-DESCRIBED_BY_DATA = ("num_classes", "class_names", "mean", "std", "palette")
+DESCRIBED_BY_DATA = ("num_classes", "class_names", "mean", "std", "palette", "ignore_index")
 """What a data module says about its data and the model takes from it (attributes of the data
 module -> init arguments of the task, each where both exist)."""
 

@@ -22,7 +22,7 @@ from torchvision.io import ImageReadMode
 
 from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy
-from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, PALETTE, TRAIN_CLASSES, TRAIN_IDS
+from refvision.data.cityscapes_labels import ID_TO_TRAINID, IGNORE_INDEX, LABEL_IDS, PALETTE, TRAIN_CLASSES, TRAIN_IDS
 from refvision.data.decode import BadImageError, decode, read_header
 from refvision.data.loader import SplitDataModule
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
@@ -155,8 +155,9 @@ class CityscapesDataModule(SplitDataModule):
     labels are not public; ``test`` for a tree whose test split holds real labels.
 
     The data describes itself to the model (the command carries it): the 19 train classes
-    (``class_names``, ``num_classes``), their Cityscapes colours (``palette``) and the ``mean`` /
-    ``std`` the model normalises with (default ImageNet's).
+    (``class_names``, ``num_classes``), their Cityscapes colours (``palette``), the mask value of
+    unlabelled pixels (``ignore_index``, 255) and the ``mean`` / ``std`` the model normalises with
+    (default ImageNet's).
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class CityscapesDataModule(SplitDataModule):
         self.class_names = list(TRAIN_CLASSES)
         self.num_classes = len(TRAIN_CLASSES)
         self.palette = list(PALETTE)
+        self.ignore_index = IGNORE_INDEX
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
