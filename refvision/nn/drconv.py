@@ -437,13 +437,13 @@ def _conv_responses(
     out_h, out_w = out_size
     kh, kw = patches.kernel_size
     folded = x.reshape(1, batch * cin, height, width)
-    grads = grad_rows.view(batch, out_h, out_w, -1)
+    grads = grad_rows.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()  # as the responses
     g = x.new_zeros(batch, regions, out_h, out_w)
     for j in range(1, regions):
         diff = filters[j * batch : (j + 1) * batch] - filters[:batch]  # (B, Cout, K)
         kernels = diff.view(-1, kh, kw, cin).permute(0, 3, 1, 2)
         response = F.conv2d(folded, kernels, None, *patches.geometry, groups=batch)
-        g[:, j] = (response.view(batch, -1, out_h, out_w).permute(0, 2, 3, 1) * grads).sum(-1)
+        g[:, j] = (response.view_as(grads) * grads).sum(1)
     return g
 
 
