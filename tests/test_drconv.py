@@ -406,3 +406,18 @@ def test_inference_path_computes_one_conv_of_rows() -> None:
     assert bmm == region_conv_macs(2, 8, (16, 16), 8, 72)
     assert one_conv <= bmm <= one_conv + padding_bound < 8 * one_conv
     torch.testing.assert_close(tiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch_gives_empty_outputs_and_gradients(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """As nn.Conv2d: a batch of 0 samples is a valid input, in training, eval and the deploy form."""
+    use_layout(monkeypatch, layout)
+    conv = randomized_drconv(4, 6, 3, regions=4, padding=1)
+    plain = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(0, 4, 7, 5, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    assert out.shape == plain(x).shape == (0, 6, 7, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and conv.guide_weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        assert conv.eval()(x).shape == conv.fuse()(x).shape == (0, 6, 7, 5)

@@ -133,7 +133,7 @@ class RegionFilterGenerator(nn.Module):
         # m*Cout*Cin output channels is slow): (m, B*kh*kw, m) @ (m, m, Cout*Cin).
         hidden = hidden.view(batch, regions, regions, kh * kw).permute(1, 0, 3, 2)
         expand = self.expand_weight.view(regions, cout * cin, regions).transpose(1, 2)
-        filters = torch.bmm(hidden.reshape(regions, -1, regions), expand)
+        filters = torch.bmm(hidden.reshape(regions, batch * kh * kw, regions), expand)
         shift = self.expand_bias.view(regions, 1, 1, cout * cin)
         if static is not None:
             shift = shift + static.permute(2, 3, 0, 1).reshape(1, 1, kh * kw, cout * cin)
@@ -314,7 +314,7 @@ class _TiledLayout(_RegionLayout):
 
     def _tile_filters(self, filters: Tensor) -> Tensor:
         # Indexing a 2-D view: index_select is much slower for long rows on CPU.
-        flat = filters.reshape(filters.shape[0], -1)[self.tile_filter]
+        flat = filters.reshape(filters.shape[0], math.prod(filters.shape[1:]))[self.tile_filter]
         return flat.view(-1, *filters.shape[1:])
 
 
@@ -437,9 +437,9 @@ def _conv_responses(
     out_h, out_w = out_size
     kh, kw = patches.kernel_size
     folded = x.reshape(1, batch * cin, height, width)
-    grads = grad_rows.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()  # as the responses
+    grads = grad_rows.view(batch, out_h, out_w, grad_rows.shape[1]).permute(0, 3, 1, 2).contiguous()  # as the responses
     g = x.new_zeros(batch, regions, out_h, out_w)
-    for j in range(1, regions):
+    for j in range(1, regions if batch else 1):  # (conv2d refuses groups=0)
         diff = filters[j * batch : (j + 1) * batch] - filters[:batch]  # (B, Cout, K)
         kernels = diff.view(-1, kh, kw, cin).permute(0, 3, 1, 2)
         response = F.conv2d(folded, kernels, None, *patches.geometry, groups=batch)
@@ -477,7 +477,7 @@ def _in_sample_chunks(forward: Callable[[Tensor], Tensor], x: Tensor, generator:
     kh, kw = generator.kernel_size
     per_sample = generator.regions * generator.out_channels * generator.in_channels * kh * kw
     chunk = max(1, _CHUNK_BYTES // (per_sample * x.element_size()))
-    if chunk >= x.shape[0] or not _eager_cpu(x):
+    if not _eager_cpu(x) or chunk >= x.shape[0]:
         return forward(x)
     return torch.cat([forward(part) for part in x.split(chunk)])
 
@@ -541,11 +541,11 @@ class _SlotPatches:
     def gather(self, flat_x: Tensor, start: int, end: int) -> Tensor:
         """Patches of slots ``start:end`` from :meth:`padded_rows` -> ``(end - start, kh*kw*Cin)``."""
         index = self._run_index[start * self._runs : end * self._runs]
+        channels = flat_x.shape[1]
         if self._run > 1:  # rows of kw * Cin starting at every pixel (overlapping, read only)
             flat_x = flat_x.contiguous()
-            channels = flat_x.shape[1]
             flat_x = flat_x.as_strided((flat_x.shape[0] - self._run + 1, self._run * channels), (channels, 1))
-        return flat_x.index_select(0, index).view(end - start, -1)
+        return flat_x.index_select(0, index).view(end - start, self._taps * channels)
 
     def new_padded(self, like: Tensor) -> Tensor:
         """Zeros shaped like :meth:`padded_rows`' result, to :meth:`scatter` into (uninitialised
@@ -613,7 +613,7 @@ def _region_conv(
 def _group_filters(filters: Tensor) -> Tensor:
     """``(B, m, Cout, Cin, kh, kw)`` -> ``(m*B, Cout, kh*kw*Cin)``: group ``j*B + b``, patch row order."""
     batch, regions, cout = filters.shape[:3]
-    return filters.transpose(0, 1).movedim(3, -1).reshape(regions * batch, cout, -1)
+    return filters.transpose(0, 1).movedim(3, -1).reshape(regions * batch, cout, math.prod(filters.shape[3:]))
 
 
 def _ungroup_filters(grouped: Tensor, shape: torch.Size) -> Tensor:
