@@ -4,8 +4,9 @@ For each shape: median times of the plain conv, DRConv (training: forward + back
 forward under ``no_grad``), its deploy form (``fuse()``) and the dense reference (all ``m``
 region outputs computed, then selected; the one the tests check DRConv against,
 tests/drconv_reference.py), all on the same input, alternating within each repetition. Ratios
-are printed beside the times. Memory: bytes saved for backward (any device) and, on CUDA, the
-peak allocated during forward + backward, each against the plain conv.
+are printed beside the times. Memory: bytes saved for backward, and the peak of the memory allocated
+during forward + backward (CUDA: the allocator's peak; CPU: the live storages every op leaves,
+tracked by a dispatch mode), each against the plain conv.
 
     python benchmarks/drconv_vs_dense.py [--reps 7] [--device cpu|cuda|all] [--threads N]
                                          [--form residual|paper]
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from drconv_reference import dense_drconv  # noqa: E402
@@ -60,9 +64,33 @@ def _saved_bytes(forward: Callable[[], Tensor]) -> int:
     return sum(storages.values())
 
 
-def _peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages created under it and still alive, checked after every op
+    (CPU has no allocator statistics). Views share their storage and count once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            del self.live[key]
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, Tensor):
+                storage = tensor.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in self.live:
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     if device.type != "cuda":
-        return None
+        with _LiveBytes() as live:
+            step()
+        return live.peak
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -108,10 +136,12 @@ def _bench_shape(shape: tuple, device: torch.device, reps: int, residual: bool) 
                     times.setdefault(f"eval/{name}", []).append(took)
     result = {"time": {key: statistics.median(v) for key, v in times.items()}}
     result["saved"] = {name: _saved_bytes(trained[name]) for name in ("conv", "drconv", "dense")}
-    result["peak"] = {
-        name: _peak_bytes(lambda f=forward: f().backward(grad_out), device)
-        for name, forward in trained.items()
-    }
+    result["peak"] = {}
+    for name, forward in trained.items():  # gradients start unallocated, as in the timed runs
+        conv.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        x.grad = None
+        result["peak"][name] = _peak_bytes(lambda f=forward: f().backward(grad_out), device)
     return result
 
 
@@ -147,12 +177,10 @@ def main() -> None:
                   f" | DRConv vs dense: {t['train/dense'] / t['train/drconv']:.2f}x faster")
             print(f"  eval      conv {conv_eval * 1e3:8.2f} ms | DRConv {t['eval/drconv'] / conv_eval:5.2f}x"
                   f" | deploy form {t['eval/deploy'] / conv_eval:5.2f}x")
-            line = (f"  memory    saved for backward: conv {saved['conv'] / 2**20:.1f} MiB"
-                    f" | DRConv {saved['drconv'] / saved['conv']:.2f}x | dense {saved['dense'] / saved['conv']:.2f}x")
-            if peak["conv"] is not None:
-                line += (f"; peak fwd+bwd: conv {peak['conv'] / 2**20:.1f} MiB"
-                         f" | DRConv {peak['drconv'] / peak['conv']:.2f}x | dense {peak['dense'] / peak['conv']:.2f}x")
-            print(line, flush=True)
+            print(f"  memory    saved for backward: conv {saved['conv'] / 2**20:.1f} MiB"
+                  f" | DRConv {saved['drconv'] / saved['conv']:.2f}x | dense {saved['dense'] / saved['conv']:.2f}x"
+                  f"; peak fwd+bwd: conv {peak['conv'] / 2**20:.1f} MiB"
+                  f" | DRConv {peak['drconv'] / peak['conv']:.2f}x | dense {peak['dense'] / peak['conv']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
