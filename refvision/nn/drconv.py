@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import torch
@@ -344,33 +345,30 @@ class _GroupedLayout(_RegionLayout):
         self.counts: list[int] = torch.bincount(key, minlength=batch * regions).tolist()
         """Pixels of group ``b * m + j`` (region ``j`` of sample ``b``), in slot order."""
 
-    def _chunks(self, patch_numel: int, itemsize: int) -> list[tuple[int, int]]:
-        per_chunk = max(1, _CHUNK_BYTES // (self.pixels * patch_numel * itemsize))
-        return [(b, min(b + per_chunk, self.batch)) for b in range(0, self.batch, per_chunk)]
+    def _chunks(self, patch_numel: int, itemsize: int) -> list[tuple[int, int, list[int], list[tuple[int, int]]]]:
+        """Chunks of samples of about ``_CHUNK_BYTES`` of patches: ``(first slot, end slot, group
+        sizes, (sample, region) of each group)``, groups in slot order."""
+        pixels, regions = self.pixels, self.regions
+        per_chunk = max(1, _CHUNK_BYTES // (pixels * patch_numel * itemsize))
+        chunks = []
+        for first in range(0, self.batch, per_chunk):
+            stop = min(first + per_chunk, self.batch)
+            groups = [(sample, region) for sample in range(first, stop) for region in range(regions)]
+            chunks.append((first * pixels, stop * pixels, self.counts[first * regions : stop * regions], groups))
+        return chunks
 
     def _per_group(self, grouped: Tensor) -> list[tuple[Tensor, ...]]:
         """``(m*B, ...)`` in :func:`_group_filters` order -> views ``[j][b]`` (one op per region, not
         one per group: the group loops are bound by per-op overhead for small layers)."""
         return [region.unbind(0) for region in grouped.unflatten(0, (self.regions, self.batch)).unbind(0)]
 
-    def _groups(self, first: int, stop: int) -> list[tuple[int, int, int]]:
-        """``(sample, region, count)`` of the groups of samples ``first:stop``, in slot order."""
-        regions = self.regions
-        return [
-            (first + i // regions, i % regions, count)
-            for i, count in enumerate(self.counts[first * regions : stop * regions])
-        ]
-
     def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
-        pixels, regions = self.pixels, self.regions
         flat_x = patches.padded_rows(x)
-        out = x.new_empty(self.batch * pixels, filters.shape[1])
+        out = x.new_empty(self.batch * self.pixels, filters.shape[1])
         transposed = self._per_group(filters.transpose(1, 2))
-        for first, stop in self._chunks(filters.shape[2], x.element_size()):
-            counts = self.counts[first * regions : stop * regions]
-            rows = patches.gather(flat_x, first * pixels, stop * pixels).split(counts)
-            outs = out[first * pixels : stop * pixels].split(counts)
-            for (sample, region, count), group_rows, group_out in zip(self._groups(first, stop), rows, outs):
+        for start, end, counts, groups in self._chunks(filters.shape[2], x.element_size()):
+            rows = patches.gather(flat_x, start, end).split(counts)
+            for (sample, region), count, group_rows, group_out in zip(groups, counts, rows, out[start:end].split(counts)):
                 if not count:
                     continue
                 if bias is None:
@@ -389,19 +387,16 @@ class _GroupedLayout(_RegionLayout):
         # Every filter gradient is written whole: by its group's GEMM, or zeroed if the group is empty.
         grad_filters = torch.empty_like(filters) if need_filters else None
         filter_grads = self._per_group(grad_filters) if need_filters else None
-        per_group = self._per_group(filters)
+        per_group = self._per_group(filters) if need_x else None
         padded = patches.new_padded(x) if need_x else None
-        for first, stop in self._chunks(patch_numel, x.element_size()):
-            base, chunk_end = first * pixels, stop * pixels
-            counts = self.counts[first * regions : stop * regions]
-            chunk_grads = grads[base:chunk_end]
-            rows = patches.gather(flat_x, base, chunk_end) if flat_x is not None else None
-            patch_grads = x.new_empty(chunk_end - base, patch_numel) if need_x else None
-            group_grads = chunk_grads.split(counts)
-            group_rows = rows.split(counts) if need_filters else group_grads
-            group_patch_grads = patch_grads.split(counts) if need_x else group_grads
-            for (sample, region, count), grad, row, patch_grad in zip(
-                self._groups(first, stop), group_grads, group_rows, group_patch_grads
+        for start, end, counts, groups in self._chunks(patch_numel, x.element_size()):
+            chunk_grads = grads[start:end]
+            rows = patches.gather(flat_x, start, end) if flat_x is not None else None
+            patch_grads = x.new_empty(end - start, patch_numel) if need_x else None
+            group_rows = rows.split(counts) if need_filters else repeat(None)
+            group_patch_grads = patch_grads.split(counts) if need_x else repeat(None)
+            for (sample, region), count, grad, row, patch_grad in zip(
+                groups, counts, chunk_grads.split(counts), group_rows, group_patch_grads
             ):
                 if need_filters:
                     if count:
@@ -411,14 +406,15 @@ class _GroupedLayout(_RegionLayout):
                 if need_x and count:
                     torch.mm(grad, per_group[region][sample], out=patch_grad)
             if need_x:
-                patches.scatter(padded, patch_grads, base)
+                patches.scatter(padded, patch_grads, start)
             if need_guide:
                 # Region j's response on every pixel of the chunk: one batched GEMM per region.
+                first, stop = start // pixels, end // pixels
                 sample_rows = rows.view(stop - first, pixels, patch_numel)
                 for j in range(1, regions):
                     diff = filters[j * batch + first : j * batch + stop] - filters[first:stop]
-                    response = torch.bmm(sample_rows, diff.transpose(1, 2)).view(chunk_end - base, -1)
-                    g[j, base:chunk_end] = (response * chunk_grads).sum(1)
+                    response = torch.bmm(sample_rows, diff.transpose(1, 2)).view(end - start, -1)
+                    g[j, start:end] = (response * chunk_grads).sum(1)
         grad_x = patches.unpad(padded) if need_x else None
         responses = None
         if need_guide:
