@@ -4,7 +4,9 @@ For each shape: median times of the plain conv, DRConv (training: forward + back
 forward under ``no_grad``), its deploy form (``fuse()``) and the dense reference (all ``m``
 region outputs computed, then selected; the one the tests check DRConv against,
 tests/drconv_reference.py), all on the same input, alternating within each repetition. Ratios
-are printed beside the times. Memory: bytes saved for backward, and the peak of the memory allocated
+are printed beside the times. "group GEMMs alone" times only the region conv's multiplications,
+one GEMM per (sample, region) group on patch rows and filters prepared beforehand: a floor for
+any layer that multiplies each group by its own filter with a library GEMM. Memory: bytes saved for backward, and the peak of the memory allocated
 during forward + backward (CUDA: the allocator's peak; CPU: the live storages every op leaves,
 tracked by a dispatch mode), each against the plain conv.
 
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -99,6 +102,30 @@ def _peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def _group_gemms(conv: DRConv, x: Tensor) -> Callable[[], None]:
+    """The region conv's GEMMs alone: pixels sorted by region (``F.unfold`` patches), one
+    ``torch.mm`` per (sample, region) group with that group's filter; everything else is
+    prepared here, untimed."""
+    with torch.no_grad():
+        guide = F.conv2d(x, conv.guide_weight, conv.guide_bias, conv.stride, conv.padding, conv.dilation)
+        region = guide.argmax(1).flatten(1)  # (B, P)
+        patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
+        order = region.argsort(dim=1, stable=True).unsqueeze(-1).expand_as(patches)
+        rows = patches.gather(1, order).contiguous()  # (B, P, Cin*kh*kw), grouped by region
+        kernels = conv.generator(x, conv.weight).flatten(3).contiguous()  # (B, m, Cout, Cin*kh*kw)
+        counts = [torch.bincount(r, minlength=conv.regions).tolist() for r in region]
+        out = rows.new_empty(*rows.shape[:2], kernels.shape[2])
+
+    def run() -> None:
+        for sample, sizes in enumerate(counts):
+            groups = zip(rows[sample].split(sizes), out[sample].split(sizes), kernels[sample])
+            for group_rows, group_out, kernel in groups:
+                if group_rows.shape[0]:
+                    torch.mm(group_rows, kernel.t(), out=group_out)
+
+    return run
+
+
 def _bench_shape(shape: tuple, device: torch.device, reps: int, residual: bool) -> dict[str, dict]:
     _, batch, cin, cout, k, padding, size = shape
     torch.manual_seed(0)
@@ -115,10 +142,11 @@ def _bench_shape(shape: tuple, device: torch.device, reps: int, residual: bool) 
         "drconv": lambda: conv(x),
         "dense": lambda: dense_drconv(conv, x).out,
     }
-    inference: dict[str, Callable[[], Tensor]] = {
+    inference: dict[str, Callable[[], object]] = {
         "conv": lambda: plain(x),
         "drconv": lambda: conv(x),
         "deploy": lambda: deploy(x),
+        "gemms": _group_gemms(conv, x.detach()),
     }
     times: dict[str, list[float]] = {}
     for rep in range(reps + 1):  # the first round warms up
@@ -176,7 +204,8 @@ def main() -> None:
                   f" | dense {t['train/dense'] / conv_train:5.2f}x"
                   f" | DRConv vs dense: {t['train/dense'] / t['train/drconv']:.2f}x faster")
             print(f"  eval      conv {conv_eval * 1e3:8.2f} ms | DRConv {t['eval/drconv'] / conv_eval:5.2f}x"
-                  f" | deploy form {t['eval/deploy'] / conv_eval:5.2f}x")
+                  f" | deploy form {t['eval/deploy'] / conv_eval:5.2f}x"
+                  f" | group GEMMs alone {t['eval/gemms'] / conv_eval:5.2f}x")
             print(f"  memory    saved for backward: conv {saved['conv'] / 2**20:.1f} MiB"
                   f" | DRConv {saved['drconv'] / saved['conv']:.2f}x | dense {saved['dense'] / saved['conv']:.2f}x"
                   f"; peak fwd+bwd: conv {peak['conv'] / 2**20:.1f} MiB"
