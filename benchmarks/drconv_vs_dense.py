@@ -6,9 +6,10 @@ region outputs computed, then selected; the one the tests check DRConv against,
 tests/drconv_reference.py), all on the same input, alternating within each repetition. Ratios
 are printed beside the times. "group GEMMs alone" times only the region conv's multiplications,
 one GEMM per (sample, region) group on patch rows and filters prepared beforehand: a floor for
-any layer that multiplies each group by its own filter with a library GEMM. Memory: bytes saved for backward, and the peak of the memory allocated
-during forward + backward (CUDA: the allocator's peak; CPU: the live storages every op leaves,
-tracked by a dispatch mode), each against the plain conv.
+any layer that multiplies each group by its own filter with a library GEMM. Memory: bytes saved
+for backward, and the peak of the memory allocated during forward + backward (CUDA: the
+allocator's peak; CPU: the live storages every op leaves, tracked by a dispatch mode), each
+against the plain conv.
 
     python benchmarks/drconv_vs_dense.py [--reps 7] [--device cpu|cuda|all] [--threads N]
                                          [--form residual|paper]
