@@ -1,16 +1,20 @@
 """Image decoding and cheap header checks whose errors name the file.
 
 JPEG, PNG, WebP and GIF are decoded by ``torchvision.io``; BMP, TIFF and the netpbm formats
-(PPM / PGM / PBM) by Pillow. The format is taken from the file's first bytes, not its suffix.
+(PPM / PGM / PBM) by Pillow, as is WebP when its EXIF orientation is applied. The format is
+taken from the file's first bytes, not its suffix.
+8-bit images decode to ``uint8``, 16-bit ones (PNG, TIFF, PGM) to ``uint16``; images whose
+pixels fit neither (32-bit float or integer TIFF) are refused.
 """
 
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 
@@ -21,8 +25,15 @@ READABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", "
 UNREADABLE_IMAGE_SUFFIXES = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".raw", ".dng", ".cr2", ".nef")
 """Image suffixes nothing here decodes: such files are bad samples, never silently ignored."""
 HEADER_BYTES = 32
-_CPP_LOCATION = re.compile(r"^\w+, \S+\.cpp:\d+, ")
-"""torchvision's ``"decode_jpeg, /path/decode_jpeg.cpp:171, "`` prefix of its decoder errors."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PILLOW_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError)
+"""What Pillow raises for a file it cannot open or decode: its plugins raise ``ValueError`` or
+``TypeError`` on some malformed headers, and ``DecompressionBombError`` is no ``OSError``."""
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+"""Pillow modes of one-channel images with more than 8 bits per pixel."""
+_CPP_LOCATION = re.compile(r"^[^,\s]+, \S+\.cpp:\d+, ")
+"""torchvision's ``"decode_jpeg, /path/decode_jpeg.cpp:171, "`` or ``"operator(), /path/decode_png.cpp:79, "``
+prefix of its decoder errors."""
 
 
 class BadImageError(ValueError):
@@ -44,7 +55,7 @@ class ImageHeader:
 def _format(head: bytes) -> str | None:
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+    if head.startswith(_PNG_SIGNATURE):
         return "png"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
@@ -59,6 +70,17 @@ def _format(head: bytes) -> str | None:
     return None
 
 
+def _head(path: Path) -> bytes:
+    """The first :data:`HEADER_BYTES` of ``path``; errors for a missing or empty file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    with path.open("rb") as file:
+        head = file.read(HEADER_BYTES)
+    if not head:
+        raise BadImageError(f"{path}: the file is empty (0 bytes)")
+    return head
+
+
 def read_header(path: str | Path) -> ImageHeader:
     """Read only the first bytes of ``path`` and say which image format it holds.
 
@@ -66,12 +88,7 @@ def read_header(path: str | Path) -> ImageHeader:
     file or one that starts like no format listed in this module.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    with path.open("rb") as file:
-        head = file.read(HEADER_BYTES)
-    if not head:
-        raise BadImageError(f"{path}: the file is empty (0 bytes)")
+    head = _head(path)
     image_format = _format(head)
     if image_format is None:
         raise BadImageError(f"{path}: not a JPEG, PNG, WebP, GIF, BMP, TIFF or PPM/PGM/PBM file (starts {head[:8]!r})")
@@ -83,36 +100,113 @@ def read_header(path: str | Path) -> ImageHeader:
     return ImageHeader(image_format)
 
 
-def decode(path: str | Path, mode: ImageReadMode = ImageReadMode.RGB) -> Tensor:
-    """Decode an image file to ``(C, H, W)`` (``C`` set by ``mode``; ``uint8``, or ``uint16`` for 16-bit PNG).
+def _check_png_chunks(path: str | Path, data: bytes | memoryview) -> None:
+    """Check the chunk structure of ``data``, the whole PNG file ``path``, before it is decoded.
 
-    An animated GIF gives its first frame, as Pillow's ``Image.open`` does. Raises
-    ``FileNotFoundError`` for a missing file and :class:`BadImageError` (a ``ValueError``)
-    for one that cannot be decoded, both naming the file.
+    Every chunk must lie within the file and match its CRC-32, up to an ``IEND`` chunk; bytes
+    after ``IEND`` are not read. libpng, as torchvision runs it, crashes the process (a
+    segmentation fault, no Python error) on a corrupt PNG instead of raising; a file damaged or
+    truncated after it was written shows as a chunk that fails this check. Bad image data that
+    a faulty encoder wrote under valid CRCs passes it, and still crashes libpng. Raises
+    :class:`BadImageError` naming the file and the chunk.
     """
+    position, size = len(_PNG_SIGNATURE), len(data)
+    while True:
+        if size - position < 12:
+            raise BadImageError(f"{path}: PNG ends at byte {size} without its IEND chunk (truncated)")
+        length = int.from_bytes(data[position : position + 4], "big")
+        name = bytes(data[position + 4 : position + 8]).decode("ascii", "backslashreplace")
+        end = position + 8 + length
+        if length > size - position - 12:
+            raise BadImageError(
+                f"{path}: PNG chunk {name!r} at byte {position} declares {length} bytes, past the end of the "
+                f"file ({size} bytes; truncated or corrupt)"
+            )
+        if zlib.crc32(data[position + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
+            raise BadImageError(f"{path}: PNG chunk {name!r} at byte {position} fails its CRC-32 check (corrupt file)")
+        if name == "IEND":
+            return
+        position = end + 4
+
+
+def describe_pillow_error(error: Exception) -> str:
+    """The message of ``error`` (one of :data:`PILLOW_ERRORS`); for Pillow's pixel limit, how to raise it."""
+    if isinstance(error, Image.DecompressionBombError):
+        return (
+            f"{error} Pillow refuses images over twice PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}); "
+            "if you trust the file, set that higher"
+        )
+    return str(error)
+
+
+def decode(
+    path: str | Path,
+    mode: ImageReadMode = ImageReadMode.RGB,
+    exif_orientation: bool = False,
+    other_pillow_formats: bool = False,
+) -> Tensor:
+    """Decode an image file to ``(C, H, W)``: ``uint8``, or ``uint16`` for 16-bit PNG, TIFF and PGM files.
+
+    ``C`` is set by ``mode`` (``RGB``: 3, ``GRAY``: 1; ``UNCHANGED``: the file's own channels).
+    ``exif_orientation=True`` gives the image as it is displayed, rotated / flipped by its EXIF
+    orientation tag; ``False`` gives the pixel grid as stored, the grid annotations of VOC and
+    Cityscapes are defined on. An animated GIF gives its first frame, as Pillow's ``Image.open``
+    does. ``other_pillow_formats=True`` decodes a file in none of this module's formats with
+    Pillow if Pillow reads it (``.tga``, ``.ico``, ...). Raises ``FileNotFoundError`` for a
+    missing file and :class:`BadImageError` (a ``ValueError``) for one that cannot be decoded
+    or whose pixels fit neither 8 nor 16 bits, both naming the file.
+    """
+    path = Path(path)
+    if other_pillow_formats and _format(_head(path)) is None:
+        return _decode_pil(path, mode, exif_orientation)
     header = read_header(path)
-    if header.format in PIL_FORMATS:
-        return _decode_pil(Path(path), mode)
-    data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    # torchvision ignores the EXIF orientation of WebP; Pillow decodes it with the same libwebp.
+    if header.format in PIL_FORMATS or (exif_orientation and header.format == "webp"):
+        return _decode_pil(path, mode, exif_orientation)
+    data = np.fromfile(path, dtype=np.uint8)
+    if header.format == "png":
+        _check_png_chunks(path, memoryview(data))
     try:
-        image = decode_image(data, mode=mode)
+        image = decode_image(torch.from_numpy(data), mode=mode, apply_exif_orientation=exif_orientation)
     except RuntimeError as error:
         reason = _CPP_LOCATION.sub("", str(error))
         raise BadImageError(f"{path}: cannot decode {header.format.upper()} ({reason})") from None
     return image[0] if image.ndim == 4 else image
 
 
-def _decode_pil(path: Path, mode: ImageReadMode) -> Tensor:
+def _decode_pil(path: Path, mode: ImageReadMode, exif_orientation: bool) -> Tensor:
+    if mode not in (ImageReadMode.RGB, ImageReadMode.GRAY, ImageReadMode.UNCHANGED):
+        raise ValueError(f"decode: mode {mode} is not supported for {path}")
     try:
         with Image.open(path) as image:
-            if mode == ImageReadMode.RGB:
-                image = image.convert("RGB")
-            elif mode == ImageReadMode.GRAY:
-                image = image.convert("L")
-            elif mode != ImageReadMode.UNCHANGED:
-                raise ValueError(f"decode: mode {mode} is not supported for {path}")
+            if exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            pil_mode = image.mode
+            if pil_mode not in _WIDE_MODES and mode != ImageReadMode.UNCHANGED:
+                image = image.convert("RGB" if mode == ImageReadMode.RGB else "L")
             array = np.array(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise BadImageError(f"{path}: cannot decode ({error})") from None
+    except PILLOW_ERRORS as error:
+        raise BadImageError(f"{path}: cannot decode ({describe_pillow_error(error)})") from None
+    if pil_mode in _WIDE_MODES:
+        return _sixteen_bit(path, pil_mode, array, mode)
     tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _sixteen_bit(path: Path, pil_mode: str, array: np.ndarray, mode: ImageReadMode) -> Tensor:
+    """``(1 or 3, H, W) uint16`` of ``array (H, W)``, a one-channel image in a Pillow mode of :data:`_WIDE_MODES`.
+
+    Pillow's own RGB conversion clips such pixels to 8 bits; torchvision gives a 16-bit PNG
+    as ``uint16``, and so does this. Mode ``I`` (32-bit integers, also Pillow's mode for
+    16-bit PGM) passes when every value fits 16 bits; mode ``F`` (32-bit float) never does.
+    """
+    expected = "expected an image with 8- or 16-bit integer pixels"
+    if pil_mode == "F":
+        raise BadImageError(f"{path}: 32-bit floating-point pixels (Pillow mode 'F'); {expected}")
+    if pil_mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
+        raise BadImageError(
+            f"{path}: 32-bit integer pixels (Pillow mode 'I') with values {array.min()}..{array.max()}, "
+            f"beyond 16 bits; {expected}"
+        )
+    tensor = torch.from_numpy(array.astype(np.uint16)).unsqueeze(0)
+    return tensor.expand(3, -1, -1).contiguous() if mode == ImageReadMode.RGB else tensor

@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,12 @@ LAYOUT = "root/train/<class>/<image>, root/val/<class>/<image>, optional root/te
 
 
 def decode_rgb(path: str) -> tv_tensors.Image:
-    """``ImageFolder`` loader: ``Image (3, H, W) uint8`` RGB; errors name the file."""
-    return tv_tensors.Image(decode(path))
+    """``ImageFolder`` loader: ``Image (3, H, W)`` RGB, ``uint8`` (``uint16`` for 16-bit files).
+
+    The image as it is displayed, EXIF orientation applied (as ``refvision predict`` reads it);
+    errors name the file.
+    """
+    return tv_tensors.Image(decode(path, exif_orientation=True))
 
 
 def _check_image(path: str) -> None:
@@ -32,6 +37,33 @@ def _check_image(path: str) -> None:
     read_header(path)
 
 
+def _walk(top: str) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, file names)`` of ``os.walk(top, followlinks=True)``, refusing symbolic-link loops.
+
+    A folder reached again inside itself (a link to ``..``, ``.`` or the dataset root) would
+    repeat its images at every level until the path grows too long: a ``ValueError`` names
+    the path and the folder it leads back to.
+    """
+    def key(folder: str) -> tuple[int, int]:
+        status = os.stat(folder)
+        return status.st_dev, status.st_ino
+
+    real = Path(os.path.realpath(top))
+    inside = {top: {key(str(folder)) for folder in (real, *real.parents)}}
+    for folder, subfolders, names in os.walk(top, followlinks=True):
+        above = inside.pop(folder)
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            identity = key(path)
+            if identity in above:
+                raise ValueError(
+                    f"symbolic-link loop: {path} leads to {os.path.realpath(path)}, a folder it is inside, so its "
+                    f"images would be read again at every level; remove the link (expected layout {LAYOUT})"
+                )
+            inside[path] = above | {identity}
+        yield folder, names
+
+
 class CheckedImageFolder(ImageFolder):
     """torchvision's ``ImageFolder`` over every image file, checked when it is built.
 
@@ -40,9 +72,12 @@ class CheckedImageFolder(ImageFolder):
     missing, empty and non-image files, and files with a suffix in
     ``UNREADABLE_IMAGE_SUFFIXES`` (HEIC, AVIF, ...), are bad samples — one error naming them
     under ``on_bad_sample="raise"``, logged and left out under ``"skip"`` (listed in
-    :attr:`skipped`). Other files (``.txt``, ``.DS_Store``, ...) are logged by name and not
-    used. A class folder without image files is an error naming the folder. Under ``"skip"``,
-    ``__getitem__`` returns a :class:`BadSample` for a file that fails to decode (truncated).
+    :attr:`skipped`). Other files (``.txt``, ``.DS_Store``, ...), and files directly in
+    ``root`` outside the class folders, are logged by name and not used. A class folder
+    without image files, or (under ``"skip"``) whose image files are all bad, is an error
+    naming the folder, as is a symbolic-link loop. Images are decoded by :func:`decode_rgb`;
+    under ``"skip"``, ``__getitem__`` returns a :class:`BadSample` for a file that fails to
+    decode (truncated).
     """
 
     def __init__(self, root: str, transform: Any = None, on_bad_sample: OnBadSample = "raise") -> None:
@@ -59,7 +94,7 @@ class CheckedImageFolder(ImageFolder):
         for class_name, class_index in sorted(class_to_idx.items(), key=lambda item: item[1]):
             class_dir = os.path.join(directory, class_name)
             found = 0
-            for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):
+            for folder, names in sorted(_walk(class_dir)):
                 for name in sorted(names):
                     path = os.path.join(folder, name)
                     if name.lower().endswith(READABLE_SUFFIXES + UNREADABLE_IMAGE_SUFFIXES):
@@ -74,9 +109,23 @@ class CheckedImageFolder(ImageFolder):
                 )
         if ignored:
             logger.warning("ignoring %d file(s) that are not images: %s", len(ignored), describe(ignored))
+        outside = sorted((entry.path, "") for entry in os.scandir(directory) if not entry.is_dir())
+        if outside:
+            logger.warning(
+                "ignoring %d file(s) outside the class folders of %s (expected layout %s): %s",
+                len(outside), directory, LAYOUT, describe(outside),
+            )
         samples, self.skipped = check_files(
             candidates, lambda item: _check_image(item[0]), self.on_bad_sample, directory
         )
+        kept = {class_index for _, class_index in samples}
+        for class_name, class_index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+            if class_index not in kept:
+                class_dir = os.path.join(directory, class_name)
+                raise ValueError(
+                    f"class folder {class_dir}: every image file is bad, so the class has no samples "
+                    f"(on_bad_sample: skip left them all out); fix or remove them"
+                )
         return samples
 
     def __getitem__(self, index: int) -> Any:

@@ -1,9 +1,10 @@
 """Unlabelled images for ``refvision predict``: every image under a folder, recursively.
 
-Any file whose extension Pillow registers (``.jpg``, ``.png``, ``.bmp``, ``.tif``, ``.webp``,
-``.gif``, ``.ppm``...) is an image; it is decoded with Pillow, EXIF orientation applied, and
-converted to RGB. A sample is named by its path relative to the folder (sub-folders kept), and
-the prediction writers (``refvision.engine.writers``) name their outputs after it.
+Any file with an extension Pillow opens (``.jpg``, ``.png``, ``.bmp``, ``.tif``, ``.webp``,
+``.gif``, ``.ppm``...) is an image; it is decoded by :func:`refvision.data.decode.decode` as image
+folders are, EXIF orientation applied, to RGB (``uint16`` for 16-bit files). A sample is named by
+its path relative to the folder (sub-folders kept), and the prediction writers
+(``refvision.engine.writers``) name their outputs after it.
 """
 
 import logging
@@ -12,16 +13,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NamedTuple
 
 import lightning as L
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from refvision.data import presets
 from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
+from refvision.data.decode import PILLOW_ERRORS, decode, describe_pillow_error
 from refvision.data.loader import make_loader
 from refvision.data.voc import detection_collate
 from refvision.data.voc_format import VOC_CLASSES
@@ -50,34 +53,41 @@ class Source(NamedTuple):
 
 
 def image_suffixes() -> frozenset[str]:
-    """File extensions (lower case, with the dot) that Pillow can open."""
+    """File extensions (lower case, with the dot) of the formats Pillow can open.
+
+    Pillow also registers extensions of formats it only writes (``.pdf``, ``.palm``); those
+    are not images here. MPO (multi-picture JPEG) has no opener of its own: Pillow's JPEG
+    plugin opens it.
+    """
     Image.init()
-    return frozenset(Image.registered_extensions())
+    return frozenset(
+        suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO"
+    )
+
+
+def decode_displayed(path: str | Path) -> Tensor:
+    """``(3, H, W)`` RGB of any image Pillow opens, as it is displayed (EXIF orientation applied).
+
+    ``uint8``, or ``uint16`` for a 16-bit file, exactly as the image-folder reader decodes it.
+    Errors name the file: ``FileNotFoundError`` if it is missing,
+    :class:`refvision.data.decode.BadImageError` (a ``ValueError``) if it cannot be decoded.
+    """
+    return decode(path, ImageReadMode.RGB, exif_orientation=True, other_pillow_formats=True)
 
 
 def read_rgb(path: str | Path) -> Tensor:
-    """Decode any Pillow-readable image to ``(3, H, W) uint8`` RGB, EXIF orientation applied.
-
-    Errors name the file: ``FileNotFoundError`` if it is missing, ``ValueError`` if Pillow
-    cannot identify or fully decode it (a truncated file included).
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot decode image {path}: {error}") from error
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+    """:func:`decode_displayed` as ``(3, H, W) uint8`` (16-bit values scaled to 8 bits), for drawing on."""
+    return F.to_dtype(decode_displayed(path), torch.uint8, scale=True)
 
 
 class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, str]]]):
     """Every image under ``root`` (recursively, sorted by relative path), without labels.
 
-    A sample is ``(image, {"file": relative path})`` with ``image`` the ``Image (3, H, W) uint8``
-    passed through ``transform``. Files without an image extension are counted and logged by
-    extension, never read; an image file Pillow cannot identify is an error naming it (checked
-    when the dataset is built, from the file header).
+    A sample is ``(image, {"file": relative path})`` with ``image`` the ``Image (3, H, W)`` of
+    :func:`decode_displayed` (``uint8``, ``uint16`` for 16-bit files) passed through ``transform``.
+    Files without an image extension are counted and logged by extension, never read; an image
+    file Pillow cannot identify, or one over Pillow's pixel limit, is an error naming it
+    (checked when the dataset is built, from the file header).
     """
 
     def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None = None) -> None:
@@ -99,8 +109,8 @@ class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, str]]]):
             try:
                 with Image.open(path):
                     pass
-            except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"cannot read image {path}: {error}") from error
+            except PILLOW_ERRORS as error:
+                raise ValueError(f"cannot read image {path}: {describe_pillow_error(error)}") from error
         self.transform = transform
 
     def __len__(self) -> int:
@@ -113,7 +123,7 @@ class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, str]]]):
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, str]]:
         path = self.files[index]
-        image = tv_tensors.Image(read_rgb(path))
+        image = tv_tensors.Image(decode_displayed(path))
         if self.transform is not None:
             image = self.transform(image)
         return image, {"file": path.relative_to(self.root).as_posix()}
