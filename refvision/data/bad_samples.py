@@ -2,30 +2,32 @@
 
 Two moments find a bad file:
 
-- at setup, :func:`check_files` reads each file's first bytes (in threads, so large sets on
-  network storage stay quick): missing, empty and non-image files, PNG bit depths;
+- at setup, :func:`check_files` / :func:`read_files` read each file's first bytes (in threads,
+  so large sets on network storage stay quick): missing, empty and non-image files, PNG bit
+  depths and colour types, annotations;
 - while loading, a dataset under ``"skip"`` returns a :class:`BadSample` marker instead of
   raising (a truncated file decodes badly only when it is read). :class:`DropBadSamples`, the
   collate function, drops the markers inside the worker process and sends their names to the
   main process together with the batch; :class:`SkippingDataLoader` takes them off the batch,
   so consumers see the usual batches, and logs every skipped file by name when the epoch's
-  iteration ends.
+  iteration ends (or raises, naming them, when nothing in it could be loaded).
 """
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data._utils.pin_memory import pin_memory
 
 logger = logging.getLogger("refvision")
 
 OnBadSample = Literal["raise", "skip"]
 T = TypeVar("T")
+R = TypeVar("R")
 LISTED = 10
 """How many file names an error or a report lists before it says "and N more"."""
 
@@ -51,6 +53,45 @@ def describe(skipped: Sequence[tuple[str, str]]) -> str:
     return listed + (f"; ... and {more} more" if more > 0 else "")
 
 
+def read_files(
+    items: Sequence[T],
+    read: Callable[[T], R],
+    on_bad_sample: OnBadSample,
+    what: str,
+    threads: int = 16,
+) -> tuple[list[R], list[tuple[str, str]]]:
+    """Run ``read(item)`` on every item (I/O bound: in ``threads`` threads) and apply the policy.
+
+    ``read`` raises ``ValueError`` / ``OSError`` naming the file for a bad item. Returns what
+    ``read`` returned for the good items, in their order, and ``(path, reason)`` of the bad ones
+    (``path``: the item's first path). Under ``"raise"`` one error lists every bad file (up to
+    :data:`LISTED` of them), so a user fixes all at once: ``FileNotFoundError`` when every bad
+    file is missing, else ``ValueError``. Under ``"skip"`` each is logged and left out.
+    """
+    def outcome(item: T) -> R | ValueError | OSError:
+        try:
+            return read(item)
+        except (ValueError, OSError) as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(outcome, items))
+    good = [result for result in results if not isinstance(result, (ValueError, OSError))]
+    failed = [(item, result) for item, result in zip(items, results) if isinstance(result, (ValueError, OSError))]
+    bad = [(_path_of(item), str(error)) for item, error in failed]
+    if bad and on_bad_sample == "raise":
+        missing = all(isinstance(error, FileNotFoundError) for _, error in failed)
+        raise (FileNotFoundError if missing else ValueError)(
+            f"{len(bad)} {'missing' if missing else 'bad'} file(s) in {what} "
+            "(set on_bad_sample: skip to leave them out): "
+            + "; ".join(error for _, error in bad[:LISTED])
+            + (f"; ... and {len(bad) - LISTED} more" if len(bad) > LISTED else "")
+        )
+    for path, error in bad:
+        logger.warning("skipping %s: %s", path, error)
+    return good, bad
+
+
 def check_files(
     items: Sequence[T],
     check: Callable[[T], None],
@@ -58,33 +99,12 @@ def check_files(
     what: str,
     threads: int = 16,
 ) -> tuple[list[T], list[tuple[str, str]]]:
-    """Run ``check(item)`` on every item (I/O bound: in ``threads`` threads) and apply the policy.
+    """:func:`read_files` for a ``check`` that only raises: returns the good items themselves."""
+    def checked(item: T) -> T:
+        check(item)
+        return item
 
-    ``check`` raises ``ValueError`` / ``OSError`` naming the file for a bad item. Returns the
-    good items in their order and ``(path, reason)`` of the bad ones. Under ``"raise"`` one
-    ``ValueError`` lists every bad file (up to :data:`LISTED` of them), so a user fixes all
-    at once; under ``"skip"`` each is logged and left out.
-    """
-    def outcome(item: T) -> str | None:
-        try:
-            check(item)
-        except (ValueError, OSError) as error:
-            return str(error)
-        return None
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(outcome, items))
-    good = [item for item, error in zip(items, results) if error is None]
-    bad = [(_path_of(item), error) for item, error in zip(items, results) if error is not None]
-    if bad and on_bad_sample == "raise":
-        raise ValueError(
-            f"{len(bad)} bad file(s) in {what} (set on_bad_sample: skip to leave them out): "
-            + "; ".join(error for _, error in bad[:LISTED])
-            + (f"; ... and {len(bad) - LISTED} more" if len(bad) > LISTED else "")
-        )
-    for path, error in bad:
-        logger.warning("skipping %s: %s", path, error)
-    return good, bad
+    return read_files(items, checked, on_bad_sample, what, threads)
 
 
 def _path_of(item: Any) -> str:
@@ -127,21 +147,38 @@ class SkippingDataLoader(DataLoader):
 
     A batch whose samples were all bad is not yielded. When an iteration over the loader
     ends, the files skipped during it are in :attr:`skipped` (path, reason) and, if any, one
-    warning names them all. Constructed like a ``DataLoader`` (Lightning can re-create it
-    with a distributed sampler).
+    warning names them all. A pass that yields no batch because every sample it loaded was
+    bad is a ``ValueError`` naming them instead, and so is a dataset without samples (every
+    file left out at setup) when the loader is built: there is nothing to train or evaluate
+    on. Constructed like a ``DataLoader`` (Lightning can re-create it with a distributed
+    sampler).
     """
 
     skipped: list[tuple[str, str]]
 
+    def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any) -> None:
+        if isinstance(dataset, Sized) and len(dataset) == 0:
+            left_out: list[tuple[str, str]] = getattr(dataset, "skipped", [])
+            reason = f": all {len(left_out)} file(s) were left out at setup ({describe(left_out)})" if left_out else ""
+            raise ValueError(f"{_dataset_name(dataset)} has no samples{reason}; there is nothing to load")
+        super().__init__(dataset, *args, **kwargs)
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         skipped: list[tuple[str, str]] = []
         self.skipped = skipped
+        batches = 0
         for collated in super().__iter__():
             if not isinstance(collated, CollatedBatch):
                 raise TypeError(f"SkippingDataLoader needs a DropBadSamples collate_fn, got {type(collated).__name__}")
             skipped += collated.skipped
             if collated.batch is not None:
+                batches += 1
                 yield collated.batch
+        if skipped and not batches:
+            raise ValueError(
+                f"every sample loaded in this pass over {_dataset_name(self.dataset)} was bad, so it gave no "
+                f"batch to train or evaluate on; {len(skipped)} skipped: {describe(skipped)}"
+            )
         if skipped:
             logger.warning(
                 "skipped %d bad sample(s) in this pass over %s: %s",

@@ -11,6 +11,7 @@ Layout::
 cityscapesScripts' ``createTrainIdLabelImgs``) already hold train ids.
 """
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -21,17 +22,21 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode
 
 from refvision.data import presets
-from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy
+from refvision.data.bad_samples import BadSample, OnBadSample, check_policy, describe, read_files
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, IGNORE_INDEX, LABEL_IDS, PALETTE, TRAIN_CLASSES, TRAIN_IDS
 from refvision.data.decode import BadImageError, decode, read_header
 from refvision.data.loader import SplitDataModule
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger("refvision")
 
 LAYOUT = (
     "root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png and "
     "root/gtFine/<split>/<city>/<name>_gtFine_labelIds.png (or _gtFine_labelTrainIds.png)"
 )
 IMAGE_SUFFIX = "_leftImg8bit.png"
+_PNG_COLOUR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale + alpha", 6: "RGBA"}
+"""PNG colour types (IHDR); labels must be grayscale or palette (whose indices are the ids)."""
 
 LabelSource = Literal["auto", "labelIds", "labelTrainIds"]
 Sample = tuple[tv_tensors.Image, tv_tensors.Mask]
@@ -42,12 +47,14 @@ class CityscapesSegmentation(Dataset[Sample]):
 
     Mask values are train ids 0..18 and 255 (ignored). ``label_source="auto"`` reads an image's
     ``labelTrainIds`` file when present, else its ``labelIds`` file. Label files are paired
-    with images when the dataset is built (a missing one raises) and the headers of both are
-    read then: empty or non-image files, and label files that are not 8-bit PNGs (a 16-bit
-    label PNG), are found before training. Values, sizes and decoding are checked per sample.
-    Each error names the file. ``on_bad_sample="raise"`` raises; ``"skip"`` logs and drops the
-    pairs that fail at construction (listed in :attr:`skipped`) and returns a
-    :class:`BadSample` for a pair that fails to load.
+    with images when the dataset is built and the headers of both are read then: missing
+    labels, empty or non-image files, and label files that are not 8-bit grayscale or palette
+    PNGs (a 16-bit label PNG, an RGB ``_gtFine_color.png`` copy), are found before training.
+    Values, sizes and decoding are checked per sample. Each error names the file.
+    ``on_bad_sample="raise"`` raises (one error listing every pair that fails at
+    construction); ``"skip"`` logs and drops those pairs (listed in :attr:`skipped`) and
+    returns a :class:`BadSample` for a pair that fails to load. Files under
+    ``leftImg8bit/<split>`` that are not ``<city>/*_leftImg8bit.png`` are logged by name.
     """
 
     def __init__(
@@ -66,14 +73,21 @@ class CityscapesSegmentation(Dataset[Sample]):
             raise FileNotFoundError(f"Cityscapes image folder {image_dir} does not exist; expected layout {LAYOUT}")
         pattern = f"*/*{IMAGE_SUFFIX}"
         images = sorted(image_dir.glob(pattern))
+        ignored = sorted({path for path in image_dir.rglob("*") if path.is_file()} - set(images))
+        if ignored:
+            logger.warning(
+                "ignoring %d file(s) under %s that are not <city>/*%s: %s",
+                len(ignored), image_dir, IMAGE_SUFFIX, describe([(str(path), "") for path in ignored]),
+            )
         if not images:
             raise FileNotFoundError(f"no Cityscapes images match {image_dir / pattern}; expected layout {LAYOUT}")
         label_dir = Path(root) / "gtFine" / split
         self.root = root
         self.transforms = transforms
         self.on_bad_sample = on_bad_sample
-        pairs = [(image, _label_file(image, label_dir, label_source)) for image in images]
-        self.samples, self.skipped = check_files(pairs, _check_pair, on_bad_sample, str(Path(root) / "*" / split))
+        self.samples, self.skipped = read_files(
+            images, lambda image: _pair(image, label_dir, label_source), on_bad_sample, str(Path(root) / "*" / split)
+        )
         if not self.samples:
             raise ValueError(f"no valid Cityscapes samples in {image_dir}")
 
@@ -93,19 +107,27 @@ class CityscapesSegmentation(Dataset[Sample]):
         return image, mask
 
 
-def _check_pair(pair: tuple[Path, Path]) -> None:
-    image_path, label_path = pair
+def _pair(image_path: Path, label_dir: Path, label_source: LabelSource) -> tuple[Path, Path]:
+    """``(image, label file)`` once both headers are checked; errors name the file."""
+    label_path = _label_file(image_path, label_dir, label_source)
     read_header(image_path)
     _check_label_header(label_path)
+    return image_path, label_path
 
 
 def _check_label_header(label_path: Path) -> None:
     header = read_header(label_path)
+    expected = "Cityscapes labels are 8-bit single-channel PNGs (labelIds 0..33 or labelTrainIds 0..18, 255)"
     if header.format != "png" or header.bit_depth != 8:
         depth = f"{header.bit_depth}-bit " if header.bit_depth is not None else ""
+        raise BadImageError(f"{label_path}: a {depth}{header.format.upper()} label image; {expected}")
+    with label_path.open("rb") as file:
+        colour_type = file.read(26)[25]  # IHDR (read_header checked it is complete): ..., bit depth, colour type
+    if colour_type not in (0, 3):
+        kind = _PNG_COLOUR_TYPES.get(colour_type, "unknown")
         raise BadImageError(
-            f"{label_path}: a {depth}{header.format.upper()} label image; Cityscapes labels are 8-bit "
-            "single-channel PNGs (labelIds 0..33 or labelTrainIds 0..18, 255)"
+            f"{label_path}: a PNG label image of colour type {colour_type} ({kind}); {expected}: grayscale "
+            "or palette (its indices are the ids), not a colour image such as *_gtFine_color.png"
         )
 
 

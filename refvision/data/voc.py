@@ -11,7 +11,7 @@ built, so a bad file fails before training starts; images are decoded (and their
 against the XML) per sample.
 """
 
-import logging
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -25,12 +25,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from refvision.data import presets
-from refvision.data.bad_samples import BadSample, OnBadSample, check_policy
+from refvision.data.bad_samples import BadSample, OnBadSample, check_policy, read_files
 from refvision.data.decode import decode, read_header
 from refvision.data.loader import SplitDataModule
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
-
-logger = logging.getLogger("refvision")
 
 LAYOUT = (
     "VOCdevkit/VOC<year>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
@@ -84,9 +82,12 @@ def _text(element: ET.Element, tag: str, where: str) -> str:
 def _number(element: ET.Element, tag: str, where: str) -> float:
     text = _text(element, tag, where)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"{where}: <{tag}> is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: <{tag}> must be a finite number, got {text!r}")
+    return value
 
 
 def _flag(element: ET.Element, tag: str, where: str) -> bool:
@@ -102,7 +103,7 @@ def _flag(element: ET.Element, tag: str, where: str) -> bool:
 def read_annotation(annotation_path: Path, image_path: Path, image_id: str) -> VOCAnnotation:
     """Parse and validate one VOC XML file; every problem is a ``ValueError`` naming the file.
 
-    Checked: well-formed XML, positive integer ``<size>``, known class names, numeric
+    Checked: well-formed XML, positive integer ``<size>``, known class names, finite numeric
     ``<bndbox>`` fields, and that each converted box has positive width and height and lies
     within ``[0, W] x [0, H]`` (so a VOC box with ``xmin == xmax`` is a valid 1-pixel box).
     """
@@ -168,10 +169,10 @@ class VOCDetection(Dataset[Sample]):
     pipeline and ssd.pytorch build them); ``True`` keeps them, flagged (evaluation needs them).
 
     An id listed twice (in one ImageSets file or across the image sets) is a ``ValueError``
-    naming the file(s) and the id, under both policies. ``on_bad_sample="raise"`` raises on the
-    first bad annotation, missing file or non-image file (header check), and in
-    ``__getitem__`` on an image that does not decode or whose size disagrees with its XML;
-    ``"skip"`` logs and drops the first kind (recorded as ``(path, reason)`` in
+    naming the file(s) and the id, under both policies. ``on_bad_sample="raise"`` raises one
+    error listing every bad annotation, missing file and non-image file (header check), and
+    raises in ``__getitem__`` on an image that does not decode or whose size disagrees with its
+    XML; ``"skip"`` logs and drops the first kind (recorded as ``(annotation path, reason)`` in
     :attr:`skipped`) and returns a :class:`BadSample` for the second.
     """
 
@@ -187,12 +188,11 @@ class VOCDetection(Dataset[Sample]):
         self.on_bad_sample = on_bad_sample
         self.keep_difficult = keep_difficult
         self.transforms = transforms
-        self.annotations: list[VOCAnnotation] = []
-        self.skipped: list[tuple[str, str]] = []
         repeated = sorted({name for name in image_sets if list(image_sets).count(name) > 1})
         if repeated:
             raise ValueError(f"image sets {repeated} are given more than once in {list(image_sets)}")
         listed_in: dict[tuple[Path, str], Path] = {}
+        samples: list[tuple[Path, Path, str]] = []
         for image_set in image_sets:
             list_file = image_set_file(root, image_set)
             year_dir = list_file.parents[2]
@@ -204,21 +204,16 @@ class VOCDetection(Dataset[Sample]):
                         f"image id {image_id!r} of {year_dir.name} is listed in both {earlier} and {list_file}; "
                         "each image may appear in only one of the image sets combined"
                     )
-            for image_id in ids:
-                annotation_path = year_dir / "Annotations" / f"{image_id}.xml"
-                try:
-                    self.annotations.append(self._read(list_file, year_dir, image_id))
-                except (ValueError, FileNotFoundError) as error:
-                    if on_bad_sample == "raise":
-                        raise
-                    logger.warning("skipping VOC sample %s: %s", annotation_path, error)
-                    self.skipped.append((str(annotation_path), str(error)))
+            samples += [(year_dir / "Annotations" / f"{image_id}.xml", list_file, image_id) for image_id in ids]
+        self.annotations, self.skipped = read_files(
+            samples, lambda sample: self._read(*sample), on_bad_sample, f"VOC image sets {list(image_sets)} under {root}"
+        )
         if not self.annotations:
             raise ValueError(f"no valid VOC samples in {list(image_sets)} under {root}")
 
     @staticmethod
-    def _read(list_file: Path, year_dir: Path, image_id: str) -> VOCAnnotation:
-        annotation_path = year_dir / "Annotations" / f"{image_id}.xml"
+    def _read(annotation_path: Path, list_file: Path, image_id: str) -> VOCAnnotation:
+        year_dir = annotation_path.parents[1]
         image_path = year_dir / "JPEGImages" / f"{image_id}.jpg"
         for path in (annotation_path, image_path):
             if not path.is_file():
@@ -265,8 +260,24 @@ class VOCDetection(Dataset[Sample]):
 
 
 def _read_ids(list_file: Path, image_set: str) -> list[str]:
-    """The ids of an ImageSets file, one per line; an empty list or a repeated id is an error."""
-    ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    """The ids of an ImageSets file, UTF-8 text (a byte-order mark is dropped), one per line.
+
+    A file that is not UTF-8 (UTF-16, as some Windows editors save), lists nothing or repeats
+    an id is a ``ValueError`` naming it.
+    """
+    try:
+        text = list_file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"image set file {list_file} ({image_set}) is not UTF-8 text ({error}); "
+            "expected one image id per line, saved as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise ValueError(
+            f"image set file {list_file} ({image_set}) holds NUL characters (UTF-16 text?); "
+            "expected one image id per line, saved as UTF-8"
+        )
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"image set file {list_file} ({image_set}) lists no images")
     seen: dict[str, int] = {}
@@ -304,7 +315,9 @@ class VOCDataModule(SplitDataModule):
     ``predict`` uses the test sets. ``train_difficult=False`` (default) leaves objects marked
     difficult out of the training targets, as MMDetection's VOC configs and ssd.pytorch do;
     ``True`` trains on them too, as the original Caffe SSD (``train_on_diff_gt``). Val / test
-    targets always keep them, flagged, so evaluation counts them as neither TP nor FP.
+    targets always keep them, flagged, so evaluation counts them as neither TP nor FP. Val and
+    test sets without a single non-difficult object are an error at setup (their mAP would be
+    NaN); ``predict`` takes any test set.
 
     ``image_size`` is the square side the detector resizes every image to (``None``: the
     detector's own, 320 for SSDLite, 300 for SSD300). The images are passed on at their own size
@@ -355,11 +368,24 @@ class VOCDataModule(SplitDataModule):
         keep_difficult = self.train_difficult or not train
         return VOCDetection(self.root, self.image_sets[split], transform, self.on_bad_sample, keep_difficult)
 
+    def _evaluation_dataset(self, split: str) -> VOCDetection:
+        """The val / test dataset; one without any non-difficult object is an error (its mAP is NaN)."""
+        dataset = self._dataset(split)
+        if not any((~ann.difficult).any() for ann in dataset.annotations):
+            raise ValueError(
+                f"{split} sets {self.image_sets[split]} under {self.root}: none of their {len(dataset)} images "
+                "holds an object that is not difficult, so there is no ground truth to compute mAP on; "
+                f"give data.{split}_sets annotated images"
+            )
+        return dataset
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.train_set = self._dataset("train")
         if stage in ("fit", "validate"):
-            self.val_set = self._dataset("val")
-        if stage in ("test", "predict"):
+            self.val_set = self._evaluation_dataset("val")
+        if stage == "test":
+            self.test_set = self._evaluation_dataset("test")
+        if stage == "predict":
             self.test_set = self._dataset("test")
 
