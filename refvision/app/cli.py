@@ -5,12 +5,16 @@
 handled before LightningCLI parses, so one entry point serves all.
 """
 
+import difflib
 import os
 import sys
 from collections.abc import Sequence
 
 from refvision.app.commands import EXTRA_COMMANDS
 from refvision.app.lightning_cli import ConfigError, lightning_cli
+from refvision.engine.checkpoint import CheckpointError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def enforce_weights_only() -> None:
@@ -29,6 +33,11 @@ def main(args: Sequence[str] | None = None) -> None:
     if args is None:
         enforce_weights_only()
     argv = list(sys.argv[1:] if args is None else args)
+    if argv and not argv[0].startswith("-") and argv[0] not in (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS):
+        commands = [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS]
+        close = difflib.get_close_matches(argv[0], commands, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        sys.exit(f"refvision: error: unknown subcommand {argv[0]!r}{hint}; expected one of {', '.join(commands)}")
     if argv and argv[0] in EXTRA_COMMANDS:
         try:
             EXTRA_COMMANDS[argv[0]](argv[1:])
@@ -37,7 +46,7 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     try:
         lightning_cli(argv)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"refvision {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

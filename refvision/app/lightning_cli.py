@@ -4,15 +4,19 @@ A :class:`~lightning.pytorch.cli.LightningCLI` whose model is any refvision task
 any LightningDataModule, both chosen by ``class_path`` in the (composable) ``-c`` configs.
 """
 
+import contextlib
 import importlib
 import inspect
 import os
 import re
+import sys
 import warnings
 from argparse import ArgumentError
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -23,8 +27,28 @@ import refvision.tasks.classification  # noqa: F401  (registers the tasks for sh
 import refvision.tasks.detection  # noqa: F401
 import refvision.tasks.segmentation  # noqa: F401
 from refvision.engine.callbacks import DeployCheckpoint
-from refvision.engine.checkpoint import check_task_checkpoint, safe_checkpoint_globals
-from refvision.tasks.base import RefvisionTask
+from refvision.engine.checkpoint import (
+    CheckpointError,
+    check_task_checkpoint,
+    checkpoint_form,
+    evaluating,
+    safe_checkpoint_globals,
+)
+from refvision.engine.run_checkpoint import taken_checkpoint_folders
+from refvision.models.weights import WeightsUnavailableError
+from refvision.tasks.base import OPTIM_DEFAULTS, RefvisionTask
+
+EVALUATING_COMMANDS = ("validate", "test", "predict")
+"""The subcommands that train nothing: they need trained weights, and write into a fresh folder."""
+
+RUN_OPTIONS = ("eval_mode", "inference", "slide_crop", "slide_stride", "flip", "scales")
+"""Model options that say how test / validate / predict run the network, not what it is: there a
+value given in the config replaces the ``--ckpt_path`` checkpoint's."""
+
+UNUSED_IN_EVALUATION = ("optim", "trainable", "init_prefix", "init_strict", "label_smoothing", "norm_momentum",
+                        "ohem", "example_size")
+"""Model options that test / validate / predict do not use (training settings, the profiling input
+size): a config that differs from the ``--ckpt_path`` checkpoint there is not refused."""
 
 DESCRIBED_BY_DATA = ("num_classes", "class_names", "mean", "std", "palette", "ignore_index")
 """What a data module says about its data and the model takes from it (attributes of the data
@@ -33,7 +57,7 @@ module -> init arguments of the task, each where both exist)."""
 EXTRA_COMMANDS_HELP = """\
 workflow subcommands:
   reparameterize  --ckpt IN --output OUT [--overwrite]   write the deploy checkpoint of IN
-  profile         -c CONFIG [-c ...] [--ckpt CKPT]      params / FLOPs / latency, train vs deploy form
+  profile         -c CONFIG [-c ...] | --ckpt CKPT      params / FLOPs / latency, train vs deploy form
   demo            [--root DIR]                           the whole refocus workflow on generated data
   export          --ckpt IN --output OUT --format FMT    ONNX / TorchScript / ExportedProgram of the deploy form
 """
@@ -45,12 +69,17 @@ class ConfigError(ValueError):
 
 def root_cause(err: BaseException) -> str:
     """The innermost explicit cause of ``err``, after the innermost config key named on the way,
-    without jsonargparse's dump of the given values."""
+    without jsonargparse's dump of the given values.
+
+    The chain is followed down to the first of refvision's own errors at most: their message is
+    written for the user (``WeightsUnavailableError`` names the option and the local-file
+    alternative), whereas what they wrap is the library's (``<urlopen error ...>``).
+    """
     key = None
     while True:
         keys = re.findall(r'Parser key "([^"]+)"', str(err))
         key = keys[-1] if keys else key
-        if err.__cause__ is None:
+        if err.__cause__ is None or type(err).__module__.partition(".")[0] == "refvision":
             break
         err = err.__cause__
     lines = [line.strip() for line in str(err).splitlines()
@@ -69,6 +98,7 @@ class RefvisionCLI(LightningCLI):
         return super().init_parser(**{**kwargs, "exit_on_error": False})
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        self.mentioned_model_keys = mentioned_model_keys(sys.argv[1:] if args is None else args)
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
@@ -77,9 +107,12 @@ class RefvisionCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         model_config = self._get(self.config, "model")
         given = given_description(model_config.class_path, model_config.init_args.as_dict())
+        # test / validate / predict train nothing: init_from must then cover the whole model.
+        scope = evaluating(self.subcommand) if self.subcommand in EVALUATING_COMMANDS else contextlib.nullcontext()
         try:
-            super().instantiate_classes()
-        except (ValueError, TypeError, OSError) as err:
+            with scope:
+                super().instantiate_classes()
+        except (ValueError, TypeError, OSError, WeightsUnavailableError) as err:
             raise ConfigError(root_cause(err)) from err
         check_description(given, self.datamodule, getattr(self.model, "num_classes_note", ""))
 
@@ -100,15 +133,49 @@ class RefvisionCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters here and the Trainer loads it later (a URL
-        # with weights_only=False). Download and check it first (readable, no pickle, this task's);
-        # both then read the local file weights-only.
+        # with weights_only=False). Download and check it first (readable, no pickle, this task's,
+        # usable by the subcommand, not contradicting the model options given); both then read the
+        # local file weights-only.
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        model_class, init_args = config.get("model.class_path"), config.get("model.init_args").as_dict()
+        if subcommand in EVALUATING_COMMANDS:
+            check_weights_given(subcommand, ckpt_path, model_class, init_args)
         if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
-            model_class = self.config[subcommand].get("model.class_path")
-            self.config[subcommand]["ckpt_path"] = str(check_task_checkpoint(ckpt_path, model_class)[0])
+            try:
+                path, checkpoint = check_task_checkpoint(ckpt_path, model_class)
+            except CheckpointError:
+                raise
+            except (OSError, ValueError, WeightsUnavailableError) as err:
+                raise ConfigError(root_cause(err)) from err
+            if subcommand == "fit":
+                check_resumable(str(ckpt_path), checkpoint)
+            check_model_options(model_class, init_args, str(ckpt_path), checkpoint, subcommand,
+                                self.mentioned_model_keys)
+            config["ckpt_path"] = str(path)
         with safe_checkpoint_globals():
             super()._parse_ckpt_path()
+        if ckpt_path and subcommand in EVALUATING_COMMANDS:
+            merged = self.config[subcommand]["model"]["init_args"]
+            for key in RUN_OPTIONS:
+                if key in init_args and key in merged:
+                    merged[key] = init_args[key]
+
+    def before_fit(self) -> None:
+        """Refuse a fit whose checkpoint folder holds another run's ``last.ckpt``, before anything is written
+        (the config is saved when the fit starts)."""
+        if not self.trainer.is_global_zero:
+            return
+        taken = taken_checkpoint_folders(self.trainer, self.config_init["fit"].get("ckpt_path"))
+        if taken:
+            raise ConfigError(
+                f"checkpoint folder {taken[0]} holds another run's last.ckpt, which this fit would overwrite; "
+                f"resume that run with --ckpt_path {os.path.join(taken[0], 'last.ckpt')}, or give this one a new "
+                "--trainer.default_root_dir"
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         config = self.config_init[subcommand]
@@ -120,16 +187,143 @@ class RefvisionCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or os.getcwd()
         if config.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+            kwargs["logger"] = default_loggers(root)
+        elif config.get("logger") is False and self.subcommand in EVALUATING_COMMANDS:
+            # Without a logger the run's folder is default_root_dir itself: the config and test tables
+            # would overwrite those of an earlier run (a fit's config.yaml too). A fresh folder instead.
+            kwargs["default_root_dir"] = fresh_folder(root, self.subcommand)
         return super().instantiate_trainer(**kwargs)
+
+
+def check_weights_given(subcommand: str, ckpt_path: str | None, model_class: str, init_args: dict[str, Any]) -> None:
+    """Refuse ``--ckpt_path best`` / ``last`` outside ``fit``, and warn when ``subcommand`` would
+    evaluate a model without any trained weights (no ``--ckpt_path``, ``init_from`` or named weights).
+
+    ``best`` and ``last`` name checkpoints of a fit run by the same Trainer; a new command has none,
+    so Lightning would fail on ``best`` and evaluate the model as built on ``last``.
+    """
+    if ckpt_path in ("best", "last"):
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: refvision {subcommand} runs no fit, so there is no {ckpt_path} checkpoint "
+            f"to take; pass the checkpoint file, e.g. <run folder>/checkpoints/{ckpt_path}.ckpt"
+        )
+    if ckpt_path:
+        return
+    options = ("init_from", *_task_class(model_class).download_options)
+    if any(init_args.get(key) for key in options):
+        return
+    warnings.warn(
+        f"refvision {subcommand}: no weights given (--ckpt_path, {', '.join('--model.' + key for key in options)}); "
+        "the model is evaluated as built, with random weights",
+        UserWarning, stacklevel=2,
+    )
+
+
+def check_resumable(ckpt_path: str, checkpoint: dict) -> None:
+    """Refuse to resume a fit from a checkpoint that holds no training state (a deploy checkpoint:
+    Lightning would fail on its missing optimizer state, after creating the run's folder)."""
+    if checkpoint_form(checkpoint) == "deploy":
+        what = "a deploy checkpoint (weights only)"
+    elif not {"optimizer_states", "loops"} <= checkpoint.keys():
+        what = "weights only (no optimizer or loop state)"
+    else:
+        return
+    raise ConfigError(f"--ckpt_path {ckpt_path} is {what}; it cannot resume a fit; to start a new training "
+                      f"from its weights use --model.init_from {ckpt_path}")
+
+
+def check_model_options(model_class: str, init_args: dict[str, Any], ckpt_path: str, checkpoint: dict,
+                        subcommand: str, mentioned: Collection[str] = ()) -> None:
+    """Refuse a model option of the config that the ``--ckpt_path`` checkpoint would silently replace.
+
+    LightningCLI builds the model from the checkpoint's hyper-parameters, over the config. A config
+    value that differs from the checkpoint's was given if it differs from the task's default too, or
+    if its key is in ``mentioned`` (:func:`mentioned_model_keys`): the run stops, naming the key and
+    both values. A deploy checkpoint also takes the config of the training form it was made from
+    (``conv.kind: refconv`` for a re-parameterized RefConv model). Not compared: ``init_from`` and the
+    named weights (cleared in every checkpoint: its weights replace them), ``image_size`` (the
+    data's, linked at parse), and outside ``fit`` :data:`RUN_OPTIONS` (the config's are used) and
+    :data:`UNUSED_IN_EVALUATION`.
+    """
+    cls = _task_class(model_class)
+    saved = checkpoint.get("hyper_parameters") or {}
+    deployed = cls.deploy_hparams(init_args) if checkpoint_form(checkpoint) == "deploy" else {}
+    skipped = {"init_from", "image_size", *cls.download_options}
+    if subcommand in EVALUATING_COMMANDS:
+        skipped |= {*RUN_OPTIONS, *UNUSED_IN_EVALUATION}
+    for key, value in init_args.items():
+        if key in skipped or key.startswith("_") or key not in saved:
+            continue
+        given, theirs = _comparable(key, value), _comparable(key, saved[key])
+        if given == theirs or (key not in mentioned and given == _comparable(key, _default(cls, key))):
+            continue
+        if key in deployed and _comparable(key, deployed[key]) == theirs:
+            continue
+        fix = ("to start a new training from these weights use --model.init_from" if subcommand == "fit"
+               else f"leave model.{key} out, or pass the checkpoint of the model you mean")
+        raise ConfigError(f"model.{key}={config_value(value)} but the checkpoint --ckpt_path {ckpt_path} has "
+                          f"model.{key}={config_value(saved[key])}, which would replace it; {fix}")
+
+
+def mentioned_model_keys(args: Sequence[str]) -> set[str]:
+    """The model init arguments that command line ``args`` names: as ``--model.<key>`` /
+    ``--model.init_args.<key>``, or under ``model.init_args`` / ``model`` in a ``-c`` / ``--config``
+    file (or inline YAML). A value equal to the task's default is given only if named here."""
+    keys: set[str] = set()
+    args = list(args)
+    for i, arg in enumerate(args):
+        option = arg.partition("=")[0]
+        if option.startswith("--model."):
+            keys.add(option.removeprefix("--model.").removeprefix("init_args.").partition(".")[0])
+        elif option in ("-c", "--config"):
+            text = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            model = _yaml_mapping(text).get("model")
+            if isinstance(model, dict):
+                init_args = model.get("init_args")
+                keys.update(init_args if isinstance(init_args, dict) else ())
+                keys.update(key for key in model if key not in ("class_path", "init_args"))
+    return keys
+
+
+def _yaml_mapping(text: str) -> dict:
+    """The mapping in config file ``text`` (or in ``text`` itself, inline YAML); empty if it holds none."""
+    try:
+        content = yaml.safe_load(Path(text).read_text() if os.path.isfile(text) else text)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """``value`` of model option ``key`` in the form that compares by meaning (the defaults a task fills in
+    for a partial ``optim``; ``conv`` of kind ``none`` is no conversion whatever else it says)."""
+    if key == "conv":
+        conv = {"kind": "none", **(value or {})}
+        return {"kind": "none"} if conv["kind"] == "none" else config_value(conv)
+    if key == "optim":
+        return config_value({**OPTIM_DEFAULTS, **(value or {})})
+    return config_value(value)
+
+
+def fresh_folder(root: str, name: str) -> str:
+    """``root/<name>_<n>`` for the first ``n`` not taken (nothing is created)."""
+    n = 0
+    while os.path.exists(os.path.join(root, f"{name}_{n}")):
+        n += 1
+    return os.path.join(root, f"{name}_{n}")
+
+
+def _task_class(model_class: str) -> type:
+    module, _, name = model_class.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def given_description(model_class: str, init_args: dict[str, Any]) -> dict[str, Any]:
     """The :data:`DESCRIBED_BY_DATA` values of a model config (its own, or merged from
     ``--ckpt_path``'s hyper-parameters) that differ from the task's defaults: the ones given."""
-    module, _, name = model_class.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    cls = _task_class(model_class)
     return {key: init_args[key] for key in DESCRIBED_BY_DATA
             if init_args.get(key) is not None and config_value(init_args[key]) != config_value(_default(cls, key))}
 
@@ -169,6 +363,8 @@ def config_value(value: Any) -> Any:
     (Lightning refuses to log hyper-parameters that differ, in type too)."""
     if isinstance(value, (list, tuple)):
         return [config_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: config_value(item) for key, item in value.items()}
     return value
 
 

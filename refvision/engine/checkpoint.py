@@ -11,6 +11,7 @@ What ``init_from`` accepts inside the file is described in :mod:`refvision.model
 
 import argparse
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -38,6 +39,21 @@ reference training scripts. It is rebuilt from a plain dict of its attributes; n
 
 class CheckpointError(ValueError):
     """A checkpoint file that refvision will not or cannot read; the message names the file."""
+
+
+_EVALUATING: contextvars.ContextVar[str | None] = contextvars.ContextVar("refvision_evaluating", default=None)
+
+
+@contextlib.contextmanager
+def evaluating(command: str) -> Iterator[None]:
+    """Mark the ``init_from`` loads made inside the block as those of ``refvision <command>``, which
+    trains nothing: :func:`load_init_from` then refuses to leave any tensor of the model as built
+    (a randomly initialised head), whatever ``init_strict`` says."""
+    token = _EVALUATING.set(command)
+    try:
+        yield
+    finally:
+        _EVALUATING.reset(token)
 
 
 @contextlib.contextmanager
@@ -159,6 +175,29 @@ def task_of(checkpoint: Any) -> str | None:
     return (checkpoint.get("refvision") or {}).get("task") or (hp.get("_class_path") if isinstance(hp, dict) else None)
 
 
+def checkpoint_form(checkpoint: Any) -> str | None:
+    """``train`` or ``deploy``: which form of its model a refvision checkpoint holds (None: not a refvision one).
+
+    Checkpoints that predate the ``refvision`` entry say it through ``hyper_parameters.deploy``.
+    """
+    if not task_of(checkpoint):
+        return None
+    form = (checkpoint.get("refvision") or {}).get("form")
+    return form or ("deploy" if (checkpoint.get("hyper_parameters") or {}).get("deploy") else "train")
+
+
+def converted_kind(checkpoint: Any) -> str | None:
+    """The conv method of a refvision training-form checkpoint whose convs were converted (None otherwise).
+
+    Such a checkpoint is not the trained network until re-parameterized: RefConv keeps the frozen
+    basis under each conv's ``weight`` key and the trained transform beside it.
+    """
+    if checkpoint_form(checkpoint) != "train":
+        return None
+    kind = ((checkpoint.get("hyper_parameters") or {}).get("conv") or {}).get("kind", "none")
+    return None if kind == "none" else str(kind)
+
+
 def check_task_checkpoint(source: str | os.PathLike, task_class: str | None,
                           option: str = "--ckpt_path") -> tuple[Path, dict]:
     """Resolve, read and check a Lightning checkpoint meant for a model of class path ``task_class``.
@@ -231,25 +270,50 @@ def load_init_from(model: nn.Module, source: str, prefix: str | None = None, str
     target must be loaded, none left over and no shape differ; without, the tensors that fit are
     loaded and the rest is reported (e.g. a 1000-class head skipped for a 10-class model).
 
+    Inside :func:`evaluating` (``test`` / ``validate`` / ``predict``) every tensor of the target
+    must be loaded even when ``strict`` is false: nothing trains what the file leaves out.
+
     Raises:
         FileNotFoundError: a local path that does not exist.
-        CheckpointError: a file that cannot be read safely (see :func:`read_checkpoint`).
+        CheckpointError: a file that cannot be read safely (see :func:`read_checkpoint`), or the
+            training form of a converted refvision model (its convs' ``weight`` is not the trained
+            kernel; the message names the deploy checkpoint to use instead).
         ValueError: keys or shapes that do not fit ``model``; the message is the load report
-            and names ``init_prefix`` / ``init_strict``.
+            and names ``init_prefix`` / ``init_strict`` (or, evaluating a refvision checkpoint,
+            ``--ckpt_path``).
         WeightsUnavailableError: a URL that cannot be downloaded.
     """
     checkpoint = read_checkpoint(resolve_source(source, "model.init_from"), "model.init_from", source)
+    kind = converted_kind(checkpoint)
+    if kind is not None:
+        raise CheckpointError(
+            f"model.init_from={source!r} holds the training form of a conv.kind={kind} model: its convs' weights "
+            "are not the trained network's until it is re-parameterized, so loading them into a model as built "
+            "would lose the training. Pass its deploy checkpoint instead: best-deploy.ckpt next to it, or "
+            f"`refvision reparameterize --ckpt {source} --output deploy.ckpt`."
+        )
     try:
         _, _, fmt = external_state_dict(checkpoint)
         state = map_keys(extract_state_dict(checkpoint, prefix), model)
     except ValueError as err:
         raise ValueError(f"model.init_from={source!r} ({describe_checkpoint(checkpoint)}): {err}") from None
     report = _best_placement(model, state, source, fmt)
-    if not report.loaded or (strict and (report.mismatched or report.missing or report.unexpected)):
+    command = _EVALUATING.get()
+    left_as_built = command is not None and bool(report.missing or report.mismatched)
+    if not report.loaded or left_as_built or (strict and (report.mismatched or report.missing or report.unexpected)):
+        if command is not None and task_of(checkpoint):
+            hint = (f"To {command} a refvision checkpoint pass it as --ckpt_path (it builds the model the "
+                    "checkpoint describes); model.init_from loads weights into a model to be trained.")
+        elif left_as_built:
+            hint = (f"refvision {command} trains nothing, so these tensors would keep their random "
+                    "initialisation; pass weights that cover the whole model (--ckpt_path for a checkpoint "
+                    "of this task).")
+        else:
+            hint = ("Use model.init_prefix to pick a sub-tree of the checkpoint, or model.init_strict=false to "
+                    "load the tensors that fit and skip the others (reported).")
         raise ValueError(
             f"model.init_from={source!r} does not fit {type(model).__name__}; the file holds "
-            f"{describe_checkpoint(checkpoint)}.\n{report}\nUse model.init_prefix to pick a sub-tree of the "
-            "checkpoint, or model.init_strict=false to load the tensors that fit and skip the others (reported)."
+            f"{describe_checkpoint(checkpoint)}.\n{report}\n{hint}"
         )
     target = model.get_submodule(report.target) if report.target else model
     target.load_state_dict({k: state[k] for k in report.loaded}, strict=False)

@@ -6,6 +6,9 @@ is no validation), whatever the monitored metric did. And a resumed fit keeps th
 when it resumes into another folder (a new logger version or ``default_root_dir``), the previous
 ``best.ckpt`` is copied into its own folder with its score; nothing is written to the old folder.
 
+A fit never writes into a checkpoint folder that holds another run's ``last.ckpt`` (its resume point):
+the command checks :func:`taken_checkpoint_folders` before the fit writes anything.
+
 ``AtomicCheckpoints`` makes every checkpoint of the fit appear atomically (see
 ``refvision.engine.atomic_file``) and deletes temporaries that killed runs left in the checkpoint folders.
 """
@@ -149,6 +152,37 @@ class RunCheckpoint(ModelCheckpoint):
             self.best_k_models = {self.best_model_path: worst}
             self.kth_best_model_path, self.kth_value, self.best_model_score = self.best_model_path, worst, worst
             self.best_model_step = None
+
+
+def checkpoint_folder(trainer: Trainer, dirpath: str | None = None) -> str:
+    """The folder a ``ModelCheckpoint`` with ``dirpath`` writes to in ``trainer``'s fit, found as Lightning finds it:
+    ``dirpath`` if given, else ``checkpoints`` in the first logger's version folder, else in ``default_root_dir``."""
+    if dirpath is not None:
+        return str(dirpath)
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version, "checkpoints")
+    return os.path.join(trainer.default_root_dir, "checkpoints")
+
+
+def taken_checkpoint_folders(trainer: Trainer, ckpt_path: str | None) -> list[str]:
+    """The checkpoint folders of the coming fit of ``trainer`` that already hold a ``last.ckpt`` of
+    another run: every folder but the one the fit resumes from (``ckpt_path`` inside it, or ``last``).
+
+    The folders are refvision's own (:func:`checkpoint_folder`) and those of configured
+    ``ModelCheckpoint`` callbacks. Call it before the fit starts: the trainer's loggers pick their
+    version here, as the fit will.
+    """
+    folders = {checkpoint_folder(trainer)}
+    folders |= {checkpoint_folder(trainer, c.dirpath) for c in trainer.checkpoint_callbacks
+                if isinstance(c, ModelCheckpoint)}
+    resumed = None
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+        resumed = os.path.realpath(os.path.dirname(os.path.abspath(ckpt_path)))
+    return sorted(folder for folder in folders
+                  if os.path.isfile(os.path.join(folder, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION))
+                  and ckpt_path != "last" and os.path.realpath(folder) != resumed)
 
 
 def _best_problem(path: str, step: int | None) -> str | None:

@@ -38,14 +38,17 @@ def explain_download_failure(what: str, option: str, cache: str = TORCH_HUB_CACH
     and the local-file alternatives: download the file where there is network and pass it with
     ``model.init_from``, or place it in ``cache`` (where the downloading library looks first).
     """
+    if option.lstrip("-") in ("model.init_from", "ckpt_path", "ckpt"):  # an option that takes a file path too
+        local = f"give its path to `{option}` instead of the address"
+    else:
+        local = f"pass it with `--model.init_from /path/to/file.pth` (and set `{option}` to null)"
     try:
         yield
     except _NETWORK_ERRORS as err:
         raise WeightsUnavailableError(
             f"could not download {what} (requested by `{option}`): {err}. "
-            "Without network, download the weight file on another machine and either pass it "
-            f"with `--model.init_from /path/to/file.pth` (and set `{option}` to null), or put it "
-            f"into {cache}."
+            f"Without network, download the weight file on another machine and either {local}, "
+            f"or put it into {cache}."
         ) from err
 
 
