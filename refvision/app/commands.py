@@ -8,6 +8,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from refvision.app.demo.run import run_demo
+from refvision.engine.atomic_file import check_writable
 from refvision.engine.deploy import load_task_checkpoint, reparameterize_checkpoint
 from refvision.engine.export import FORMATS, export_checkpoint
 from refvision.surgery.convert import reparameterize
@@ -40,7 +41,7 @@ def build_task_from_configs(configs: Sequence[str]) -> RefvisionTask:
 def profile_command(argv: Sequence[str]) -> None:
     parser = ArgumentParser(prog="refvision profile", description="Parameters, FLOPs and latency of train and deploy form.")
     parser.add_argument("-c", "--config", action="append", default=[], help="task config(s), composed in order")
-    parser.add_argument("--ckpt", help="a trained checkpoint instead of (or on top of) the configs")
+    parser.add_argument("--ckpt", help="a trained checkpoint, instead of the configs (it builds its own task)")
     parser.add_argument("--device", default="cpu", help="where both forms run and are timed (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--input_size", type=list[int] | None, default=None,
                         help="input height and width, e.g. [512, 1024] (default: the task's example input)")
@@ -48,10 +49,41 @@ def profile_command(argv: Sequence[str]) -> None:
     cfg = parser.parse_args(list(argv))
     if not cfg.config and not cfg.ckpt:
         parser.error("give -c CONFIG or --ckpt CKPT")
-    if cfg.input_size is not None and len(cfg.input_size) != 2:
-        parser.error(f"--input_size takes [height, width], got {cfg.input_size}")
+    if cfg.config and cfg.ckpt:
+        raise ValueError(f"-c {' -c '.join(cfg.config)} and --ckpt {cfg.ckpt}: give one, not both; the "
+                         "checkpoint's hyper-parameters build its task, so the configs would be ignored")
+    if cfg.input_size is not None and (len(cfg.input_size) != 2 or min(cfg.input_size) < 1):
+        raise ValueError(f"--input_size {cfg.input_size}: expected [height, width], two positive integers")
+    device = usable_device(cfg.device)
     task = load_task_checkpoint(cfg.ckpt)[0] if cfg.ckpt else build_task_from_configs(cfg.config)
-    print(profile_table(task, cfg.min_run_time, device=cfg.device, input_size=cfg.input_size))
+    print(profile_table(task, cfg.min_run_time, device=device, input_size=cfg.input_size))
+
+
+def usable_device(name: str) -> torch.device:
+    """The torch device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ...), if this machine has it.
+
+    Raises:
+        ValueError: ``name`` is not a device name, or names a device that is not here.
+    """
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA GPU is usable here (torch.cuda.device_count() is 0); "
+                             "expected cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s); expected cpu or "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError):
+            raise ValueError(f"--device {name}: PyTorch cannot use it on this machine; "
+                             "expected cpu or cuda") from None
+    return device
 
 
 def profile_table(task: RefvisionTask, min_run_time: float = 1.0, *, device: str | torch.device = "cpu",
@@ -135,6 +167,8 @@ def export_command(argv: Sequence[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--check", type=bool, default=True, help="run the written file and compare it with PyTorch")
     cfg = parser.parse_args(list(argv))
+    # Here, not only in export_checkpoint: that takes the output as a Path, which drops a trailing '/'.
+    check_writable(cfg.output, f"--output {cfg.output}")
     print(export_checkpoint(cfg.ckpt, cfg.output, cfg.format, opset=cfg.opset, overwrite=cfg.overwrite,
                             check=cfg.check))
 

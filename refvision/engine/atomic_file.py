@@ -33,17 +33,46 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return _TEMPORARY.match(Path(path).name) is not None
 
 
+def check_writable(target: str | os.PathLike, name: str | None = None) -> None:
+    """Raise unless a file can be written at ``target`` (messages start with ``name``, default ``target``).
+
+    ``target`` must name a file: not an existing directory, not a path ending in a separator. Its
+    missing parent folders may be created, so the nearest existing one must be a writable folder.
+
+    Raises:
+        IsADirectoryError: ``target`` is a directory or ends in a separator.
+        NotADirectoryError: a parent of ``target`` is a file.
+        PermissionError: the folder that would hold ``target`` (or its missing parents) is not writable.
+    """
+    name = str(target) if name is None else name
+    text = os.fspath(target)
+    if text.endswith(("/", os.sep)):
+        raise IsADirectoryError(f"{name} ends in '{text[-1]}', so it names a folder; expected the path of a file")
+    target = Path(text)
+    if target.is_dir():
+        raise IsADirectoryError(f"{name} is a directory; expected the path of a file")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{name}: its parent path {folder} is a file, not a folder; "
+                                 "expected a path inside folders")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{name}: the folder {folder} is not writable; "
+                              "expected a path in a folder you may write to")
+
+
 @contextlib.contextmanager
 def written_atomically(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path (ending in ``suffix``, for writers that go by it) to write; on success
     it is fsynced and renamed to ``target``.
 
-    On any exception the temporary file is removed and ``target`` is left as it was.
-    ``target`` must not be a directory.
+    On any exception the temporary file is removed and ``target`` is left as it was. ``target``
+    is checked by :func:`check_writable` first, so a path that cannot be written is reported by
+    its own name, not the temporary file's.
     """
+    check_writable(target)
     target = Path(target)
-    if target.is_dir():
-        raise IsADirectoryError(f"{target} is a directory; expected a file path")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(target, suffix)
     try:

@@ -8,6 +8,7 @@ its ``state_dict`` loads with ``strict=True`` into the vanilla model class.
 
 import dataclasses
 import importlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import lightning
 import torch
 
 from refvision.engine.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint, resolve_source, task_of
-from refvision.engine.atomic_file import save_atomically
+from refvision.engine.atomic_file import check_writable, save_atomically
 from refvision.surgery.convert import reparameterize
 from refvision.engine.divergence import non_finite_tensors
 from refvision.surgery.profile import ModelProfile, profile
@@ -55,7 +56,10 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     Returns ``(task, hparams)``; nothing is downloaded or loaded besides the checkpoint itself.
 
     Raises:
-        CheckpointError: an unreadable or unsafe file, or one that is not a refvision task checkpoint.
+        CheckpointError: an unreadable or unsafe file, or one that is not a refvision task checkpoint,
+            or whose contents do not rebuild its task (a task class this refvision does not have,
+            hyper-parameters the task does not take or rejects, weights missing, unexpected or of
+            another shape than the task's); the message names the file and the offending keys.
     """
     checkpoint = read_checkpoint(resolve_source(path, "--ckpt"), "--ckpt")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -66,27 +70,48 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     if not class_path:
         raise CheckpointError(f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
                               f"it holds {describe_checkpoint(checkpoint)}")
-    task_cls = _import(class_path)
+    try:
+        task_cls = _import(class_path)
+    except (ImportError, AttributeError, ValueError):
+        raise CheckpointError(f"--ckpt {path}: written by task {class_path!r}, which this refvision does not "
+                              "have (a checkpoint of another refvision version?); expected a refvision task "
+                              "class") from None
     hparams = {k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS}
     hparams = {**hparams, "init_from": None, **{k: None for k in task_cls.download_options if k in hparams}}
-    task = task_cls(**hparams)
-    task.load_state_dict(checkpoint["state_dict"], strict=True)
+    accepted = _init_arguments(task_cls)
+    unknown = sorted(set(hparams) - accepted) if accepted is not None else []
+    if unknown:
+        raise CheckpointError(
+            f"--ckpt {path}: ckpt['hyper_parameters'] holds {', '.join(map(repr, unknown))}, which "
+            f"{task_cls.__name__} does not take (a checkpoint of another refvision version?); expected only "
+            f"its arguments: {', '.join(sorted(accepted))}")
+    try:
+        task = task_cls(**hparams)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"--ckpt {path}: its hyper_parameters do not build {task_cls.__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    try:
+        task.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"--ckpt {path}: {_weights_mismatch(task, checkpoint['state_dict'], err)}") from None
     return task.eval(), hparams
 
 
-def load_task_to_write(source: Path, output: Path, overwrite: bool) -> tuple[Any, dict[str, Any]]:
+def load_task_to_write(source: Path, output: str | os.PathLike, overwrite: bool) -> tuple[Any, dict[str, Any]]:
     """Check that ``output`` may be written from checkpoint ``source``, then load the task from it.
 
-    Raises (before anything is written):
+    Raises (the path checks before the checkpoint is read, all before anything is written):
         ValueError: ``output`` is ``source`` (also through a link, even with ``overwrite``), or the
             checkpoint holds non-finite weights.
-        IsADirectoryError / FileExistsError: ``output`` is a directory / exists without ``overwrite``.
+        IsADirectoryError / NotADirectoryError / PermissionError: ``output`` is a directory or ends in
+            a path separator / a parent of it is a file / its folder is not writable (:func:`check_writable`).
+        FileExistsError: ``output`` exists without ``overwrite``.
+        CheckpointError: ``source`` does not rebuild its task (:func:`load_task_checkpoint`).
     """
-    if same_file(source, output):
+    if same_file(source, Path(output)):
         raise ValueError(f"--output {output} is the input checkpoint --ckpt; choose another path")
-    if output.is_dir():
-        raise IsADirectoryError(f"--output {output} is a directory; give the path of the file to write")
-    if output.exists() and not overwrite:
+    check_writable(output, f"--output {output}")
+    if Path(output).exists() and not overwrite:
         raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
     task, hparams = load_task_checkpoint(source)
     bad = non_finite_tensors(task.state_dict())
@@ -100,15 +125,16 @@ def reparameterize_checkpoint(
 ) -> DeployReport:
     """Write the deploy form of checkpoint ``source`` to ``output``.
 
-    ``source`` is never modified; an existing ``output`` is refused unless ``overwrite``, a
-    directory always. The file is written atomically (``refvision.engine.atomic_file``), so a failure
-    leaves neither a partial file nor a temporary one. A source with non-finite weights, or a
-    non-finite output gap between the two forms, is refused. ``inputs``
-    (what the task's ``inputs_of`` gives; default ``task.example_inputs()``) are used to measure
-    the largest output difference between the two forms.
+    ``source`` is never modified; an existing ``output`` is refused unless ``overwrite``; a
+    directory, a path ending in a separator, or one in an unwritable folder always, before
+    ``source`` is read (:func:`load_task_to_write`). The file is written atomically
+    (``refvision.engine.atomic_file``), so a failure leaves neither a partial file nor a temporary
+    one. A source with non-finite weights, or a non-finite output gap between the two forms, is
+    refused. ``inputs`` (what the task's ``inputs_of`` gives; default ``task.example_inputs()``)
+    are used to measure the largest output difference between the two forms.
     """
+    task, hparams = load_task_to_write(Path(source), output, overwrite)
     source, output = Path(source), Path(output)
-    task, hparams = load_task_to_write(source, output, overwrite)
     task_cls = type(task)
     deploy_hparams = task_cls.deploy_hparams(hparams)
     deploy_task = task_cls(**deploy_hparams).eval()
@@ -148,6 +174,40 @@ def same_file(a: Path, b: Path) -> bool:
 
 def _profile(task: Any, inputs: Any) -> ModelProfile:
     return profile(task.profile_module(), inputs=inputs)
+
+
+def _init_arguments(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up the MRO (None: any)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) -> str:
+    """What keeps ``state_dict`` from loading into ``task``: its missing, unexpected and resized keys."""
+    expected = task.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    resized = [f"{k} (checkpoint {_shape(state_dict[k])}, expected {_shape(v)})" for k, v in expected.items()
+               if k in state_dict and _shape(state_dict[k]) != _shape(v)]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", resized)):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            parts.append(f"{len(keys)} key(s) {label}: {', '.join(keys[:5])}{more}")
+    found = "; ".join(parts) or str(err).strip().splitlines()[0]
+    return (f"its state_dict does not fit the {type(task).__name__} its hyper_parameters build ({found}); "
+            "expected that network's weights (an edited checkpoint, or one of another refvision version?)")
+
+
+def _shape(value: Any) -> str:
+    return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _import(class_path: str) -> type:
