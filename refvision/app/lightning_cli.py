@@ -5,7 +5,6 @@ any LightningDataModule, both chosen by ``class_path`` in the (composable) ``-c`
 """
 
 import contextlib
-import importlib
 import inspect
 import os
 import re
@@ -34,6 +33,7 @@ from refvision.engine.checkpoint import (
     evaluating,
     safe_checkpoint_globals,
 )
+from refvision.engine.deploy import import_class
 from refvision.engine.run_checkpoint import taken_checkpoint_folders
 from refvision.models.weights import WeightsUnavailableError
 from refvision.tasks.base import OPTIM_DEFAULTS, RefvisionTask
@@ -211,7 +211,7 @@ def check_weights_given(subcommand: str, ckpt_path: str | None, model_class: str
         )
     if ckpt_path:
         return
-    options = ("init_from", *_task_class(model_class).download_options)
+    options = ("init_from", *import_class(model_class).download_options)
     if any(init_args.get(key) for key in options):
         return
     warnings.warn(
@@ -247,7 +247,7 @@ def check_model_options(model_class: str, init_args: dict[str, Any], ckpt_path: 
     data's, linked at parse), and outside ``fit`` :data:`RUN_OPTIONS` (the config's are used) and
     :data:`UNUSED_IN_EVALUATION`.
     """
-    cls = _task_class(model_class)
+    cls = import_class(model_class)
     saved = checkpoint.get("hyper_parameters") or {}
     deployed = cls.deploy_hparams(init_args) if checkpoint_form(checkpoint) == "deploy" else {}
     skipped = {"init_from", "image_size", *cls.download_options}
@@ -315,15 +315,10 @@ def fresh_folder(root: str, name: str) -> str:
     return os.path.join(root, f"{name}_{n}")
 
 
-def _task_class(model_class: str) -> type:
-    module, _, name = model_class.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def given_description(model_class: str, init_args: dict[str, Any]) -> dict[str, Any]:
     """The :data:`DESCRIBED_BY_DATA` values of a model config (its own, or merged from
     ``--ckpt_path``'s hyper-parameters) that differ from the task's defaults: the ones given."""
-    cls = _task_class(model_class)
+    cls = import_class(model_class)
     return {key: init_args[key] for key in DESCRIBED_BY_DATA
             if init_args.get(key) is not None and config_value(init_args[key]) != config_value(_default(cls, key))}
 

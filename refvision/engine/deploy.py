@@ -71,7 +71,7 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         raise CheckpointError(f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
                               f"it holds {describe_checkpoint(checkpoint)}")
     try:
-        task_cls = _import(class_path)
+        task_cls = import_class(class_path)
     except (ImportError, AttributeError, ValueError):
         raise CheckpointError(f"--ckpt {path}: written by task {class_path!r}, which this refvision does not "
                               "have (a checkpoint of another refvision version?); expected a refvision task "
@@ -210,6 +210,7 @@ def _shape(value: Any) -> str:
     return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _import(class_path: str) -> type:
+def import_class(class_path: str) -> type:
+    """The class named by ``class_path`` (``package.module.Name``), as configs and checkpoints name tasks."""
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
