@@ -6,9 +6,28 @@ never compete for the same core.
 """
 
 import os
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
+
+from refvision.app.demo.data import write_imagefolder
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(scope="session")
+def image_folder_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated image folder, two classes of 4 train / 2 val 24 x 24 images; read only."""
+    return write_imagefolder(
+        tmp_path_factory.mktemp("imagefolder"), classes=("circle", "square"), train_per_class=4, val_per_class=2, size=24
+    )
+
+
+@pytest.fixture()
+def tree(image_folder_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of :func:`image_folder_template` that the test may damage."""
+    return Path(shutil.copytree(image_folder_template, tmp_path / "tree"))

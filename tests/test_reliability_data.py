@@ -8,7 +8,6 @@ torchvision's decoder does not read (``.bmp``, ``.tif``, animated ``.gif``) made
 
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +16,9 @@ import torch
 from PIL import Image
 
 from refvision.data import CityscapesSegmentation, ImageFolderDataModule, VOCDataModule
-from refvision.app.demo.data import write_imagefolder
 from refvision.app.demo.data import write_cityscapes, write_vocdevkit
 from refvision.data.decode import decode
 from refvision.data.imagefolder import CheckedImageFolder
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_imagefolder(
-        tmp_path_factory.mktemp("imagefolder"), classes=("circle", "square"), train_per_class=4, val_per_class=2, size=24
-    )
-
-
-@pytest.fixture()
-def tree(folders: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(folders, tmp_path / "tree"))
 
 
 def _truncate(path: Path) -> None:

@@ -23,24 +23,12 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode
 
-from refvision.app.demo.data import write_imagefolder, write_vocdevkit
+from refvision.app.demo.data import write_vocdevkit
 from refvision.data.bad_samples import BadSample
 from refvision.data.decode import _CPP_LOCATION, BadImageError, decode
 from refvision.data.imagefolder import CheckedImageFolder, ImageFolderDataModule
 from refvision.data.predict import ImageFiles, image_suffixes, read_rgb
 from refvision.data.voc import VOCDetection
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_imagefolder(
-        tmp_path_factory.mktemp("imagefolder"), classes=("circle", "square"), train_per_class=4, val_per_class=2, size=24
-    )
-
-
-@pytest.fixture()
-def tree(folders: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(folders, tmp_path / "tree"))
 
 
 def _png(tree: Path) -> Path:
