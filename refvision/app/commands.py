@@ -8,7 +8,6 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from refvision.app.demo.run import run_demo
-from refvision.engine.atomic_file import check_writable
 from refvision.engine.deploy import load_task_checkpoint, reparameterize_checkpoint
 from refvision.engine.export import FORMATS, export_checkpoint
 from refvision.surgery.convert import reparameterize
@@ -167,8 +166,6 @@ def export_command(argv: Sequence[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--check", type=bool, default=True, help="run the written file and compare it with PyTorch")
     cfg = parser.parse_args(list(argv))
-    # Here, not only in export_checkpoint: that takes the output as a Path, which drops a trailing '/'.
-    check_writable(cfg.output, f"--output {cfg.output}")
     print(export_checkpoint(cfg.ckpt, cfg.output, cfg.format, opset=cfg.opset, overwrite=cfg.overwrite,
                             check=cfg.check))
 
