@@ -121,12 +121,10 @@ def _check_label_header(label_path: Path) -> None:
     if header.format != "png" or header.bit_depth != 8:
         depth = f"{header.bit_depth}-bit " if header.bit_depth is not None else ""
         raise BadImageError(f"{label_path}: a {depth}{header.format.upper()} label image; {expected}")
-    with label_path.open("rb") as file:
-        colour_type = file.read(26)[25]  # IHDR (read_header checked it is complete): ..., bit depth, colour type
-    if colour_type not in (0, 3):
-        kind = _PNG_COLOUR_TYPES.get(colour_type, "unknown")
+    if header.colour_type not in (0, 3):
+        kind = _PNG_COLOUR_TYPES.get(header.colour_type, "unknown")
         raise BadImageError(
-            f"{label_path}: a PNG label image of colour type {colour_type} ({kind}); {expected}: grayscale "
+            f"{label_path}: a PNG label image of colour type {header.colour_type} ({kind}); {expected}: grayscale "
             "or palette (its indices are the ids), not a colour image such as *_gtFine_color.png"
         )
 

@@ -46,10 +46,12 @@ class BadImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """What the first bytes of an image file say. ``bit_depth`` is known for PNG only."""
+    """What the first bytes of an image file say. ``bit_depth`` and ``colour_type`` (IHDR's: 0
+    grayscale, 2 RGB, 3 palette, 4 grayscale + alpha, 6 RGBA) are known for PNG only."""
 
     format: str
     bit_depth: int | None = None
+    colour_type: int | None = None
 
 
 def _format(head: bytes) -> str | None:
@@ -96,7 +98,7 @@ def read_header(path: str | Path) -> ImageHeader:
         # IHDR is the first chunk: 8 signature + 8 chunk header + width, height (4 each), then bit depth.
         if len(head) < 26 or head[12:16] != b"IHDR":
             raise BadImageError(f"{path}: PNG without a complete IHDR header (truncated)")
-        return ImageHeader("png", bit_depth=head[24])
+        return ImageHeader("png", bit_depth=head[24], colour_type=head[25])
     return ImageHeader(image_format)
 
 
