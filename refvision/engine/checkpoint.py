@@ -18,7 +18,7 @@ import os
 import pickle
 import urllib.parse
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -322,19 +322,29 @@ def load_init_from(model: nn.Module, source: str, prefix: str | None = None, str
     return report
 
 
+def state_differences(own: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` (a file's tensors) differs from ``own`` (a module's ``state_dict()``): the keys
+    of ``own`` that ``state`` lacks, the keys of ``state`` that ``own`` lacks, and the shared keys
+    whose shapes differ (an entry that is no tensor has no shape), each in its mapping's order."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k, v in state.items() if k in own and getattr(v, "shape", None) != own[k].shape]
+    return missing, unexpected, mismatched
+
+
 def _best_placement(model: nn.Module, state: dict[str, torch.Tensor], source: str, fmt: str) -> LoadReport:
     """The report for loading ``state`` into the model or the direct child it fits best."""
     candidates = [""] + [name for name, _ in model.named_children()]
     reports = []
     for name in candidates:
         own = (model.get_submodule(name) if name else model).state_dict()
-        loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+        missing, unexpected, mismatched = state_differences(own, state)
+        resized = set(mismatched)
         reports.append(LoadReport(
-            source=source, format=fmt, target=name, loaded=loaded,
-            missing=[k for k in own if k not in state],
-            unexpected=[k for k in state if k not in own],
-            mismatched=[(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-                        if k in own and own[k].shape != v.shape],
+            source=source, format=fmt, target=name,
+            loaded=[k for k in state if k in own and k not in resized],
+            missing=missing, unexpected=unexpected,
+            mismatched=[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched],
         ))
     # The whole model wins ties: a child is chosen only when strictly more tensors land in it.
     return max(reports, key=lambda r: (len(r.loaded), r.target == ""))

@@ -16,7 +16,14 @@ from typing import Any
 import lightning
 import torch
 
-from refvision.engine.checkpoint import CheckpointError, describe_checkpoint, read_checkpoint, resolve_source, task_of
+from refvision.engine.checkpoint import (
+    CheckpointError,
+    describe_checkpoint,
+    read_checkpoint,
+    resolve_source,
+    state_differences,
+    task_of,
+)
 from refvision.engine.atomic_file import check_writable, save_atomically
 from refvision.surgery.convert import reparameterize
 from refvision.engine.divergence import non_finite_tensors
@@ -192,10 +199,8 @@ def _init_arguments(cls: type) -> set[str] | None:
 def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) -> str:
     """What keeps ``state_dict`` from loading into ``task``: its missing, unexpected and resized keys."""
     expected = task.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    resized = [f"{k} (checkpoint {_shape(state_dict[k])}, expected {_shape(v)})" for k, v in expected.items()
-               if k in state_dict and _shape(state_dict[k]) != _shape(v)]
+    missing, unexpected, mismatched = state_differences(expected, state_dict)
+    resized = [f"{k} (checkpoint {_shape(state_dict[k])}, expected {_shape(expected[k])})" for k in mismatched]
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", resized)):
         if keys:
