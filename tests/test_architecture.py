@@ -17,22 +17,20 @@ PACKAGE = REPO / "refvision"
 LAYERS: dict[str, int] = {
     "refvision.utils": 0, "refvision.nn": 0, "refvision.surgery": 0,
     "refvision.models": 1, "refvision.data": 1, "refvision.metrics": 1,
-    "refvision.tasks": 2, "refvision.engine": 2,
+    "refvision.tasks": 2, "refvision.checkpoints": 2, "refvision.lifecycle": 2, "refvision.outputs": 2,
+    "refvision.export": 2,
     "refvision.app": 3,
 }
 PURE_TORCH = ("refvision.nn", "refvision.surgery")
 
 
 def _sources() -> dict[str, Path]:
-    """Module name -> file, for the package and the tasks (which ship as ``refvision.tasks``)."""
+    """Module name -> file, for the whole package."""
     found = {}
-    for root, prefix in ((PACKAGE, ("refvision",)), (REPO / "tasks", ("refvision", "tasks"))):
-        for path in root.rglob("*.py"):
-            parts = path.relative_to(root).with_suffix("").parts
-            if root == PACKAGE and parts[0] in ("tasks", "configs"):
-                continue  # links to the top-level folders
-            parts = parts[:-1] if parts[-1] == "__init__" else parts
-            found[".".join(prefix + parts)] = path
+    for path in PACKAGE.rglob("*.py"):
+        parts = ("refvision", *path.relative_to(PACKAGE).with_suffix("").parts)
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        found[".".join(parts)] = path
     return found
 
 
@@ -115,31 +113,13 @@ def test_no_import_cycle_and_no_function_level_internal_import() -> None:
     assert not cycles, "\n".join(cycles)
 
 
-def test_tasks_have_one_import_path() -> None:
-    done = subprocess.run([sys.executable, "-c", "import tasks.base"], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode != 0 and "refvision.tasks" in done.stderr
-    from refvision.tasks.base import RefvisionTask
-
-    assert importlib.import_module("refvision.tasks.base").RefvisionTask is RefvisionTask
+def test_the_package_has_no_symbolic_links() -> None:
+    links = [str(p.relative_to(REPO)) for p in PACKAGE.rglob("*") if p.is_symlink()]
+    assert not links, links
 
 
-def test_root_names_do_not_shadow_modules() -> None:
+def test_root_functions_are_the_surgery_functions() -> None:
     profile_module = importlib.import_module("refvision.surgery.profile")
-    assert callable(refvision.surgery.profile) and refvision.surgery.profile is profile_module.profile
-    assert profile_module.ModelProfile.__name__ == "ModelProfile"
-    assert callable(refvision.surgery.convert) and callable(refvision.reparameterize)
-
-
-@pytest.mark.parametrize("old, new", [("refvision.convert", "refvision.surgery.convert"),
-                                      ("refvision.profile", "refvision.surgery.profile")])
-def test_moved_modules_that_share_a_root_name_say_where_they_went(old: str, new: str) -> None:
-    with pytest.raises(ModuleNotFoundError, match=new):
-        importlib.import_module(old)
-    assert callable(getattr(refvision, old.rpartition(".")[2]))
-
-
-def test_other_moved_modules_still_import_with_a_deprecation_warning() -> None:
-    sys.modules.pop("refvision.deploy", None)
-    with pytest.warns(DeprecationWarning, match="refvision.engine.deploy"):
-        old = importlib.import_module("refvision.deploy")
-    assert old is importlib.import_module("refvision.engine.deploy")
+    assert refvision.profile is profile_module.profile and refvision.surgery.profile is profile_module.profile
+    assert refvision.convert is importlib.import_module("refvision.surgery.convert").convert
+    assert callable(refvision.reparameterize)

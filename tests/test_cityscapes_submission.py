@@ -60,7 +60,7 @@ def test_val_and_test_folders_are_what_the_evaluator_accepts(tmp_path: Path) -> 
     tested = lightning_cli(["test", *_args(tmp_path / "test", data), "--ckpt_path", ckpt]).trainer.callback_metrics
     out = tmp_path / "val_predictions"
     main(["predict", *_args(tmp_path / "predict", data), "--ckpt_path", ckpt, "--return_predictions", "false",
-          "--trainer.callbacks+=refvision.engine.writers.SegmentationPredictionWriter",
+          "--trainer.callbacks+=refvision.outputs.writers.SegmentationPredictionWriter",
           "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.cityscapes", "true"])
 
     results = out / "labels"  # CITYSCAPES_RESULTS

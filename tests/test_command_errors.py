@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-import refvision.engine.atomic_file
-import refvision.engine.deploy
+import refvision.utils.atomic_file
+import refvision.checkpoints.deploy
 from refvision.app.cli import main
-from refvision.engine.atomic_file import check_writable, written_atomically
-from refvision.engine.checkpoint import CheckpointError
-from refvision.engine.deploy import load_task_checkpoint
+from refvision.utils.atomic_file import check_writable, written_atomically
+from refvision.checkpoints.loading import CheckpointError
+from refvision.checkpoints.deploy import load_task_checkpoint
 from refvision.tasks.classification import ClassificationTask
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/demo/classification.yaml")
@@ -112,9 +112,9 @@ def test_unwritable_output_is_refused_before_the_checkpoint_is_read(
         "read-only folder": (f"{tmp_path}/ro/m.pt", f"the folder {tmp_path}/ro is not writable"),
     }[case]
     access = os.access
-    monkeypatch.setattr(refvision.engine.atomic_file.os, "access",
+    monkeypatch.setattr(refvision.utils.atomic_file.os, "access",
                         lambda path, mode: Path(path) != tmp_path / "ro" and access(path, mode))
-    monkeypatch.setattr(refvision.engine.deploy, "load_task_checkpoint", _never_loaded)
+    monkeypatch.setattr(refvision.checkpoints.deploy, "load_task_checkpoint", _never_loaded)
     extra = ["--format", "torchscript"] if command == "export" else []
     with pytest.raises(SystemExit, match=f"refvision {command}: error: --output {output}: {message}"
                        if case != "trailing slash" else f"refvision {command}: error: --output {output} {message}"):

@@ -19,7 +19,7 @@ from refvision import convert, profile, reparameterize
 from refvision.app.cli import lightning_cli
 from refvision.surgery.convert import converted_layers
 from refvision.app.demo.data import write_imagefolder
-from refvision.engine.export import export_checkpoint
+from refvision.export.formats import export_checkpoint
 from refvision.nn import ACConv, ConvMethod, get_method, register_method, registered_methods
 from refvision.surgery.trainable import set_trainable
 from user_conv import RepBranchConv

@@ -14,7 +14,7 @@ from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_v
 from refvision.app.lightning_cli import ConfigError, lightning_cli
 from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE, TRAIN_CLASSES
 from refvision.data.voc_format import VOC_CLASSES
-from refvision.engine.deploy import reparameterize_checkpoint
+from refvision.checkpoints.deploy import reparameterize_checkpoint
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from refvision.tasks.classification import ClassificationTask
 from refvision.tasks.detection import DetectionTask

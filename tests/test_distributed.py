@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
 
 from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
-from refvision.engine.deploy import reparameterize_checkpoint
+from refvision.checkpoints.deploy import reparameterize_checkpoint
 from refvision.nn.refconv import RefConv
 from refvision.tasks.segmentation import SegmentationTask
 

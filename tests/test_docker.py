@@ -103,7 +103,7 @@ def test_build_installs_the_whole_context_from_the_lock() -> None:
     (build,) = [stage for stage in _instructions(DOCKERFILE) if any("pip install" in a for _, a in stage)]
     install = next(args for instruction, args in build if instruction == "RUN" and "pip install" in args)
     assert re.search(r"pip install (\S+ )*-c requirements\.lock( \S+)* \"\.\[export\]\"", install), install
-    # refvision/tasks and refvision/configs are links to ../tasks and ../configs: the whole context.
+    # setup.py copies the top-level configs/ into the wheel: the whole context.
     assert ("COPY", ". .") in build
 
 
@@ -189,7 +189,7 @@ def test_workspace_links_resolve_every_relative_path_of_the_shipped_configs() ->
     configs = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True,
                              timeout=120).stdout.strip()
     assert configs == str(Path(sysconfig.get_path("purelib")) / "refvision" / "configs")
-    files = sorted((REPO / "refvision" / "configs").glob("*/*.yaml"))
+    files = sorted((REPO / "configs").glob("*/*.yaml"))
     assert {p.parent.name for p in files} >= {"classification", "detection", "segmentation", "conv"}
     for path in files:
         root = ((yaml.safe_load(path.read_text()).get("data") or {}).get("init_args") or {}).get("root")
@@ -222,17 +222,17 @@ def _build_context(target: Path) -> Path:
 
 def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
     ignored = _dockerignore_matcher()
-    for path in (".venv", "runs", "data", ".git", "build", "refvision.egg-info", "tasks/__pycache__", "tests",
+    for path in (".venv", "runs", "data", ".git", "build", "refvision.egg-info", "refvision/tasks/__pycache__", "tests",
                  "refvision/nn/__pycache__/x.pyc", ".pytest_cache"):
         assert ignored.fullmatch(path), path
-    for path in ("pyproject.toml", "requirements.lock", "README.md", "refvision", "refvision/data",
-                 "refvision/tasks", "refvision/configs", "tasks/base.py", "configs/conv/refconv.yaml"):
+    for path in ("pyproject.toml", "setup.py", "requirements.lock", "README.md", "refvision", "refvision/data",
+                 "refvision/tasks", "refvision/tasks/base.py", "configs/conv/refconv.yaml"):
         assert not ignored.fullmatch(path), path
 
 
 def test_wheel_of_the_build_context_ships_tasks_and_configs(tmp_path: Path) -> None:
     context = _build_context(tmp_path / "context")
-    assert (context / "refvision" / "tasks").is_symlink() and (context / "refvision" / "configs").is_symlink()
+    assert not (context / "refvision" / "configs").exists()
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
@@ -243,11 +243,11 @@ def test_wheel_of_the_build_context_ships_tasks_and_configs(tmp_path: Path) -> N
     (wheel,) = (tmp_path / "dist").glob("refvision-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"refvision", wheel.name.split("-py")[0] + ".dist-info"}
-    for source in sorted((REPO / "tasks").glob("*.py")):
+    for source in sorted((REPO / "refvision" / "tasks").glob("*.py")):
         assert f"refvision/tasks/{source.name}" in names
     for config in sorted((REPO / "configs").glob("*/*.yaml")):
         assert f"refvision/configs/{config.parent.name}/{config.name}" in names
-    assert "refvision/engine/export.py" in names
+    assert "refvision/export/formats.py" in names
 
 
 def _fake(bin_dir: Path, name: str, record: Path) -> None:

@@ -20,8 +20,8 @@ from refvision.app.cli import lightning_cli
 from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
 from refvision.data.voc_format import xyxy_to_voc
 from refvision.metrics import VOCMeanAveragePrecision
-from refvision.metrics.figures import per_class_bars, save_figure
-from refvision.metrics.table import PerClassTable, confusion_table, format_table, render_table
+from refvision.outputs.figures import per_class_bars, save_figure
+from refvision.outputs.tables import PerClassTable, confusion_table, format_table, render_table
 from test_metrics_voc import random_case, to_metric_inputs
 
 COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0"]

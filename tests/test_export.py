@@ -19,10 +19,10 @@ import torchvision
 from torch import nn
 from torchvision.transforms.v2.functional import normalize
 
-import refvision.engine.export
+import refvision.export.formats
 from refvision.app.cli import main
-from refvision.engine.deploy import load_task_checkpoint, reparameterize_checkpoint
-from refvision.engine.export import export_checkpoint
+from refvision.checkpoints.deploy import load_task_checkpoint, reparameterize_checkpoint
+from refvision.export.formats import export_checkpoint
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from refvision.nn import DRConv, RefConv
 from refvision.tasks.base import RefvisionTask
@@ -135,11 +135,11 @@ def test_torchscript_and_exported_program(
     if form == "deploy":
         ckpt = str(tmp_path / "deploy.ckpt")
         reparameterize_checkpoint(refconv_ckpt, ckpt)
-    out = tmp_path / f"model{refvision.engine.export.SUFFIXES[format]}"
+    out = tmp_path / f"model{refvision.export.formats.SUFFIXES[format]}"
     main(["export", "--ckpt", ckpt, "--output", str(out), "--format", format])
     assert ("re-parameterized" in capsys.readouterr().out) == (form == "train")
     if format == "torchscript":
-        images = torch.rand(refvision.engine.export.EXPORT_BATCH, 3, SIZE, SIZE)
+        images = torch.rand(refvision.export.formats.EXPORT_BATCH, 3, SIZE, SIZE)
         exported = torch.jit.load(str(out))
     else:
         images = torch.rand(3, 3, SIZE, SIZE)
@@ -193,7 +193,7 @@ def test_existing_output_unknown_format_and_failed_check(
         export_checkpoint(refconv_ckpt, tmp_path / "x", "tflite")  # type: ignore[arg-type]
 
     # A check that fails leaves neither the output nor a temporary file behind.
-    monkeypatch.setattr(refvision.engine.export, "RELATIVE_TOLERANCE", -1.0)
+    monkeypatch.setattr(refvision.export.formats, "RELATIVE_TOLERANCE", -1.0)
     with pytest.raises(ValueError, match="torchscript check: max .* exceeds"):
         export_checkpoint(refconv_ckpt, out, "torchscript", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"] and out.read_bytes() == b"keep"

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from refvision import DRConv, RefConv, convert
-from refvision.engine.checkpoint import extract_state_dict, load_init_from
+from refvision.checkpoints.loading import extract_state_dict, load_init_from
 from refvision.models.weights import WeightsUnavailableError, explain_download_failure
 from refvision.surgery.trainable import freeze_norm_statistics, set_trainable
 

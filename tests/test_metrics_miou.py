@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from refvision.metrics import MeanIoU, format_table
+from refvision.metrics import MeanIoU
+from refvision.outputs.tables import format_table
 from reference_miou import reference_scores
 
 IGNORE = 255

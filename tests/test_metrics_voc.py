@@ -12,7 +12,8 @@ from pycocotools.cocoeval import Params
 from torchmetrics.detection import MeanAveragePrecision
 
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
-from refvision.metrics import VOCMeanAveragePrecision, format_table
+from refvision.metrics import VOCMeanAveragePrecision
+from refvision.outputs.tables import format_table
 from reference_voc_eval import voc_eval
 
 SEEDS = range(30)

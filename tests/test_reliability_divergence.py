@@ -8,10 +8,10 @@ import pytest
 import torch
 from fit_process import fit_in_process, output_of, start_fit
 
-from refvision.engine.atomic_file import is_temporary
+from refvision.utils.atomic_file import is_temporary
 from refvision.app.cli import main
 from refvision.app.demo.data import write_imagefolder
-from refvision.engine.divergence import TrainingDiverged
+from refvision.lifecycle.divergence import TrainingDiverged
 
 REFCONV = ("-c", "configs/conv/refconv.yaml")
 

@@ -14,9 +14,9 @@ from fit_process import (
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from refvision.engine.atomic_file import is_temporary
+from refvision.utils.atomic_file import is_temporary
 from refvision.app.demo.data import write_imagefolder
-from refvision.engine.run_checkpoint import RunCheckpoint
+from refvision.lifecycle.run_checkpoint import RunCheckpoint
 
 TOLERANCE = 1e-6
 

@@ -143,7 +143,7 @@ def test_predict_writes_json_and_images(tmp_path: Path, data: Path, baseline: Pa
     out = tmp_path / "predictions"
     main([
         "predict", *_args(tmp_path, data), "--ckpt_path", str(_best(baseline)), "--return_predictions", "false",
-        "--trainer.callbacks+=refvision.tasks.detection.DetectionPredictionWriter",
+        "--trainer.callbacks+=refvision.outputs.writers.DetectionPredictionWriter",
         "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.score_threshold", "0.0",
     ])
     records = json.loads((out / "detections.json").read_text())

@@ -124,7 +124,7 @@ def test_cli_fit_refconv_deploy_test_predict(tmp_path: Path) -> None:
 
     out = tmp_path / "pred"
     main(["predict", *_args(tmp_path / "pred_run", data), "--ckpt_path", str(deploy),
-          "--trainer.callbacks+=refvision.tasks.segmentation.SegmentationPredictionWriter",
+          "--trainer.callbacks+=refvision.outputs.writers.SegmentationPredictionWriter",
           "--trainer.callbacks.output_dir", str(out)])
     first = sorted((data / "leftImg8bit" / tested.datamodule.test_split).glob("*/*.png"))[0]
     name = f"{first.parent.name}/{first.stem}.png"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refvision.engine.checkpoint import CheckpointError
+from refvision.checkpoints.loading import CheckpointError
 from refvision.app.cli import lightning_cli, main
 from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
 

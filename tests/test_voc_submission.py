@@ -64,7 +64,7 @@ def test_devkit_files_and_coco_json_score_as_refvision_test(tmp_path: Path) -> N
     tested = lightning_cli(["test", *_args(tmp_path / "test", data), "--ckpt_path", ckpt]).trainer.callback_metrics
     out = tmp_path / "predictions"
     main(["predict", *_args(tmp_path / "predict", data), "--ckpt_path", ckpt, "--return_predictions", "false",
-          "--trainer.callbacks+=refvision.engine.writers.DetectionPredictionWriter",
+          "--trainer.callbacks+=refvision.outputs.writers.DetectionPredictionWriter",
           "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.voc_set", "2007-test"])
 
     ids = (data / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()

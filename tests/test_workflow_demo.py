@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refvision import workflow
+from refvision.app.demo import run as workflow
 from refvision.app.cli import lightning_cli
 from refvision.app.demo.data import write_imagefolder
 

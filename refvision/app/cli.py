@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from refvision.app.commands import EXTRA_COMMANDS
 from refvision.app.lightning_cli import ConfigError, lightning_cli
-from refvision.engine.checkpoint import CheckpointError
+from refvision.checkpoints.loading import CheckpointError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -8,12 +8,12 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from refvision.app.demo.run import run_demo
-from refvision.engine.deploy import load_task_checkpoint, reparameterize_checkpoint
-from refvision.engine.export import FORMATS, export_checkpoint
+from refvision.checkpoints.deploy import load_task_checkpoint, reparameterize_checkpoint
+from refvision.export.formats import FORMATS, export_checkpoint
 from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import profile
 from refvision.tasks.base import RefvisionTask
-from refvision.utils.table import render_table
+from refvision.utils.text_table import render_table
 
 def reparameterize_command(argv: Sequence[str]) -> None:
     parser = ArgumentParser(prog="refvision reparameterize", description="Write the deploy checkpoint of a trained checkpoint.")

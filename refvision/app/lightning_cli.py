@@ -25,16 +25,16 @@ import refvision.data  # noqa: F401  (registers the data modules for short class
 import refvision.tasks.classification  # noqa: F401  (registers the tasks for short class names)
 import refvision.tasks.detection  # noqa: F401
 import refvision.tasks.segmentation  # noqa: F401
-from refvision.engine.callbacks import DeployCheckpoint
-from refvision.engine.checkpoint import (
+from refvision.lifecycle.deploy_callback import DeployCheckpoint
+from refvision.checkpoints.loading import (
     CheckpointError,
     check_task_checkpoint,
     checkpoint_form,
     evaluating,
     safe_checkpoint_globals,
 )
-from refvision.engine.deploy import import_class
-from refvision.engine.run_checkpoint import taken_checkpoint_folders
+from refvision.checkpoints.deploy import import_class
+from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
 from refvision.models.weights import WeightsUnavailableError
 from refvision.tasks.base import OPTIM_DEFAULTS, RefvisionTask
 

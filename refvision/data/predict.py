@@ -4,7 +4,7 @@ Any file with an extension Pillow opens (``.jpg``, ``.png``, ``.bmp``, ``.tif``,
 ``.gif``, ``.ppm``...) is an image; it is decoded by :func:`refvision.data.decode.decode` as image
 folders are, EXIF orientation applied, to RGB (``uint16`` for 16-bit files). A sample is named by
 its path relative to the folder (sub-folders kept), and the prediction writers
-(``refvision.engine.writers``) name their outputs after it.
+(``refvision.outputs.writers``) name their outputs after it.
 """
 
 import logging

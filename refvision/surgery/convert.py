@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from refvision.nn import ConvMethod, get_method, method_name
-from refvision.utils.table import render_table
+from refvision.utils.text_table import render_table
 
 logger = logging.getLogger("refvision")
 

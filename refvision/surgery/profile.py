@@ -16,7 +16,7 @@ from mmengine.analysis import FlopAnalyzer
 from torch import nn
 
 from refvision.nn import ConvMethod
-from refvision.utils.table import render_table
+from refvision.utils.text_table import render_table
 from refvision.nn.drconv import region_conv_macs
 
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from refvision.app.configs import config_root
 from refvision.app.lightning_cli import lightning_cli
 from refvision.app.demo.data import ensure_demo_data
-from refvision.engine.deploy import load_task_checkpoint
+from refvision.checkpoints.deploy import load_task_checkpoint
 from refvision.surgery.profile import profile
-from refvision.utils.table import render_table
+from refvision.utils.text_table import render_table
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_root()
 
 SCOPE = ("One seed, a few hundred images generated here, models trained from scratch on 2 CPU cores: "
          "the table shows that the workflow runs end to end and that the deploy form is exact. "

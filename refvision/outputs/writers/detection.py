@@ -9,9 +9,9 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from refvision.data.predict import Source, read_rgb
-from refvision.engine.writers.base import FileWriter
-from refvision.engine.writers.classification import class_names_of
-from refvision.engine.writers.detection_formats import coco_results, voc_lines, voc_result_file, write_json
+from refvision.outputs.writers.base import FileWriter
+from refvision.outputs.writers.classification import class_names_of
+from refvision.outputs.writers.detection_formats import coco_results, voc_lines, voc_result_file, write_json
 from refvision.utils.colors import label_color
 
 Detection = dict[str, Any]
@@ -26,7 +26,7 @@ class DetectionPredictionWriter(FileWriter):
     - ``boxes/<name>.png`` (when ``draw``): the input image with those boxes drawn, labelled
       ``<class> <score>``; ``<name>`` is the input's path without suffix, sub-folders kept;
     - ``coco_results.json``: every detection of the model (no threshold, as for scoring) as
-      COCO results, ``image_id`` the input's name (see ``refvision.engine.writers.detection_formats``);
+      COCO results, ``image_id`` the input's name (see ``refvision.outputs.writers.detection_formats``);
     - with ``voc_set`` (``"YEAR-SPLIT"``, e.g. ``"2007-test"``): the devkit's
       ``results/VOC<year>/Main/comp4_det_<split>_<class>.txt`` for every class, every detection,
       1-based VOC pixel coordinates, image id = the input's name (the VOC id for VOC data).

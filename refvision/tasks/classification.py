@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from refvision.metrics.figures import confusion_matrix
-from refvision.metrics.table import PerClassTable, confusion_table
+from refvision.outputs.figures import confusion_matrix
+from refvision.outputs.tables import PerClassTable, confusion_table
 from refvision.models.classification import build_classifier
 from refvision.tasks.base import RefvisionTask
 

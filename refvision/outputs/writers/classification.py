@@ -9,7 +9,7 @@ from lightning import LightningModule, Trainer
 from torch import Tensor
 
 from refvision.data.predict import Source
-from refvision.engine.writers.base import FileWriter
+from refvision.outputs.writers.base import FileWriter
 
 
 def class_names_of(trainer: Trainer, given: Sequence[str] | None) -> Sequence[str] | None:

@@ -16,11 +16,10 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from refvision.metrics import VOCMeanAveragePrecision
-from refvision.metrics.figures import per_class_bars, precision_recall_curves
-from refvision.metrics.table import PerClassTable, per_class_table
+from refvision.outputs.figures import per_class_bars, precision_recall_curves
+from refvision.outputs.tables import PerClassTable, per_class_table
 from refvision.models.detection import SSDRawOutputs, build_detector, ssd_raw_outputs
 from refvision.tasks.base import RefvisionTask
-from refvision.engine.writers.detection import DetectionPredictionWriter  # noqa: F401  (its former home)
 
 Detection = dict[str, Any]
 """One image's detections: ``boxes`` ``(D, 4)`` xyxy in input pixels, ``scores`` ``(D,)``,

@@ -8,7 +8,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from refvision.surgery.convert import converted_layers
-from refvision.engine.deploy import reparameterize_checkpoint
+from refvision.checkpoints.deploy import reparameterize_checkpoint
 
 log = logging.getLogger("refvision")
 

@@ -9,7 +9,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from refvision.data.predict import Source
-from refvision.engine.writers.sources import sources
+from refvision.outputs.writers.sources import sources
 
 MAX_LISTED = 5
 """Existing files named in an overwrite refusal (the count is always given)."""

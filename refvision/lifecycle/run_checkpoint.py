@@ -10,7 +10,7 @@ A fit never writes into a checkpoint folder that holds another run's ``last.ckpt
 the command checks :func:`taken_checkpoint_folders` before the fit writes anything.
 
 ``AtomicCheckpoints`` makes every checkpoint of the fit appear atomically (see
-``refvision.engine.atomic_file``) and deletes temporaries that killed runs left in the checkpoint folders.
+``refvision.utils.atomic_file``) and deletes temporaries that killed runs left in the checkpoint folders.
 """
 
 import os
@@ -23,11 +23,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from refvision.engine.atomic_file import copy_atomically, remove_stale_temporaries, save_atomically
+from refvision.utils.atomic_file import copy_atomically, remove_stale_temporaries, save_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local saves go through :func:`refvision.engine.atomic_file.save_atomically`."""
+    """``TorchCheckpointIO`` whose local saves go through :func:`refvision.utils.atomic_file.save_atomically`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):

@@ -13,7 +13,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from refvision.data.cityscapes_labels import TRAIN_CLASSES, TRAINID_TO_ID
 from refvision.data.predict import Source, read_rgb
-from refvision.engine.writers.base import FileWriter
+from refvision.outputs.writers.base import FileWriter
 
 CITYSCAPES_NAME = re.compile(r"[^_]+_\d{6}_\d{6}")
 """``<city>_<seq>_<frame>``: what cityscapesScripts' evaluator looks for at the start of a file name."""

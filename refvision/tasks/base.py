@@ -30,16 +30,16 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from refvision.engine.checkpoint import load_init_from
+from refvision.checkpoints.loading import load_init_from
 from refvision.surgery.convert import convert, reparameterize
-from refvision.metrics.figures import figure_to_rgb, save_figure
-from refvision.metrics.table import PerClassTable
+from refvision.outputs.figures import figure_to_rgb, save_figure
+from refvision.outputs.tables import PerClassTable
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from refvision.nn import get_method
-from refvision.engine.divergence import DivergenceGuard
-from refvision.engine.graceful_stop import StopOnSignal
-from refvision.engine.run_checkpoint import AtomicCheckpoints, RunCheckpoint
-from refvision.engine.run_state import RandomStateCheckpoint
+from refvision.lifecycle.divergence import DivergenceGuard
+from refvision.lifecycle.graceful_stop import StopOnSignal
+from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
+from refvision.lifecycle.run_state import RandomStateCheckpoint
 from refvision.surgery.trainable import TrainableMode, freeze_norm_statistics, set_trainable
 
 
@@ -94,7 +94,7 @@ class RefvisionTask(LightningModule):
     Args:
         conv: which convs to replace; ``kind: none`` keeps the model as built.
         init_from: weights loaded before conversion: a local file (Lightning checkpoint, plain
-            state dict), ``torchvision://<name>`` or a URL (see ``refvision.engine.checkpoint``).
+            state dict), ``torchvision://<name>`` or a URL (see ``refvision.checkpoints.loading``).
         init_prefix: take only keys with this prefix from ``init_from`` (and strip it).
         init_strict: require ``init_from`` to cover the model exactly.
         trainable: ``all`` | ``all_but_basis`` | ``refocus_only`` (see ``refvision.surgery.trainable``).
@@ -203,7 +203,7 @@ class RefvisionTask(LightningModule):
         """The reliability callbacks, and ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation.
 
         A ``ModelCheckpoint`` configured by the user (``trainer.callbacks``) wins: it is kept as
-        configured and :class:`~refvision.engine.run_checkpoint.RunCheckpoint` is not added (logged).
+        configured and :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint` is not added (logged).
         """
         callbacks: list[Callback] = [RandomStateCheckpoint(), DivergenceGuard(), StopOnSignal(), AtomicCheckpoints()]
         configured = [c for c in self.trainer.callbacks

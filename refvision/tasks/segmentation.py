@@ -3,7 +3,7 @@
 Validation and test score full label-resolution logits produced by MMSegmentation's inference
 modes: ``whole`` (the padded image in one pass) or ``slide`` (overlapping windows, logits
 averaged where they overlap), optionally with horizontal-flip and multi-scale test-time
-augmentation. ``refvision.engine.writers.SegmentationPredictionWriter`` writes the predictions as PNGs.
+augmentation. ``refvision.outputs.writers.SegmentationPredictionWriter`` writes the predictions as PNGs.
 """
 
 from typing import Any, Literal
@@ -14,14 +14,13 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from refvision.metrics import MeanIoU
-from refvision.metrics.figures import confusion_matrix, per_class_bars, segmentation_grid
-from refvision.metrics.table import PerClassTable, confusion_table
+from refvision.outputs.figures import confusion_matrix, per_class_bars, segmentation_grid
+from refvision.outputs.tables import PerClassTable, confusion_table
 from refvision.models.segmentation import build_segmenter
 from refvision.models.losses import ohem_cross_entropy
 from refvision.models.segmentation_inference import segment, whole_inference
 from refvision.tasks.base import RefvisionTask
 from refvision.utils.colors import label_color
-from refvision.engine.writers.segmentation import SegmentationPredictionWriter  # noqa: F401  (its former home)
 
 OHEM_THRESH = 0.7
 OHEM_MIN_KEPT = 100_000

@@ -1,6 +1,6 @@
 """Result tables: one renderer (rich) for the console, and per-class tables saved as CSV.
 
-Tables are drawn by :func:`refvision.utils.table.render_table`, the one renderer of refvision.
+Tables are drawn by :func:`refvision.utils.text_table.render_table`, the one renderer of refvision.
 """
 
 import csv
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from refvision.utils.table import render_table
+from refvision.utils.text_table import render_table
 
 @dataclass(frozen=True)
 class PerClassTable:

@@ -16,7 +16,7 @@ from typing import Any
 import lightning
 import torch
 
-from refvision.engine.checkpoint import (
+from refvision.checkpoints.loading import (
     CheckpointError,
     describe_checkpoint,
     read_checkpoint,
@@ -24,11 +24,11 @@ from refvision.engine.checkpoint import (
     state_differences,
     task_of,
 )
-from refvision.engine.atomic_file import check_writable, save_atomically
+from refvision.utils.atomic_file import check_writable, save_atomically
 from refvision.surgery.convert import reparameterize
-from refvision.engine.divergence import non_finite_tensors
+from refvision.lifecycle.divergence import non_finite_tensors
 from refvision.surgery.profile import ModelProfile, profile
-from refvision.utils.table import render_table
+from refvision.utils.text_table import render_table
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 _PRIVATE_KEYS = ("_class_path", "_instantiator")
@@ -135,7 +135,7 @@ def reparameterize_checkpoint(
     ``source`` is never modified; an existing ``output`` is refused unless ``overwrite``; a
     directory, a path ending in a separator, or one in an unwritable folder always, before
     ``source`` is read (:func:`load_task_to_write`). The file is written atomically
-    (``refvision.engine.atomic_file``), so a failure leaves neither a partial file nor a temporary
+    (``refvision.utils.atomic_file``), so a failure leaves neither a partial file nor a temporary
     one. A source with non-finite weights, or a non-finite output gap between the two forms, is
     refused. ``inputs`` (what the task's ``inputs_of`` gives; default ``task.example_inputs()``)
     are used to measure the largest output difference between the two forms.

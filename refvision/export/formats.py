@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from refvision.engine.atomic_file import written_atomically
+from refvision.utils.atomic_file import written_atomically
 from refvision.surgery.convert import converted_layers, reparameterize
-from refvision.engine.deploy import load_task_to_write
+from refvision.checkpoints.deploy import load_task_to_write
 
 ExportFormat = Literal["onnx", "torchscript", "exported-program"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "exported-program")
@@ -88,7 +88,7 @@ def export_checkpoint(
     Args:
         ckpt: a train or deploy checkpoint of any refvision task (loaded with ``weights_only=True``).
         output: file to write (by convention ``.onnx``, ``.pt``, ``.pt2``: :data:`SUFFIXES`); never the
-            ``ckpt`` itself, even with ``overwrite``. Written atomically (``refvision.engine.atomic_file``) after
+            ``ckpt`` itself, even with ``overwrite``. Written atomically (``refvision.utils.atomic_file``) after
             the check, so a failure leaves no file.
         format: ``onnx`` (``torch.onnx.export``, dynamo first), ``torchscript``
             (``torch.jit.trace``) or ``exported-program`` (``torch.export.export`` + ``save``).

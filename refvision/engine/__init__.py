@@ -1,1 +1,0 @@
-"""Lightning glue: checkpoint reading, deploy checkpoints, callbacks, run state, export, prediction writers."""

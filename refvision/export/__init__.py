@@ -1,0 +1,1 @@
+"""Export of a checkpoint's deploy form: ONNX, TorchScript, ExportedProgram."""

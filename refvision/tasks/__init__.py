@@ -1,0 +1,1 @@
+"""The Lightning tasks: one ``LightningModule`` per task over the shared :class:`~refvision.tasks.base.RefvisionTask`."""
