@@ -24,7 +24,10 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/refvision demo --root $(RUNS)/demo
 
+# ruff (lint + format, configured in pyproject.toml) over the whole tree, hadolint over the Dockerfile.
 lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile
 
 # Re-pin every transitive dependency after changing pyproject.toml.

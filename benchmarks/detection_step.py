@@ -37,8 +37,13 @@ def synthetic_batch(batch: int, size: int, device: torch.device) -> tuple[list[T
     return images, targets
 
 
-def _step(task: DetectionTask, optimizer: torch.optim.Optimizer, images: list[Tensor],
-          targets: list[dict[str, Tensor]], device: torch.device) -> float:
+def _step(
+    task: DetectionTask,
+    optimizer: torch.optim.Optimizer,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    device: torch.device,
+) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -62,10 +67,14 @@ def main() -> None:
     device = torch.device(args.device)
 
     forms = {}
-    for name, options in (("baseline", {}), ("refconv", {"conv": {"kind": "refconv", "select": "kxk"},
-                                                        "trainable": "all_but_basis"})):
+    for name, options in (
+        ("baseline", {}),
+        ("refconv", {"conv": {"kind": "refconv", "select": "kxk"}, "trainable": "all_but_basis"}),
+    ):
         torch.manual_seed(0)
-        task = DetectionTask(detector="ssdlite320_mobilenet_v3_large", image_size=args.size, **options).to(device).train()
+        task = (
+            DetectionTask(detector="ssdlite320_mobilenet_v3_large", image_size=args.size, **options).to(device).train()
+        )
         params = [p for p in task.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=4e-5)
         forms[name] = (task, optimizer, sum(p.numel() for p in params))
@@ -79,8 +88,10 @@ def main() -> None:
                 times[name].append(elapsed)
 
     converted = len(conversion_report(forms["refconv"][0].model))
-    print(f"SSDLite320 MobileNetV3-Large, batch {args.batch} at {args.size}x{args.size}, {device}, "
-          f"{torch.get_num_threads()} threads; median of {args.steps} steps after {args.warmup} warm-up, interleaved")
+    print(
+        f"SSDLite320 MobileNetV3-Large, batch {args.batch} at {args.size}x{args.size}, {device}, "
+        f"{torch.get_num_threads()} threads; median of {args.steps} steps after {args.warmup} warm-up, interleaved"
+    )
     print(f"RefConv form: {converted} k x k convs of backbone.features converted")
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, (_, _, trainable) in forms.items():

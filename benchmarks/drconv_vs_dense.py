@@ -155,7 +155,7 @@ def _bench_shape(shape: tuple, device: torch.device, reps: int, residual: bool) 
             conv.zero_grad(set_to_none=True)
             plain.zero_grad(set_to_none=True)
             x.grad = None
-            took = _timed(lambda: forward().backward(grad_out), device)
+            took = _timed(lambda forward=forward: forward().backward(grad_out), device)
             if rep:
                 times.setdefault(f"train/{name}", []).append(took)
         with torch.no_grad():
@@ -179,8 +179,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed repetitions (median is shown)")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--form", choices=["residual", "paper"], default="residual",
-                        help="residual: the function-preserving residual variant; paper: the paper's layer")
+    parser.add_argument(
+        "--form",
+        choices=["residual", "paper"],
+        default="residual",
+        help="residual: the function-preserving residual variant; paper: the paper's layer",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,23 +198,32 @@ def main() -> None:
     form = "residual variant" if args.form == "residual" else "paper's layer"
     print(f"DRConv ({form}), m={REGIONS}, float32, median of {args.reps}; x = time / nn.Conv2d's")
     for device in devices:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        name = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        )
         print(f"# {name}")
         for shape in SHAPES:
             r = _bench_shape(shape, device, args.reps, args.form == "residual")
             t, saved, peak = r["time"], r["saved"], r["peak"]
             conv_train, conv_eval = t["train/conv"], t["eval/conv"]
             print(f"{shape[0]}, batch {shape[1]}")
-            print(f"  fwd+bwd   conv {conv_train * 1e3:8.2f} ms | DRConv {t['train/drconv'] / conv_train:5.2f}x"
-                  f" | dense {t['train/dense'] / conv_train:5.2f}x"
-                  f" | DRConv vs dense: {t['train/dense'] / t['train/drconv']:.2f}x faster")
-            print(f"  eval      conv {conv_eval * 1e3:8.2f} ms | DRConv {t['eval/drconv'] / conv_eval:5.2f}x"
-                  f" | deploy form {t['eval/deploy'] / conv_eval:5.2f}x"
-                  f" | group GEMMs alone {t['eval/gemms'] / conv_eval:5.2f}x")
-            print(f"  memory    saved for backward: conv {saved['conv'] / 2**20:.1f} MiB"
-                  f" | DRConv {saved['drconv'] / saved['conv']:.2f}x | dense {saved['dense'] / saved['conv']:.2f}x"
-                  f"; peak fwd+bwd: conv {peak['conv'] / 2**20:.1f} MiB"
-                  f" | DRConv {peak['drconv'] / peak['conv']:.2f}x | dense {peak['dense'] / peak['conv']:.2f}x", flush=True)
+            print(
+                f"  fwd+bwd   conv {conv_train * 1e3:8.2f} ms | DRConv {t['train/drconv'] / conv_train:5.2f}x"
+                f" | dense {t['train/dense'] / conv_train:5.2f}x"
+                f" | DRConv vs dense: {t['train/dense'] / t['train/drconv']:.2f}x faster"
+            )
+            print(
+                f"  eval      conv {conv_eval * 1e3:8.2f} ms | DRConv {t['eval/drconv'] / conv_eval:5.2f}x"
+                f" | deploy form {t['eval/deploy'] / conv_eval:5.2f}x"
+                f" | group GEMMs alone {t['eval/gemms'] / conv_eval:5.2f}x"
+            )
+            print(
+                f"  memory    saved for backward: conv {saved['conv'] / 2**20:.1f} MiB"
+                f" | DRConv {saved['drconv'] / saved['conv']:.2f}x | dense {saved['dense'] / saved['conv']:.2f}x"
+                f"; peak fwd+bwd: conv {peak['conv'] / 2**20:.1f} MiB"
+                f" | DRConv {peak['drconv'] / peak['conv']:.2f}x | dense {peak['dense'] / peak['conv']:.2f}x",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

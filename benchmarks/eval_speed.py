@@ -35,16 +35,15 @@ def make_set(images: int, detections: int, seed: int = 0) -> tuple[list[dict], l
         objects = int(torch.randint(1, 5, (), generator=generator))
         gt = _boxes(objects, generator)
         labels = torch.randint(1, CLASSES + 1, (objects,), generator=generator)
-        targets.append({"boxes": gt, "labels": labels,
-                        "difficult": torch.rand(objects, generator=generator) < 0.125})
+        targets.append({"boxes": gt, "labels": labels, "difficult": torch.rand(objects, generator=generator) < 0.125})
         # A few detections near the objects, the rest anywhere (as a detector's top 100).
         near = gt.repeat(3, 1) + torch.randn(3 * objects, 4, generator=generator) * 8
         boxes = torch.cat((near, _boxes(detections - len(near), generator)))
         boxes = torch.cat((boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)), dim=1)
-        det_labels = torch.cat((labels.repeat(3),
-                                torch.randint(1, CLASSES + 1, (detections - len(near),), generator=generator)))
-        preds.append({"boxes": boxes, "scores": torch.rand(detections, generator=generator),
-                      "labels": det_labels})
+        det_labels = torch.cat(
+            (labels.repeat(3), torch.randint(1, CLASSES + 1, (detections - len(near),), generator=generator))
+        )
+        preds.append({"boxes": boxes, "scores": torch.rand(detections, generator=generator), "labels": det_labels})
     return preds, targets
 
 
@@ -63,17 +62,19 @@ def main() -> None:
     args = parser.parse_args()
 
     preds, targets = make_set(args.images, args.detections)
-    crowd_targets = [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["difficult"].long()}
-                     for t in targets]
+    crowd_targets = [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["difficult"].long()} for t in targets]
     ours, result = _timed(VOCMeanAveragePrecision(CLASSES, coco=not args.no_coco), preds, targets)
     theirs, reference = _timed(MeanAveragePrecision(iou_thresholds=[0.5]), preds, crowd_targets)
 
     print(f"{args.images} images x {args.detections} detections, {CLASSES} classes, one run")
     coco = "off" if args.no_coco else "on"
-    print(f"VOCMeanAveragePrecision (COCO numbers {coco}): {ours:8.2f} s   "
-          f"map {result['map'].item():.4f}" + ("" if args.no_coco else f"  coco_map {result['coco_map'].item():.4f}"))
-    print(f"torchmetrics MeanAveragePrecision(iou_thresholds=[0.5]): {theirs:8.2f} s   "
-          f"map {reference['map'].item():.4f}")
+    print(
+        f"VOCMeanAveragePrecision (COCO numbers {coco}): {ours:8.2f} s   "
+        f"map {result['map'].item():.4f}" + ("" if args.no_coco else f"  coco_map {result['coco_map'].item():.4f}")
+    )
+    print(
+        f"torchmetrics MeanAveragePrecision(iou_thresholds=[0.5]): {theirs:8.2f} s   map {reference['map'].item():.4f}"
+    )
     print(f"ratio (torchmetrics / ours): {theirs / ours:.1f}x")
 
 

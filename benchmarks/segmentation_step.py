@@ -51,8 +51,10 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(elapsed)
     base, ref = (statistics.median(times[n]) for n in ("baseline", "refconv"))
-    print(f"DeepLabV3+ MobileNetV2 (OS 8), batch {args.batch} at {args.size[0]}x{args.size[1]}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")
+    print(
+        f"DeepLabV3+ MobileNetV2 (OS 8), batch {args.batch} at {args.size[0]}x{args.size[1]}, "
+        f"{torch.get_num_threads()} threads, median of {args.steps} steps"
+    )
     print(f"baseline step  {base:.3f} s")
     print(f"RefConv step   {ref:.3f} s")
     print(f"ratio RefConv / baseline  {ref / base:.2f}")

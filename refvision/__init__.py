@@ -8,10 +8,28 @@ The root holds the pure-PyTorch API; the layers below are ``refvision.nn`` (conv
 
 from refvision.nn import ACConv, ConvMethod, DRConv, RefConv, get_method, register_method, registered_methods
 from refvision.surgery import (
-    ModelProfile, conversion_report, convert, converted_layers, format_report, profile, reparameterize,
+    ModelProfile,
+    conversion_report,
+    convert,
+    converted_layers,
+    format_report,
+    profile,
+    reparameterize,
 )
 
 __all__ = [
-    "ACConv", "ConvMethod", "DRConv", "ModelProfile", "RefConv", "conversion_report", "convert", "converted_layers",
-    "format_report", "get_method", "profile", "register_method", "registered_methods", "reparameterize",
+    "ACConv",
+    "ConvMethod",
+    "DRConv",
+    "ModelProfile",
+    "RefConv",
+    "conversion_report",
+    "convert",
+    "converted_layers",
+    "format_report",
+    "get_method",
+    "profile",
+    "register_method",
+    "registered_methods",
+    "reparameterize",
 ]

@@ -23,7 +23,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def image_folder_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated image folder, two classes of 4 train / 2 val 24 x 24 images; read only."""
     return write_imagefolder(
-        tmp_path_factory.mktemp("imagefolder"), classes=("circle", "square"), train_per_class=4, val_per_class=2, size=24
+        tmp_path_factory.mktemp("imagefolder"),
+        classes=("circle", "square"),
+        train_per_class=4,
+        val_per_class=2,
+        size=24,
     )
 
 

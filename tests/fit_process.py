@@ -19,11 +19,30 @@ T = TypeVar("T")
 def fit_args(root: Path, data: Path, *extra: str) -> list[str]:
     """``fit`` arguments: MobileNetV2 on 32x32 images, batches of 8, 3 steps and 1 val batch per epoch."""
     return [
-        "fit", "-c", "configs/demo/classification.yaml",
-        "--data.root", str(data), "--data.image_size", "32", "--data.resize_size", "32", "--data.batch_size", "8",
-        "--model.backbone", "mobilenet_v2", "--model.image_size", "32",
-        "--trainer.limit_train_batches", str(STEPS_PER_EPOCH), "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", *extra,
+        "fit",
+        "-c",
+        "configs/demo/classification.yaml",
+        "--data.root",
+        str(data),
+        "--data.image_size",
+        "32",
+        "--data.resize_size",
+        "32",
+        "--data.batch_size",
+        "8",
+        "--model.backbone",
+        "mobilenet_v2",
+        "--model.image_size",
+        "32",
+        "--trainer.limit_train_batches",
+        str(STEPS_PER_EPOCH),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
     ]
 
 
@@ -33,8 +52,11 @@ def start_fit(root: Path, data: Path, *extra: str, env: dict[str, str] | None = 
     log = root / f"fit-{len(list(root.glob('fit-*.log')))}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "refvision", *fit_args(root, data, *extra)], cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "refvision", *fit_args(root, data, *extra)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     process.log_path = log  # type: ignore[attr-defined]
     return process
@@ -74,5 +96,8 @@ def fit_in_process(root: Path, data: Path, *extra: str):
 
 def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder``, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -2,11 +2,7 @@
 
 import ast
 import importlib
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 import refvision
 
@@ -15,9 +11,16 @@ PACKAGE = REPO / "refvision"
 
 # Lower index = lower layer. A module may import its own layer and the layers below it.
 LAYERS: dict[str, int] = {
-    "refvision.utils": 0, "refvision.nn": 0, "refvision.surgery": 0,
-    "refvision.models": 1, "refvision.data": 1, "refvision.metrics": 1,
-    "refvision.tasks": 2, "refvision.checkpoints": 2, "refvision.lifecycle": 2, "refvision.outputs": 2,
+    "refvision.utils": 0,
+    "refvision.nn": 0,
+    "refvision.surgery": 0,
+    "refvision.models": 1,
+    "refvision.data": 1,
+    "refvision.metrics": 1,
+    "refvision.tasks": 2,
+    "refvision.checkpoints": 2,
+    "refvision.lifecycle": 2,
+    "refvision.outputs": 2,
     "refvision.export": 2,
     "refvision.app": 3,
 }
@@ -102,7 +105,7 @@ def test_no_import_cycle_and_no_function_level_internal_import() -> None:
             if is_parent(node, nxt) or is_parent(nxt, node):
                 continue
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(nxt):], nxt]) if nxt in stack else f"{node} -> {nxt}")
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]) if nxt in stack else f"{node} -> {nxt}")
             elif nxt not in state:
                 visit(nxt, [*stack, nxt])
         state[node] = 2

@@ -25,11 +25,31 @@ also exactly the labels with ``ignoreInEval=False``, the ones the evaluator scor
 
 
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
-    return ["-c", "configs/demo/segmentation.yaml", *extra, "--data.root", str(data), "--data.test_split", "val",
-            "--data.crop_size", "[64,128]",
-            "--model.example_size", "[64,128]", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-            "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    return [
+        "-c",
+        "configs/demo/segmentation.yaml",
+        *extra,
+        "--data.root",
+        str(data),
+        "--data.test_split",
+        "val",
+        "--data.crop_size",
+        "[64,128]",
+        "--model.example_size",
+        "[64,128]",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
 
 
 def _prediction_for(results: Path, gt_file: Path) -> Path:
@@ -59,9 +79,21 @@ def test_val_and_test_folders_are_what_the_evaluator_accepts(tmp_path: Path) -> 
     ckpt = lightning_cli(["fit", *_args(tmp_path / "fit", data)]).trainer.checkpoint_callback.best_model_path
     tested = lightning_cli(["test", *_args(tmp_path / "test", data), "--ckpt_path", ckpt]).trainer.callback_metrics
     out = tmp_path / "val_predictions"
-    main(["predict", *_args(tmp_path / "predict", data), "--ckpt_path", ckpt, "--return_predictions", "false",
-          "--trainer.callbacks+=refvision.outputs.writers.SegmentationPredictionWriter",
-          "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.cityscapes", "true"])
+    main(
+        [
+            "predict",
+            *_args(tmp_path / "predict", data),
+            "--ckpt_path",
+            ckpt,
+            "--return_predictions",
+            "false",
+            "--trainer.callbacks+=refvision.outputs.writers.SegmentationPredictionWriter",
+            "--trainer.callbacks.output_dir",
+            str(out),
+            "--trainer.callbacks.cityscapes",
+            "true",
+        ]
+    )
 
     results = out / "labels"  # CITYSCAPES_RESULTS
     gt_files = sorted((data / "gtFine" / "val").glob("*/*_gtFine_labelIds.png"))
@@ -82,10 +114,27 @@ def test_val_and_test_folders_are_what_the_evaluator_accepts(tmp_path: Path) -> 
     shutil.rmtree(data / "leftImg8bit" / "test")
     shutil.copytree(data / "leftImg8bit" / "val", data / "leftImg8bit" / "test")
     test_out = tmp_path / "test_predictions"
-    main(["predict", "-c", "configs/demo/segmentation.yaml", "-c", "configs/predict/segmentation.yaml",
-          "--data.root", str(data / "leftImg8bit" / "test"), "--ckpt_path", ckpt,
-          "--trainer.default_root_dir", str(tmp_path / "predict_test"), "--trainer.enable_progress_bar", "false",
-          "--trainer.callbacks.output_dir", str(test_out), "--trainer.callbacks.cityscapes", "true"])
+    main(
+        [
+            "predict",
+            "-c",
+            "configs/demo/segmentation.yaml",
+            "-c",
+            "configs/predict/segmentation.yaml",
+            "--data.root",
+            str(data / "leftImg8bit" / "test"),
+            "--ckpt_path",
+            ckpt,
+            "--trainer.default_root_dir",
+            str(tmp_path / "predict_test"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks.output_dir",
+            str(test_out),
+            "--trainer.callbacks.cityscapes",
+            "true",
+        ]
+    )
     for gt_file, (prediction, _) in zip(gt_files, pairs):
         assert np.array_equal(np.asarray(Image.open(_prediction_for(test_out / "labels", gt_file))), prediction)
 
@@ -95,10 +144,25 @@ def test_cityscapes_mode_refuses_names_the_evaluator_cannot_match(tmp_path: Path
     images.mkdir()
     Image.new("RGB", (32, 32)).save(images / "holiday.jpg")
     with pytest.raises(ValueError, match=r"<city>_<seq>_<frame>.*holiday\.jpg"):
-        main(["predict", "-c", "configs/demo/segmentation.yaml", "-c", "configs/predict/segmentation.yaml",
-              "--data.root", str(images), "--trainer.default_root_dir", str(tmp_path / "run"),
-              "--trainer.enable_progress_bar", "false", "--trainer.callbacks.output_dir", str(tmp_path / "out"),
-              "--trainer.callbacks.cityscapes", "true"])
+        main(
+            [
+                "predict",
+                "-c",
+                "configs/demo/segmentation.yaml",
+                "-c",
+                "configs/predict/segmentation.yaml",
+                "--data.root",
+                str(images),
+                "--trainer.default_root_dir",
+                str(tmp_path / "run"),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.callbacks.output_dir",
+                str(tmp_path / "out"),
+                "--trainer.callbacks.cityscapes",
+                "true",
+            ]
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -16,11 +16,31 @@ CONFIG = "configs/demo/classification.yaml"
 
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
     return [
-        "-c", CONFIG, *extra,
-        "--data.root", str(data), "--data.image_size", "32", "--data.resize_size", "32", "--data.batch_size", "8",
-        "--model.backbone", "mobilenet_v2", "--model.image_size", "32", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-        "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
+        "-c",
+        CONFIG,
+        *extra,
+        "--data.root",
+        str(data),
+        "--data.image_size",
+        "32",
+        "--data.resize_size",
+        "32",
+        "--data.batch_size",
+        "8",
+        "--model.backbone",
+        "mobilenet_v2",
+        "--model.image_size",
+        "32",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
     ]
 
 
@@ -42,8 +62,9 @@ def _basis_of(ckpt: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_refconv_fit_reparameterize_test(tmp_path: Path, data: Path, baseline: str) -> None:
-    cli = lightning_cli(["fit", *_args(tmp_path / "ref", data, "-c", "configs/conv/refconv.yaml",
-                                       "--model.init_from", baseline)])
+    cli = lightning_cli(
+        ["fit", *_args(tmp_path / "ref", data, "-c", "configs/conv/refconv.yaml", "--model.init_from", baseline)]
+    )
     model = cli.model.model
     assert any(isinstance(m, RefConv) for m in model.modules())
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
@@ -64,8 +85,9 @@ def test_refconv_fit_reparameterize_test(tmp_path: Path, data: Path, baseline: s
     # Testing the deploy checkpoint reproduces testing the RefConv checkpoint.
     tested = {}
     for ckpt in (str(best), str(deploy)):
-        test_cli = lightning_cli(["test", *_args(tmp_path / "test", data, "-c", "configs/conv/refconv.yaml"),
-                                  "--ckpt_path", ckpt])
+        test_cli = lightning_cli(
+            ["test", *_args(tmp_path / "test", data, "-c", "configs/conv/refconv.yaml"), "--ckpt_path", ckpt]
+        )
         tested[ckpt] = float(test_cli.trainer.callback_metrics["test/top1"])
         assert any(isinstance(m, RefConv) for m in test_cli.model.modules()) == (ckpt == str(best))
     assert tested[str(best)] == tested[str(deploy)]
@@ -85,8 +107,21 @@ def test_refconv_fit_reparameterize_test(tmp_path: Path, data: Path, baseline: s
 
 @pytest.mark.slow
 def test_drconv_fit_reparameterize_test(tmp_path: Path, data: Path, baseline: str) -> None:
-    cli = lightning_cli(["fit", *_args(tmp_path / "dr", data, "-c", "configs/conv/drconv.yaml",
-                                       "--model.init_from", baseline, "--model.conv.include", "[features.1.*]")])
+    cli = lightning_cli(
+        [
+            "fit",
+            *_args(
+                tmp_path / "dr",
+                data,
+                "-c",
+                "configs/conv/drconv.yaml",
+                "--model.init_from",
+                baseline,
+                "--model.conv.include",
+                "[features.1.*]",
+            ),
+        ]
+    )
     deploy = Path(cli.trainer.checkpoint_callback.best_model_path).with_name("best-deploy.ckpt")
     assert deploy.is_file()
     meta = torch.load(deploy, map_location="cpu", weights_only=True)

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-import refvision.utils.atomic_file
 import refvision.checkpoints.deploy
+import refvision.utils.atomic_file
 from refvision.app.cli import main
-from refvision.utils.atomic_file import check_writable, written_atomically
-from refvision.checkpoints.loading import CheckpointError
 from refvision.checkpoints.deploy import load_task_checkpoint
+from refvision.checkpoints.loading import CheckpointError
 from refvision.tasks.classification import ClassificationTask
+from refvision.utils.atomic_file import check_writable, written_atomically
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/demo/classification.yaml")
 
@@ -27,8 +27,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The contents of a small train-form classification checkpoint, as Lightning writes it."""
     task = ClassificationTask(backbone="mobilenet_v2", num_classes=3, image_size=32)
     class_path = f"{type(task).__module__}.{type(task).__qualname__}"
-    return {"state_dict": task.state_dict(), "hyper_parameters": {**dict(task.hparams), "_class_path": class_path},
-            "refvision": {"task": class_path, "form": "train"}}
+    return {
+        "state_dict": task.state_dict(),
+        "hyper_parameters": {**dict(task.hparams), "_class_path": class_path},
+        "refvision": {"task": class_path, "form": "train"},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +58,27 @@ def test_a_hyper_parameter_the_task_does_not_take_is_named(
     tmp_path: Path, checkpoint: dict[str, Any], command: str
 ) -> None:
     ckpt = _edited(checkpoint, tmp_path / "old.ckpt", "extra hyper-parameter")
-    args = {"reparameterize": ["--output", str(tmp_path / "out.ckpt")],
-            "export": ["--output", str(tmp_path / "out.pt"), "--format", "torchscript"],
-            "profile": []}[command]
+    args = {
+        "reparameterize": ["--output", str(tmp_path / "out.ckpt")],
+        "export": ["--output", str(tmp_path / "out.pt"), "--format", "torchscript"],
+        "profile": [],
+    }[command]
     with pytest.raises(SystemExit, match=rf"--ckpt {ckpt}: .*'old_option', which ClassificationTask does not take"):
         main([command, "--ckpt", ckpt, *args])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.ckpt"]
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    ("missing key", r"1 key\(s\) missing: model\.classifier\.1\.bias"),
-    ("resized key", r"1 key\(s\) of another shape: model\.classifier\.1\.weight "
-                    r"\(checkpoint 2x1280, expected 3x1280\)"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("missing key", r"1 key\(s\) missing: model\.classifier\.1\.bias"),
+        (
+            "resized key",
+            r"1 key\(s\) of another shape: model\.classifier\.1\.weight "
+            r"\(checkpoint 2x1280, expected 3x1280\)",
+        ),
+    ],
+)
 def test_weights_that_do_not_fit_the_task_are_named(
     tmp_path: Path, checkpoint: dict[str, Any], edit: str, message: str
 ) -> None:
@@ -81,12 +92,20 @@ def test_profile_refuses_configs_with_a_checkpoint(good_ckpt: str) -> None:
         main(["profile", "-c", CONFIG, "--ckpt", good_ckpt, "--min_run_time", "0.01"])
 
 
-@pytest.mark.parametrize(("option", "value", "message", "gpus"), [
-    ("--device", "gpu", "--device 'gpu': not a device name; expected cpu, cuda or cuda:N", 0),
-    ("--device", "cuda", "--device cuda: no CUDA GPU is usable here", 0),
-    ("--device", "cuda:1", r"--device cuda:1: this machine has 1 CUDA GPU\(s\); expected cpu or cuda:0 to cuda:0", 1),
-    ("--input_size", "[0,32]", r"--input_size \[0, 32\]: expected \[height, width\], two positive integers", 0),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message", "gpus"),
+    [
+        ("--device", "gpu", "--device 'gpu': not a device name; expected cpu, cuda or cuda:N", 0),
+        ("--device", "cuda", "--device cuda: no CUDA GPU is usable here", 0),
+        (
+            "--device",
+            "cuda:1",
+            r"--device cuda:1: this machine has 1 CUDA GPU\(s\); expected cpu or cuda:0 to cuda:0",
+            1,
+        ),
+        ("--input_size", "[0,32]", r"--input_size \[0, 32\]: expected \[height, width\], two positive integers", 0),
+    ],
+)
 def test_profile_options_are_checked_up_front(
     monkeypatch: pytest.MonkeyPatch, option: str, value: str, message: str, gpus: int
 ) -> None:
@@ -112,12 +131,19 @@ def test_unwritable_output_is_refused_before_the_checkpoint_is_read(
         "read-only folder": (f"{tmp_path}/ro/m.pt", f"the folder {tmp_path}/ro is not writable"),
     }[case]
     access = os.access
-    monkeypatch.setattr(refvision.utils.atomic_file.os, "access",
-                        lambda path, mode: Path(path) != tmp_path / "ro" and access(path, mode))
+    monkeypatch.setattr(
+        refvision.utils.atomic_file.os,
+        "access",
+        lambda path, mode: Path(path) != tmp_path / "ro" and access(path, mode),
+    )
     monkeypatch.setattr(refvision.checkpoints.deploy, "load_task_checkpoint", _never_loaded)
     extra = ["--format", "torchscript"] if command == "export" else []
-    with pytest.raises(SystemExit, match=f"refvision {command}: error: --output {output}: {message}"
-                       if case != "trailing slash" else f"refvision {command}: error: --output {output} {message}"):
+    with pytest.raises(
+        SystemExit,
+        match=f"refvision {command}: error: --output {output}: {message}"
+        if case != "trailing slash"
+        else f"refvision {command}: error: --output {output} {message}",
+    ):
         main([command, "--ckpt", good_ckpt, "--output", output, *extra])
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["afile", "ro"]
     assert (tmp_path / "afile").read_text() == "mine"

@@ -14,15 +14,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from user_conv import RepBranchConv
 
 from refvision import convert, profile, reparameterize
 from refvision.app.cli import lightning_cli
-from refvision.surgery.convert import converted_layers
 from refvision.app.demo.data import write_imagefolder
 from refvision.export.formats import export_checkpoint
 from refvision.nn import ACConv, ConvMethod, get_method, register_method, registered_methods
+from refvision.surgery.convert import converted_layers
 from refvision.surgery.trainable import set_trainable
-from user_conv import RepBranchConv
 
 
 def _perturb(model: nn.Module) -> None:
@@ -151,11 +151,30 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cli_args(images: Path, root: Path) -> list[str]:
     return [
-        "-c", "configs/demo/classification.yaml", "--data.root", str(images), "--data.image_size", "32",
-        "--data.resize_size", "32", "--data.batch_size", "8", "--model.backbone", "mobilenet_v2",
-        "--model.image_size", "32", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(root),
+        "-c",
+        "configs/demo/classification.yaml",
+        "--data.root",
+        str(images),
+        "--data.image_size",
+        "32",
+        "--data.resize_size",
+        "32",
+        "--data.batch_size",
+        "8",
+        "--model.backbone",
+        "mobilenet_v2",
+        "--model.image_size",
+        "32",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
     ]
 
 
@@ -169,8 +188,18 @@ def baseline(tmp_path_factory: pytest.TempPathFactory, images: Path) -> str:
 @pytest.mark.parametrize("kind", ["acconv", "user_conv.RepBranchConv"])
 def test_cli_fit_deploy_checkpoint_and_export(tmp_path: Path, images: Path, baseline: str, kind: str) -> None:
     options = "{init: default}" if kind == "acconv" else "{scale: 0.05}"
-    cli = lightning_cli(["fit", *_cli_args(images, tmp_path / "method"), "--model.init_from", baseline,
-                         "--model.conv.kind", kind, "--model.conv.options", options])
+    cli = lightning_cli(
+        [
+            "fit",
+            *_cli_args(images, tmp_path / "method"),
+            "--model.init_from",
+            baseline,
+            "--model.conv.kind",
+            kind,
+            "--model.conv.options",
+            options,
+        ]
+    )
     assert converted_layers(cli.model)
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     deploy = best.with_name("best-deploy.ckpt")

@@ -64,22 +64,27 @@ def check_round_trip(build, select: str, size: int, **options) -> None:
     change = (converted - original).abs().max().item()
     delta_deploy = (deployed - converted).abs().max().item()
     delta_reload = (reloaded - converted).abs().max().item()
-    print(f"\n{build.__name__} select={select}: {count(model, RefConv)} RefConv, max|out|={scale:.3g}, "
-          f"max|converted-original|={change:.3g}, max|deployed-converted|={delta_deploy:.3g}, "
-          f"max|reloaded-converted|={delta_reload:.3g}")
+    print(
+        f"\n{build.__name__} select={select}: {count(model, RefConv)} RefConv, max|out|={scale:.3g}, "
+        f"max|converted-original|={change:.3g}, max|deployed-converted|={delta_deploy:.3g}, "
+        f"max|reloaded-converted|={delta_reload:.3g}"
+    )
     assert change > 1e-2 * scale, "refocusing should change the outputs"
     torch.testing.assert_close(deployed, converted, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(reloaded, converted, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("name, select, size", [
-    ("mobilenet_v2", "kxk", 64),
-    ("mobilenet_v3_large", "depthwise", 64),
-    ("resnet18", "kxk", 64),
-    ("shufflenet_v2_x1_0", "kxk", 64),
-    ("convnext_tiny", "kxk", 32),
-    ("efficientnet_b0", "depthwise", 64),
-])
+@pytest.mark.parametrize(
+    "name, select, size",
+    [
+        ("mobilenet_v2", "kxk", 64),
+        ("mobilenet_v3_large", "depthwise", 64),
+        ("resnet18", "kxk", 64),
+        ("shufflenet_v2_x1_0", "kxk", 64),
+        ("convnext_tiny", "kxk", 32),
+        ("efficientnet_b0", "depthwise", 64),
+    ],
+)
 def test_torchvision_round_trip(name, select, size):
     def build():
         return getattr(torchvision.models, name)(weights=None)
@@ -90,8 +95,7 @@ def test_torchvision_round_trip(name, select, size):
 
 def test_deeplabv3plus_encoder_round_trip_keeps_dilation():
     def build():
-        return smp.DeepLabV3Plus(encoder_name="mobilenet_v2", encoder_weights=None,
-                                 encoder_output_stride=8, classes=5)
+        return smp.DeepLabV3Plus(encoder_name="mobilenet_v2", encoder_weights=None, encoder_output_stride=8, classes=5)
 
     torch.manual_seed(0)
     probe = convert(build(), "refconv", select="kxk", include="encoder.*")
@@ -157,10 +161,19 @@ def test_select_counts_on_mobilenet_v2(mobilenet_v2):
 
 
 def test_include_and_exclude(mobilenet_v2):
-    model = convert(copy.deepcopy(mobilenet_v2), "refconv", select="all",
-                    include=["features.1.*", "features.2.*"], exclude="*.conv.1.0")
+    model = convert(
+        copy.deepcopy(mobilenet_v2),
+        "refconv",
+        select="all",
+        include=["features.1.*", "features.2.*"],
+        exclude="*.conv.1.0",
+    )
     assert [r.name for r in conversion_report(model)] == [
-        "features.1.conv.0.0", "features.1.conv.1", "features.2.conv.0.0", "features.2.conv.2"]
+        "features.1.conv.0.0",
+        "features.1.conv.1",
+        "features.2.conv.0.0",
+        "features.2.conv.2",
+    ]
     assert isinstance(model.features[2].conv[2], RefConv)
     assert type(model.features[2].conv[1][0]) is nn.Conv2d
 
@@ -169,19 +182,29 @@ def test_nothing_matched_names_the_selection(mobilenet_v2):
     with pytest.raises(ValueError) as err:
         convert(copy.deepcopy(mobilenet_v2), "refconv", select="depthwise", include="classifier*")
     message = str(err.value)
-    for part in ("kind='refconv'", "select='depthwise'", "include='classifier*'", "exclude=None",
-                 "18 kxk, 34 pointwise, 17 depthwise plain convs"):
+    for part in (
+        "kind='refconv'",
+        "select='depthwise'",
+        "include='classifier*'",
+        "exclude=None",
+        "18 kxk, 34 pointwise, 17 depthwise plain convs",
+    ):
         assert part in message
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(kind="repvgg"), ValueError, "conv kind 'repvgg' is unknown; registered: acconv, drconv, refconv"),
-    (dict(kind="refconv", select="3x3"), ValueError,
-     "unknown select '3x3'; allowed: depthwise, kxk, pointwise, all"),
-    (dict(kind="refconv", map_size=3), TypeError,
-     "unknown option.* map_size; allowed: map_k, map_groups, init"),
-    (dict(kind="drconv", map_k=3), TypeError, "unknown option.* map_k; allowed: regions"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(kind="repvgg"), ValueError, "conv kind 'repvgg' is unknown; registered: acconv, drconv, refconv"),
+        (
+            dict(kind="refconv", select="3x3"),
+            ValueError,
+            "unknown select '3x3'; allowed: depthwise, kxk, pointwise, all",
+        ),
+        (dict(kind="refconv", map_size=3), TypeError, "unknown option.* map_size; allowed: map_k, map_groups, init"),
+        (dict(kind="drconv", map_k=3), TypeError, "unknown option.* map_k; allowed: regions"),
+    ],
+)
 def test_argument_errors(kwargs, error, match):
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(error, match=match):
@@ -202,8 +225,10 @@ def test_converting_twice_does_not_nest(mobilenet_v2):
 def test_drconv_takes_only_ungrouped_convs_and_is_never_entered():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Conv2d(8, 4, 1),
     ).eval()
     convert(model, "drconv", select="all")
     assert [type(m) for m in model] == [DRConv, nn.ReLU, nn.Conv2d, DRConv]
@@ -241,8 +266,8 @@ def test_report_table_deepcopy_and_log(caplog):
     with caplog.at_level(logging.INFO, logger="refvision"):
         convert(model, "refconv", map_k=3, init="zeros")
     assert [r.message for r in caplog.records if r.name == "refvision"] == [
-        "convert: 2 conv(s) -> refconv (select=kxk, include=None, exclude=None, "
-        "options={'map_k': 3, 'init': 'zeros'})"]
+        "convert: 2 conv(s) -> refconv (select=kxk, include=None, exclude=None, options={'map_k': 3, 'init': 'zeros'})"
+    ]
     report = conversion_report(model)
     assert report == [
         Replacement("0", "refconv", 3, 16, (3, 3), (2, 2), 1, (1, 1)),

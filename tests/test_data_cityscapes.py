@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from refvision.data import CityscapesDataModule, CityscapesSegmentation
 from refvision.app.demo.data import write_cityscapes
+from refvision.data import CityscapesDataModule, CityscapesSegmentation
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_IDS, LABELS, PALETTE, TRAIN_CLASSES
 
 NAME = "aachen_000000_000019"

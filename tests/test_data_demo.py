@@ -12,7 +12,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from refvision.data.cityscapes_labels import LABEL_IDS
 from refvision.app.demo.data import (
     MANIFEST,
     ensure_demo_data,
@@ -20,6 +19,7 @@ from refvision.app.demo.data import (
     write_imagefolder,
     write_vocdevkit,
 )
+from refvision.data.cityscapes_labels import LABEL_IDS
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_IMAGEFOLDER = dict(classes=("circle", "stripes"), train_per_class=3, val_per_class=2, test_per_class=1, size=32)
@@ -48,7 +48,9 @@ def test_imagefolder_layout(tmp_path: Path) -> None:
     image = np.asarray(Image.open(root / "train/circle/circle_0000.jpg"))
     assert image.shape == (32, 32, 3) and image.std() > 10  # textured, not constant
     # Three independent draws: no test image repeats a val or train image.
-    pixels = {np.asarray(Image.open(root / f"{split}/circle/circle_0000.jpg")).tobytes() for split in ("train", "val", "test")}
+    pixels = {
+        np.asarray(Image.open(root / f"{split}/circle/circle_0000.jpg")).tobytes() for split in ("train", "val", "test")
+    }
     assert len(pixels) == 3
 
 
@@ -144,7 +146,11 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_ensure_demo_data_writes_all_three(demo_data: dict[str, Path]) -> None:
     root = demo_data["voc"].parent
-    assert demo_data == {"imagefolder": root / "imagefolder", "voc": root / "VOCdevkit", "cityscapes": root / "cityscapes"}
+    assert demo_data == {
+        "imagefolder": root / "imagefolder",
+        "voc": root / "VOCdevkit",
+        "cityscapes": root / "cityscapes",
+    }
     assert all((path / MANIFEST).is_file() for path in demo_data.values())
     assert ensure_demo_data(root) == demo_data
 
@@ -156,8 +162,9 @@ def _members(dataset: object) -> set[str]:
     return {str(sample[0]) for sample in dataset.samples}
 
 
-@pytest.mark.parametrize(("config", "data"), [("classification", "imagefolder"), ("detection", "voc"),
-                                              ("segmentation", "cityscapes")])
+@pytest.mark.parametrize(
+    ("config", "data"), [("classification", "imagefolder"), ("detection", "voc"), ("segmentation", "cityscapes")]
+)
 def test_demo_configs_validate_on_val_and_test_on_the_held_out_test_split(
     demo_data: dict[str, Path], config: str, data: str
 ) -> None:

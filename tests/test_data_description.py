@@ -12,9 +12,9 @@ from torchvision.transforms.v2.functional import normalize
 
 from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
 from refvision.app.lightning_cli import ConfigError, lightning_cli
+from refvision.checkpoints.deploy import reparameterize_checkpoint
 from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE, TRAIN_CLASSES
 from refvision.data.voc_format import VOC_CLASSES
-from refvision.checkpoints.deploy import reparameterize_checkpoint
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from refvision.tasks.classification import ClassificationTask
 from refvision.tasks.detection import DetectionTask
@@ -46,8 +46,9 @@ def test_segmentation_normalises_with_its_mean_and_std_in_every_path() -> None:
         torch.testing.assert_close(task(images), expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(task.raw_forward(task.model, images), expected, rtol=0, atol=1e-5)
         square = torch.rand(1, 3, 64, 64)
-        torch.testing.assert_close(task.profile_module()(square), task.model(normalize(square, list(MEAN), list(STD))),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            task.profile_module()(square), task.model(normalize(square, list(MEAN), list(STD))), rtol=0, atol=1e-5
+        )
 
 
 def test_detection_normalises_in_its_transform_with_the_given_statistics() -> None:
@@ -55,21 +56,29 @@ def test_detection_normalises_in_its_transform_with_the_given_statistics() -> No
     own = DetectionTask(detector="ssdlite320_mobilenet_v2", num_classes=3, image_size=64).eval()
     assert own.model.transform.image_mean == [0.5, 0.5, 0.5]  # null: SSDLite's own
     given = DetectionTask(detector="ssdlite320_mobilenet_v2", num_classes=3, image_size=64, mean=MEAN, std=STD).eval()
-    identity = DetectionTask(detector="ssdlite320_mobilenet_v2", num_classes=3, image_size=64, mean=(0.0, 0.0, 0.0),
-                             std=(1.0, 1.0, 1.0)).eval()
+    identity = DetectionTask(
+        detector="ssdlite320_mobilenet_v2", num_classes=3, image_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)
+    ).eval()
     identity.load_state_dict(given.state_dict())
     image = torch.rand(3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(given.raw_forward(given.model, [image]),
-                                   identity.raw_forward(identity.model, [normalize(image, list(MEAN), list(STD))]),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            given.raw_forward(given.model, [image]),
+            identity.raw_forward(identity.model, [normalize(image, list(MEAN), list(STD))]),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
-@pytest.mark.parametrize("task", [
-    ClassificationTask(backbone="mobilenet_v2", num_classes=3, mean=MEAN, std=STD),
-    SegmentationTask(num_classes=3, mean=MEAN, std=STD),
-    DetectionTask(detector="ssdlite320_mobilenet_v2", num_classes=3, mean=MEAN, std=STD),
-], ids=["classification", "segmentation", "detection"])
+@pytest.mark.parametrize(
+    "task",
+    [
+        ClassificationTask(backbone="mobilenet_v2", num_classes=3, mean=MEAN, std=STD),
+        SegmentationTask(num_classes=3, mean=MEAN, std=STD),
+        DetectionTask(detector="ssdlite320_mobilenet_v2", num_classes=3, mean=MEAN, std=STD),
+    ],
+    ids=["classification", "segmentation", "detection"],
+)
 def test_normalisation_leaves_the_checkpoint_keys_alone(task: torch.nn.Module) -> None:
     assert list(task.state_dict()) == [f"model.{key}" for key in task.model.state_dict()]
     task.load_state_dict(task.state_dict(), strict=True)
@@ -81,13 +90,26 @@ def _cli(*args: str):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_imagefolder(tmp_path_factory.mktemp("data") / "images", classes=("circle", "square", "stripes"),
-                             train_per_class=2, val_per_class=1, size=32)
+    return write_imagefolder(
+        tmp_path_factory.mktemp("data") / "images",
+        classes=("circle", "square", "stripes"),
+        train_per_class=2,
+        val_per_class=1,
+        size=32,
+    )
 
 
 def test_image_folders_set_the_classifiers_classes_and_statistics(folders: Path) -> None:
-    cli = _cli("-c", "configs/demo/classification.yaml", "--data.root", str(folders),
-               "--data.mean", str(list(MEAN)), "--data.std", str(list(STD)))
+    cli = _cli(
+        "-c",
+        "configs/demo/classification.yaml",
+        "--data.root",
+        str(folders),
+        "--data.mean",
+        str(list(MEAN)),
+        "--data.std",
+        str(list(STD)),
+    )
     model = cli.model
     assert (model.num_classes, model.class_names) == (3, ["circle", "square", "stripes"])
     assert (model.mean, model.std) == (MEAN, STD)
@@ -108,30 +130,73 @@ def test_cityscapes_and_voc_describe_their_classes_and_colours(tmp_path: Path) -
 
 
 def test_a_model_value_that_agrees_with_the_data_is_accepted(folders: Path) -> None:
-    model = _cli("-c", "configs/demo/classification.yaml", "--data.root", str(folders),
-                 "--model.num_classes", "3", "--model.class_names", "[circle, square, stripes]").model
+    model = _cli(
+        "-c",
+        "configs/demo/classification.yaml",
+        "--data.root",
+        str(folders),
+        "--model.num_classes",
+        "3",
+        "--model.class_names",
+        "[circle, square, stripes]",
+    ).model
     assert model.num_classes == 3
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    (["--model.num_classes", "10"], "model.num_classes=10 but the data (ImageFolderDataModule) has num_classes=3"),
-    (["--model.class_names", "[a, b, c]"], "model.class_names=['a', 'b', 'c'] but the data (ImageFolderDataModule) "
-                                           "has class_names=['circle', 'square', 'stripes']"),
-    (["--model.mean", str(list(MEAN))], f"model.mean={list(MEAN)} but the data (ImageFolderDataModule) has "
-                                        f"mean={list(IMAGENET_MEAN)}: the data module sets model.mean"),
-])
-def test_a_model_value_that_disagrees_with_the_data_is_refused(folders: Path, override: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.num_classes", "10"], "model.num_classes=10 but the data (ImageFolderDataModule) has num_classes=3"),
+        (
+            ["--model.class_names", "[a, b, c]"],
+            "model.class_names=['a', 'b', 'c'] but the data (ImageFolderDataModule) "
+            "has class_names=['circle', 'square', 'stripes']",
+        ),
+        (
+            ["--model.mean", str(list(MEAN))],
+            f"model.mean={list(MEAN)} but the data (ImageFolderDataModule) has "
+            f"mean={list(IMAGENET_MEAN)}: the data module sets model.mean",
+        ),
+    ],
+)
+def test_a_model_value_that_disagrees_with_the_data_is_refused(
+    folders: Path, override: list[str], message: str
+) -> None:
     with pytest.raises(ConfigError) as error:
         _cli("-c", "configs/demo/classification.yaml", "--data.root", str(folders), *override)
     assert message in str(error.value)
 
 
 def test_a_checkpoint_carries_the_data_description(tmp_path: Path, folders: Path) -> None:
-    cli = lightning_cli(["fit", "-c", "configs/demo/classification.yaml", "--data.root", str(folders),
-                         "--data.image_size", "32", "--data.resize_size", "32", "--data.batch_size", "2", "--data.mean", str(list(MEAN)),
-                         "--data.std", str(list(STD)), "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
-                         "1", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
-                         "--trainer.enable_progress_bar", "false"])
+    cli = lightning_cli(
+        [
+            "fit",
+            "-c",
+            "configs/demo/classification.yaml",
+            "--data.root",
+            str(folders),
+            "--data.image_size",
+            "32",
+            "--data.resize_size",
+            "32",
+            "--data.batch_size",
+            "2",
+            "--data.mean",
+            str(list(MEAN)),
+            "--data.std",
+            str(list(STD)),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     best = cli.trainer.checkpoint_callback.best_model_path
     hparams = torch.load(best, weights_only=True)["hyper_parameters"]
     assert (hparams["num_classes"], hparams["class_names"]) == (3, ["circle", "square", "stripes"])

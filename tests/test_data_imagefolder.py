@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from refvision.data import ImageFolderDataModule
 from refvision.app.demo.data import write_imagefolder
+from refvision.data import ImageFolderDataModule
 
 CLASSES = ("circle", "square", "stripes", "checker")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"), train_per_class=3, val_per_class=2, test_per_class=0,
-                             size=40)
+    return write_imagefolder(
+        tmp_path_factory.mktemp("imagefolder"), train_per_class=3, val_per_class=2, test_per_class=0, size=40
+    )
 
 
 @pytest.fixture()

@@ -12,8 +12,8 @@ from torchvision import tv_tensors
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 
-from refvision.data import VOCDataModule, VOCDetection, detection_collate
 from refvision.app.demo.data import write_vocdevkit
+from refvision.data import VOCDataModule, VOCDetection, detection_collate
 from refvision.data.presets import detection_train
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
 
@@ -27,7 +27,12 @@ _OBJECT = re.compile(
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_vocdevkit(
-        tmp_path_factory.mktemp("voc") / "VOCdevkit", years=("2007", "2012"), num_train=6, num_val=6, num_test=4, size=(80, 96)
+        tmp_path_factory.mktemp("voc") / "VOCdevkit",
+        years=("2007", "2012"),
+        num_train=6,
+        num_val=6,
+        num_test=4,
+        size=(80, 96),
     )
 
 

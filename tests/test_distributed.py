@@ -45,10 +45,23 @@ def _ddp_fit(tmp_path: Path, args: list[str], root: Path) -> Path:
 
 def _test_on_two_and_one(tmp_path: Path, common: list[str], deploy: Path, key: str) -> tuple[float, float]:
     """``test`` of ``deploy`` with 2 processes and with 1: the logged ``key`` of each."""
-    _run(["test", *common, *DDP, "--ckpt_path", str(deploy), "--trainer.default_root_dir", str(tmp_path / "t2")],
-         tmp_path)
-    _run(["test", *common, "--trainer.devices", "1", "--ckpt_path", str(deploy),
-          "--trainer.default_root_dir", str(tmp_path / "t1")], tmp_path)
+    _run(
+        ["test", *common, *DDP, "--ckpt_path", str(deploy), "--trainer.default_root_dir", str(tmp_path / "t2")],
+        tmp_path,
+    )
+    _run(
+        [
+            "test",
+            *common,
+            "--trainer.devices",
+            "1",
+            "--ckpt_path",
+            str(deploy),
+            "--trainer.default_root_dir",
+            str(tmp_path / "t1"),
+        ],
+        tmp_path,
+    )
     return _logged(tmp_path / "t2", key), _logged(tmp_path / "t1", key)
 
 
@@ -57,17 +70,49 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
     # 4 classes x 4 val images, batch 4: each of the 2 ranks sees 2 whole batches, no padding.
     data = write_imagefolder(tmp_path / "images", train_per_class=4, val_per_class=4, size=32)
     common = [
-        "-c", str(REPO / "configs/demo/classification.yaml"), "-c", str(REPO / "configs/conv/refconv.yaml"),
-        "--data.root", str(data), "--data.image_size", "32", "--data.resize_size", "32", "--data.batch_size", "4",
-        "--model.backbone", "mobilenet_v2", "--model.image_size", "32", "--trainer.enable_progress_bar", "false",
-        "--trainer.accelerator", "cpu",
+        "-c",
+        str(REPO / "configs/demo/classification.yaml"),
+        "-c",
+        str(REPO / "configs/conv/refconv.yaml"),
+        "--data.root",
+        str(data),
+        "--data.image_size",
+        "32",
+        "--data.resize_size",
+        "32",
+        "--data.batch_size",
+        "4",
+        "--model.backbone",
+        "mobilenet_v2",
+        "--model.image_size",
+        "32",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
     ]
     baseline = tmp_path / "baseline"
-    _run(["fit", *common[:2], *common[4:], *DDP, "--trainer.max_epochs", "1",
-          "--trainer.limit_train_batches", "2", "--trainer.default_root_dir", str(baseline)], tmp_path)
+    _run(
+        [
+            "fit",
+            *common[:2],
+            *common[4:],
+            *DDP,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.default_root_dir",
+            str(baseline),
+        ],
+        tmp_path,
+    )
     best = next(baseline.glob("lightning_logs/version_0/checkpoints/best.ckpt"))
-    deploy = _ddp_fit(tmp_path, [*common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-                                 "--model.init_from", str(best)], tmp_path / "refocus")
+    deploy = _ddp_fit(
+        tmp_path,
+        [*common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--model.init_from", str(best)],
+        tmp_path / "refocus",
+    )
     two, one = _test_on_two_and_one(tmp_path, common, deploy, "test/top1")
     assert two == one
     assert torch.load(deploy, weights_only=True)["hyper_parameters"]["conv"] == {"kind": "none"}
@@ -76,11 +121,34 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
 def _fit_refconv_then_test(tmp_path: Path, task: str, data: Path, options: list[str], key: str, epochs: int) -> None:
     """DDP ``fit`` with RefConv of the demo config of ``task`` on ``data`` (plus ``options``), on CPU,
     then ``test`` of its deploy checkpoint with 2 processes and with 1."""
-    common = ["-c", str(REPO / f"configs/demo/{task}.yaml"), "--data.root", str(data), "--data.pin_memory", "false",
-              *options, "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
-    deploy = _ddp_fit(tmp_path, [*common, "-c", str(REPO / "configs/conv/refconv.yaml"), "--trainer.max_epochs",
-                                 str(epochs), "--trainer.limit_train_batches", "2", "--trainer.num_sanity_val_steps",
-                                 "0"], tmp_path / "fit")
+    common = [
+        "-c",
+        str(REPO / f"configs/demo/{task}.yaml"),
+        "--data.root",
+        str(data),
+        "--data.pin_memory",
+        "false",
+        *options,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    deploy = _ddp_fit(
+        tmp_path,
+        [
+            *common,
+            "-c",
+            str(REPO / "configs/conv/refconv.yaml"),
+            "--trainer.max_epochs",
+            str(epochs),
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.num_sanity_val_steps",
+            "0",
+        ],
+        tmp_path / "fit",
+    )
     two, single = _test_on_two_and_one(tmp_path, common, deploy, key)
     # Same images, same per-rank batch size as the single process: the reduced metric is the same
     # up to float summation order; a rank's share missing or counted twice moves it by far more.
@@ -94,8 +162,23 @@ def test_ddp_detection_map_matches_single_process(tmp_path: Path) -> None:
     # Evaluated on the 8 training images: a few epochs from scratch fit them well enough for a
     # non-zero mAP (on unseen images every mAP is still 0), which the equality below needs.
     data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=8, num_test=4, size=(48, 64))
-    _fit_refconv_then_test(tmp_path, "detection", data, ["--data.batch_size", "2", "--data.image_size", "64",
-                           "--data.val_sets", "[2007-train]", "--data.test_sets", "[2007-train]"], "test/map", epochs=8)
+    _fit_refconv_then_test(
+        tmp_path,
+        "detection",
+        data,
+        [
+            "--data.batch_size",
+            "2",
+            "--data.image_size",
+            "64",
+            "--data.val_sets",
+            "[2007-train]",
+            "--data.test_sets",
+            "[2007-train]",
+        ],
+        "test/map",
+        epochs=8,
+    )
 
 
 @pytest.mark.slow
@@ -103,8 +186,23 @@ def test_ddp_segmentation_miou_matches_single_process(tmp_path: Path) -> None:
     # `--trainer.sync_batchnorm true` is GPU-only (torch's DDP refuses SyncBatchNorm on CPU); its
     # effect on refvision's models is covered by test_sync_batchnorm_keeps_the_checkpoint_format.
     data = write_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=4, size=(64, 128))
-    _fit_refconv_then_test(tmp_path, "segmentation", data, ["--data.batch_size", "2", "--data.val_batch_size", "2",
-                           "--data.crop_size", "[64,128]", "--model.example_size", "[64,128]"], "test/miou", epochs=4)
+    _fit_refconv_then_test(
+        tmp_path,
+        "segmentation",
+        data,
+        [
+            "--data.batch_size",
+            "2",
+            "--data.val_batch_size",
+            "2",
+            "--data.crop_size",
+            "[64,128]",
+            "--model.example_size",
+            "[64,128]",
+        ],
+        "test/miou",
+        epochs=4,
+    )
 
 
 def test_sync_batchnorm_keeps_the_checkpoint_format(tmp_path: Path) -> None:
@@ -123,8 +221,14 @@ def test_sync_batchnorm_keeps_the_checkpoint_format(tmp_path: Path) -> None:
             if isinstance(module, RefConv):
                 module.refocus_weight.normal_(std=0.01)
     path = tmp_path / "synced.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "refvision": {"task": "refvision.tasks.segmentation.SegmentationTask"}}, path)
+    torch.save(
+        {
+            "state_dict": task.state_dict(),
+            "hyper_parameters": dict(task.hparams),
+            "refvision": {"task": "refvision.tasks.segmentation.SegmentationTask"},
+        },
+        path,
+    )
     # The deploy path reads the checkpoint into plain BatchNorm layers and folds it exactly.
     report = reparameterize_checkpoint(path, tmp_path / "deploy.ckpt")
     assert report.max_abs_diff < 1e-4

@@ -16,11 +16,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import yaml
 from packaging.specifiers import SpecifierSet
@@ -74,9 +74,19 @@ def test_hadolint_is_clean(tmp_path: Path) -> None:
     config = tmp_path / "hadolint.yaml"
     config.write_text("ignored: []\n")
     done = subprocess.run(
-        [str(BIN / "hadolint"), "--no-color", "--config", str(config), "--failure-threshold", "style",
-         "--disable-ignore-pragma", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(BIN / "hadolint"),
+            "--no-color",
+            "--config",
+            str(config),
+            "--failure-threshold",
+            "style",
+            "--disable-ignore-pragma",
+            str(DOCKERFILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
 
@@ -186,8 +196,9 @@ def test_workspace_links_resolve_every_relative_path_of_the_shipped_configs() ->
     # build time would leave cache files under /runs); here it names this environment's purelib.
     (snippet,) = re.findall(r"ln -s \"\$\(python -c '([^']*)'\)\" /workspace/configs", run)
     assert "refvision" not in snippet.split(";")[0]
-    configs = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True,
-                             timeout=120).stdout.strip()
+    configs = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
     assert configs == str(Path(sysconfig.get_path("purelib")) / "refvision" / "configs")
     files = sorted((REPO / "configs").glob("*/*.yaml"))
     assert {p.parent.name for p in files} >= {"classification", "detection", "segmentation", "conv"}
@@ -222,11 +233,30 @@ def _build_context(target: Path) -> Path:
 
 def test_dockerignore_keeps_local_state_out_and_sources_in() -> None:
     ignored = _dockerignore_matcher()
-    for path in (".venv", "runs", "data", ".git", "build", "refvision.egg-info", "refvision/tasks/__pycache__", "tests",
-                 "refvision/nn/__pycache__/x.pyc", ".pytest_cache"):
+    for path in (
+        ".venv",
+        "runs",
+        "data",
+        ".git",
+        "build",
+        "refvision.egg-info",
+        "refvision/tasks/__pycache__",
+        "tests",
+        "refvision/nn/__pycache__/x.pyc",
+        ".pytest_cache",
+    ):
         assert ignored.fullmatch(path), path
-    for path in ("pyproject.toml", "setup.py", "requirements.lock", "README.md", "refvision", "refvision/data",
-                 "refvision/tasks", "refvision/tasks/base.py", "configs/conv/refconv.yaml"):
+    for path in (
+        "pyproject.toml",
+        "setup.py",
+        "requirements.lock",
+        "README.md",
+        "refvision",
+        "refvision/data",
+        "refvision/tasks",
+        "refvision/tasks/base.py",
+        "configs/conv/refconv.yaml",
+    ):
         assert not ignored.fullmatch(path), path
 
 
@@ -235,9 +265,23 @@ def test_wheel_of_the_build_context_ships_tasks_and_configs(tmp_path: Path) -> N
     assert not (context / "refvision" / "configs").exists()
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-         "."],
-        cwd=context, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            ".",
+        ],
+        cwd=context,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("refvision-*.whl")
@@ -261,44 +305,89 @@ def test_torchrun_script_launches_refvision_with_the_node_topology(tmp_path: Pat
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake(bin_dir, "docker", tmp_path / "docker.args")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NNODES": "1", "NODE_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "GPUS_PER_NODE": "1",
-           "DATA": str(tmp_path / "data"), "RUNS": str(tmp_path / "runs")}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "NNODES": "1",
+        "NODE_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29517",
+        "GPUS_PER_NODE": "1",
+        "DATA": str(tmp_path / "data"),
+        "RUNS": str(tmp_path / "runs"),
+    }
     args = ["fit", "-c", "configs/demo/classification.yaml", "--print_config"]
     subprocess.run(["bash", str(REPO / "docker/multinode/torchrun.sh"), *args], env=env, check=True, timeout=60)
     docker = (tmp_path / "docker.args").read_text().splitlines()
     assert docker[:2] == ["run", "--rm"]
-    for option in (["--gpus", "all"], ["--network", "host"], ["--ipc", "host"],
-                   ["--volume", f"{tmp_path / 'data'}:/data:ro"], ["--volume", f"{tmp_path / 'runs'}:/runs"]):
-        assert any(docker[i:i + 2] == option for i in range(len(docker))), option
+    for option in (
+        ["--gpus", "all"],
+        ["--network", "host"],
+        ["--ipc", "host"],
+        ["--volume", f"{tmp_path / 'data'}:/data:ro"],
+        ["--volume", f"{tmp_path / 'runs'}:/runs"],
+    ):
+        assert any(docker[i : i + 2] == option for i in range(len(docker))), option
     at = docker.index("--entrypoint")
-    entrypoint, image, command = docker[at + 1], docker[at + 2], docker[at + 3:]
+    entrypoint, image, command = docker[at + 1], docker[at + 2], docker[at + 3 :]
     assert image == "refvision:gpu"
     # What the container runs, run here: torchrun (one node, one process) starts refvision, whose
     # parsed configuration carries the appended topology.
-    done = subprocess.run([str(BIN / entrypoint), *command], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [str(BIN / entrypoint), *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     trainer = yaml.safe_load(done.stdout)["trainer"]
-    assert (trainer["accelerator"], str(trainer["devices"]), trainer["num_nodes"], trainer["strategy"]) == \
-        ("gpu", "1", 1, "ddp")
+    assert (trainer["accelerator"], str(trainer["devices"]), trainer["num_nodes"], trainer["strategy"]) == (
+        "gpu",
+        "1",
+        1,
+        "ddp",
+    )
 
 
 def test_slurm_script_runs_one_refvision_per_task_with_the_allocation(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake(bin_dir, "srun", tmp_path / "srun.args")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NTASKS_PER_NODE": "4",
-           "SLURM_JOB_NUM_NODES": "2", "DATA": "/shared/data", "RUNS": "/shared/runs"}
-    subprocess.run(["bash", str(REPO / "docker/multinode/slurm.sbatch"), "fit", "-c", "configs/x.yaml"],
-                   env=env, check=True, timeout=60)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_JOB_NUM_NODES": "2",
+        "DATA": "/shared/data",
+        "RUNS": "/shared/runs",
+    }
+    subprocess.run(
+        ["bash", str(REPO / "docker/multinode/slurm.sbatch"), "fit", "-c", "configs/x.yaml"],
+        env=env,
+        check=True,
+        timeout=60,
+    )
     srun = (tmp_path / "srun.args").read_text().splitlines()
     assert srun[:2] == ["apptainer", "exec"]
     assert "--nv" in srun and srun[srun.index("--pwd") + 1] == "/workspace"
     assert srun[srun.index("--bind") + 1] == "/shared/data:/data:ro,/shared/runs:/runs"
-    command = srun[srun.index("refvision"):]
-    assert command == ["refvision", "fit", "-c", "configs/x.yaml", "--trainer.accelerator", "gpu",
-                       "--trainer.devices", "4", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
+    command = srun[srun.index("refvision") :]
+    assert command == [
+        "refvision",
+        "fit",
+        "-c",
+        "configs/x.yaml",
+        "--trainer.accelerator",
+        "gpu",
+        "--trainer.devices",
+        "4",
+        "--trainer.num_nodes",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
 
 
 BASE_IMAGE = os.environ.get("REFVISION_DOCKER_BASE", "refvision-base:bookworm")
@@ -322,16 +411,27 @@ def _skip_without_engine_or_base() -> None:
     if info.returncode != 0:
         pytest.skip(f"no reachable Docker engine: {info.stderr.strip()[:300]}")
     if _docker("image", "inspect", BASE_IMAGE, check=False).returncode != 0:
-        pytest.skip(f"local base image {BASE_IMAGE} is absent (make it as docker/README.md says, or set "
-                    "REFVISION_DOCKER_BASE)")
+        pytest.skip(
+            f"local base image {BASE_IMAGE} is absent (make it as docker/README.md says, or set REFVISION_DOCKER_BASE)"
+        )
 
 
 @pytest.mark.slow
 def test_image_builds_on_the_local_base_and_runs(tmp_path: Path) -> None:
     _skip_without_engine_or_base()
     tag = "refvision:test"
-    _docker("build", "-q", "-f", str(DOCKERFILE), "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", tag, str(REPO),
-            timeout=3600)
+    _docker(
+        "build",
+        "-q",
+        "-f",
+        str(DOCKERFILE),
+        "--build-arg",
+        f"BASE_IMAGE={BASE_IMAGE}",
+        "-t",
+        tag,
+        str(REPO),
+        timeout=3600,
+    )
     assert _docker("image", "inspect", "--format", "{{.Config.User}}", tag).stdout.strip() == "1000:1000"
     # No /runs mount: Docker fills an anonymous volume from the image's /runs, which must hold
     # nothing that user 1000 cannot write.
@@ -347,10 +447,33 @@ def test_image_builds_on_the_local_base_and_runs(tmp_path: Path) -> None:
     write_imagefolder(data / "imagefolder", train_per_class=2, val_per_class=1, size=32)
     mounts = ["--user", f"{os.getuid()}:{os.getgid()}", "-v", f"{data}:/data:ro", "-v", f"{runs}:/runs"]
     assert "fit" in _docker("run", "--rm", *mounts, tag, "--help", timeout=300).stdout
-    _docker("run", "--rm", *mounts, "-e", "OMP_NUM_THREADS=1", tag, "fit", "-c",
-            "configs/demo/classification.yaml", "-c", "configs/conv/refconv.yaml", "--data.root", "data/imagefolder",
-            "--data.image_size", "32",
-            "--data.resize_size", "32", "--data.batch_size", "4", "--model.image_size", "32",
-            "--trainer.max_epochs", "1", "--trainer.default_root_dir", "runs/tiny", timeout=600)
+    _docker(
+        "run",
+        "--rm",
+        *mounts,
+        "-e",
+        "OMP_NUM_THREADS=1",
+        tag,
+        "fit",
+        "-c",
+        "configs/demo/classification.yaml",
+        "-c",
+        "configs/conv/refconv.yaml",
+        "--data.root",
+        "data/imagefolder",
+        "--data.image_size",
+        "32",
+        "--data.resize_size",
+        "32",
+        "--data.batch_size",
+        "4",
+        "--model.image_size",
+        "32",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        "runs/tiny",
+        timeout=600,
+    )
     checkpoints = {p.name for p in (runs / "tiny").rglob("*.ckpt")}
     assert {"best.ckpt", "best-deploy.ckpt"} <= checkpoints, checkpoints

@@ -46,7 +46,12 @@ def randomized_drconv(
 ) -> DRConv:
     """A DRConv whose generator output layer is randomized, so regions differ."""
     conv = DRConv(
-        in_channels, out_channels, kernel_size, regions=regions, dtype=dtype, residual=residual,
+        in_channels,
+        out_channels,
+        kernel_size,
+        regions=regions,
+        dtype=dtype,
+        residual=residual,
         **conv_kwargs,
     )
     with torch.no_grad():
@@ -77,9 +82,7 @@ def all_grads(out: Tensor, grad_out: Tensor, x: Tensor, module: nn.Module) -> di
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "paper"])
-@pytest.mark.parametrize(
-    "cin, cout, k, stride, padding, dilation, batch, regions, size, bias, padding_mode", CASES
-)
+@pytest.mark.parametrize("cin, cout, k, stride, padding, dilation, batch, regions, size, bias, padding_mode", CASES)
 def test_matches_dense_reference(
     monkeypatch: pytest.MonkeyPatch,
     layout: str,
@@ -99,8 +102,16 @@ def test_matches_dense_reference(
     use_layout(monkeypatch, layout)
     torch.manual_seed(0)
     conv = randomized_drconv(
-        cin, cout, k, regions=regions, stride=stride, padding=padding, dilation=dilation,
-        bias=bias, padding_mode=padding_mode, residual=residual,
+        cin,
+        cout,
+        k,
+        regions=regions,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=bias,
+        padding_mode=padding_mode,
+        residual=residual,
     )
     x = torch.randn(batch, cin, *size, dtype=torch.float64, requires_grad=True)
 
@@ -119,10 +130,15 @@ def test_matches_dense_reference(
     got = all_grads(out, grad_out, x, conv)
     expected = all_grads(reference.out, grad_out, x, conv)
     assert set(got) == {
-        "input", *(["weight"] if residual else []), *(["bias"] if bias else []),
-        "guide_weight", "guide_bias",
-        "generator.reduce_weight", "generator.reduce_bias",
-        "generator.expand_weight", "generator.expand_bias",
+        "input",
+        *(["weight"] if residual else []),
+        *(["bias"] if bias else []),
+        "guide_weight",
+        "guide_bias",
+        "generator.reduce_weight",
+        "generator.reduce_bias",
+        "generator.expand_weight",
+        "generator.expand_bias",
     }
     for name in got:
         assert expected[name].abs().sum() > 0, f"reference gradient of {name} is zero"
@@ -206,12 +222,19 @@ def test_region_filter_gets_gradient_only_from_its_pixels(
     grad_x, grad_dynamic = torch.autograd.grad(out, (x, t["dynamic"]), grad_out)
     region = guide.argmax(1, keepdim=True)
     filters = (t["weight"] + t["dynamic"]).detach()
-    expected_x = torch.stack([
-        torch.nn.grad.conv2d_input(
-            (1, *x.shape[1:]), filters[b, j], (grad_out * (region == j))[b : b + 1], padding=padding
-        )[0]
-        for b in range(2) for j in range(4)
-    ]).view(2, 4, *x.shape[1:]).sum(1)
+    expected_x = (
+        torch.stack(
+            [
+                torch.nn.grad.conv2d_input(
+                    (1, *x.shape[1:]), filters[b, j], (grad_out * (region == j))[b : b + 1], padding=padding
+                )[0]
+                for b in range(2)
+                for j in range(4)
+            ]
+        )
+        .view(2, 4, *x.shape[1:])
+        .sum(1)
+    )
     torch.testing.assert_close(grad_x, expected_x)
 
     assert torch.count_nonzero(grad_dynamic[:, 3]) == 0
@@ -228,9 +251,7 @@ def test_region_filter_gets_gradient_only_from_its_pixels(
     [
         pytest.param(nn.Conv2d(5, 7, 1, bias=False), id="k1"),
         pytest.param(nn.Conv2d(4, 6, 3, stride=2, padding=1), id="k3-stride2-pad1"),
-        pytest.param(
-            nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode="reflect"), id="k3-reflect"
-        ),
+        pytest.param(nn.Conv2d(4, 4, 3, padding=2, dilation=2, padding_mode="reflect"), id="k3-reflect"),
     ],
 )
 def test_from_conv_is_function_preserving_until_trained(conv: nn.Conv2d) -> None:
@@ -260,6 +281,7 @@ def test_geometry_changed_after_construction_is_honoured() -> None:
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "paper"])
 def test_deploy_matches_eval_and_exports(tmp_path, residual: bool) -> None:
     import onnxruntime
+
     torch.manual_seed(7)
     conv = randomized_drconv(4, 6, 3, regions=4, dtype=torch.float32, padding=1, residual=residual).eval()
     x = torch.randn(2, 4, 10, 9)

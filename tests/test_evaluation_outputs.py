@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torchvision.io import decode_png, read_file
-
 from reference_miou import reference_scores
 from reference_voc_eval import voc_curve, voc_eval
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_metrics_voc import random_case, to_metric_inputs
+from torchvision.io import decode_png, read_file
+
 from refvision.app.cli import lightning_cli
 from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_vocdevkit
 from refvision.data.voc_format import xyxy_to_voc
 from refvision.metrics import VOCMeanAveragePrecision
 from refvision.outputs.figures import per_class_bars, save_figure
 from refvision.outputs.tables import PerClassTable, confusion_table, format_table, render_table
-from test_metrics_voc import random_case, to_metric_inputs
 
 COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--seed_everything", "0"]
 
@@ -71,8 +71,14 @@ def _close(saved: list[float], expected: np.ndarray, atol: float = 1e-12) -> Non
 
 def test_render_table_plain_and_terminal() -> None:
     plain = render_table(["class", "AP"], [["cat", "1.00"], ["dog", "-"]], [["mAP", "1.00"]], terminal=False)
-    assert plain.splitlines() == ["class     AP", "------------", "cat     1.00", "dog        -", "------------",
-                                  "mAP     1.00"]
+    assert plain.splitlines() == [
+        "class     AP",
+        "------------",
+        "cat     1.00",
+        "dog        -",
+        "------------",
+        "mAP     1.00",
+    ]
     styled = render_table(["class", "AP"], [["cat", "1.00"]], terminal=True)
     assert "\x1b[" in styled and "─" in styled
     with pytest.raises(ValueError, match=r"table row \['cat'\]: expected 2 cells"):
@@ -85,8 +91,10 @@ def test_per_class_csv_round_trips_at_full_precision(tmp_path: Path) -> None:
     header, rows = _read_csv(table.save_csv(tmp_path / "t.csv"))
     assert header == ["class", "AP"]
     assert rows["a"] == [1 / 3] and math.isnan(rows["b"][0]) and rows["c"] == [0.1]
-    assert format_table({"ap_per_class": ap, "map": ap.nanmean()}, ["a", "b", "c"]).splitlines()[-1].split() \
-        == ["mAP", "21.67"]
+    assert format_table({"ap_per_class": ap, "map": ap.nanmean()}, ["a", "b", "c"]).splitlines()[-1].split() == [
+        "mAP",
+        "21.67",
+    ]
     counts = torch.tensor([[3, 1], [0, 2]])
     header, rows = _read_csv(confusion_table(counts, ["x", "y"]).save_csv(tmp_path / "c.csv"))
     assert header == ["true \\ predicted", "x", "y"] and rows == {"x": [3.0, 1.0], "y": [0.0, 2.0]}
@@ -119,10 +127,28 @@ def test_pr_curves_are_the_devkit_curves(seed: int) -> None:
 @pytest.mark.slow
 def test_classification_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
     data = write_imagefolder(tmp_path / "images", train_per_class=1, val_per_class=3, size=32)
-    cli = lightning_cli(["test", "-c", "configs/demo/classification.yaml", *COMMON, "--data.root", str(data),
-                         "--data.image_size", "32", "--data.resize_size", "32", "--data.batch_size", "4",
-                         "--model.backbone", "mobilenet_v2", "--model.image_size", "32",
-                         "--trainer.default_root_dir", str(tmp_path / "run")])
+    cli = lightning_cli(
+        [
+            "test",
+            "-c",
+            "configs/demo/classification.yaml",
+            *COMMON,
+            "--data.root",
+            str(data),
+            "--data.image_size",
+            "32",
+            "--data.resize_size",
+            "32",
+            "--data.batch_size",
+            "4",
+            "--model.backbone",
+            "mobilenet_v2",
+            "--model.image_size",
+            "32",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     log_dir = Path(cli.trainer.log_dir)
     assert log_dir == tmp_path / "run" / "lightning_logs" / "version_0"
     # Independent: the model's arg-max over the test images, counted by label.
@@ -147,9 +173,24 @@ def test_classification_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_segmentation_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
     data = write_cityscapes(tmp_path / "cityscapes", num_train=1, num_val=3, size=(64, 128))
-    cli = lightning_cli(["test", "-c", "configs/demo/segmentation.yaml", *COMMON, "--data.root", str(data),
-                         "--data.val_batch_size", "2", "--data.pin_memory", "false",
-                         "--model.example_size", "[64,128]", "--trainer.default_root_dir", str(tmp_path / "run")])
+    cli = lightning_cli(
+        [
+            "test",
+            "-c",
+            "configs/demo/segmentation.yaml",
+            *COMMON,
+            "--data.root",
+            str(data),
+            "--data.val_batch_size",
+            "2",
+            "--data.pin_memory",
+            "false",
+            "--model.example_size",
+            "[64,128]",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     log_dir = Path(cli.trainer.log_dir)
     task = cli.model.eval()
     preds, masks = [], []
@@ -180,9 +221,22 @@ def test_segmentation_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_detection_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
     data = write_vocdevkit(tmp_path / "VOCdevkit", num_train=2, num_test=4, size=(48, 64))
-    cli = lightning_cli(["test", "-c", "configs/demo/detection.yaml", *COMMON, "--data.root", str(data),
-                         "--data.pin_memory", "false", "--data.image_size", "64",
-                         "--trainer.default_root_dir", str(tmp_path / "run")])
+    cli = lightning_cli(
+        [
+            "test",
+            "-c",
+            "configs/demo/detection.yaml",
+            *COMMON,
+            "--data.root",
+            str(data),
+            "--data.pin_memory",
+            "false",
+            "--data.image_size",
+            "64",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     log_dir = Path(cli.trainer.log_dir)
     task = cli.model.eval()
     detections: dict[int, list] = {}
@@ -192,8 +246,10 @@ def test_detection_outputs_hold_the_run_numbers(tmp_path: Path) -> None:
             for found, target in zip(task(images), targets):
                 i = len(annotations)
                 voc = xyxy_to_voc(target["boxes"].double()).tolist()
-                annotations[i] = [{"name": int(label), "bbox": box, "difficult": bool(hard)}
-                                  for label, box, hard in zip(target["labels"], voc, target["difficult"])]
+                annotations[i] = [
+                    {"name": int(label), "bbox": box, "difficult": bool(hard)}
+                    for label, box, hard in zip(target["labels"], voc, target["difficult"])
+                ]
                 boxes = xyxy_to_voc(found["boxes"].double()).tolist()
                 for label, score, box in zip(found["labels"].tolist(), found["scores"].tolist(), boxes):
                     detections.setdefault(label, []).append((i, score, box))

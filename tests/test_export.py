@@ -61,9 +61,14 @@ def _write_checkpoint(task: RefvisionTask, path: Path) -> str:
         task.train()
         task.profile_module()(_batch(task, 8))
     class_path = f"{type(task).__module__}.{type(task).__qualname__}"
-    torch.save({"state_dict": task.state_dict(),
-                "hyper_parameters": {**dict(task.hparams), "_class_path": class_path},
-                "refvision": {"task": class_path, "form": "train"}}, path)
+    torch.save(
+        {
+            "state_dict": task.state_dict(),
+            "hyper_parameters": {**dict(task.hparams), "_class_path": class_path},
+            "refvision": {"task": class_path, "form": "train"},
+        },
+        path,
+    )
     return str(path)
 
 
@@ -80,8 +85,11 @@ def _train_outputs(ckpt: str, inputs: Any) -> torch.Tensor:
     assert any(isinstance(m, (RefConv, DRConv)) for m in task.modules()), "the reference is the train form"
     with torch.no_grad():
         if isinstance(inputs, torch.Tensor):
-            return task.model(normalize(inputs, list(task.hparams.get("mean", IMAGENET_MEAN)),
-                                        list(task.hparams.get("std", IMAGENET_STD))))
+            return task.model(
+                normalize(
+                    inputs, list(task.hparams.get("mean", IMAGENET_MEAN)), list(task.hparams.get("std", IMAGENET_STD))
+                )
+            )
         return task.profile_module()(inputs)
 
 
@@ -100,15 +108,23 @@ def _onnxruntime(path: Path, inputs: torch.Tensor) -> torch.Tensor:
 def refconv_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     # The first blocks only: the default G gives depthwise convs a dense C x C transform (40 M
     # training-only parameters on the whole network), which only slows the test down.
-    task = ClassificationTask(backbone="mobilenet_v2", num_classes=3, image_size=SIZE,
-                              conv={"kind": "refconv", "include": ["features.[0-3].*"]})
+    task = ClassificationTask(
+        backbone="mobilenet_v2",
+        num_classes=3,
+        image_size=SIZE,
+        conv={"kind": "refconv", "include": ["features.[0-3].*"]},
+    )
     return _write_checkpoint(task, tmp_path_factory.mktemp("refconv") / "train.ckpt")
 
 
 @pytest.fixture(scope="module")
 def drconv_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
-    task = ClassificationTask(backbone="mobilenet_v2", num_classes=3, image_size=SIZE,
-                              conv={"kind": "drconv", "select": "pointwise", "include": ["features.1.*"]})
+    task = ClassificationTask(
+        backbone="mobilenet_v2",
+        num_classes=3,
+        image_size=SIZE,
+        conv={"kind": "drconv", "select": "pointwise", "include": ["features.1.*"]},
+    )
     return _write_checkpoint(task, tmp_path_factory.mktemp("drconv") / "train.ckpt")
 
 
@@ -197,8 +213,20 @@ def test_existing_output_unknown_format_and_failed_check(
     with pytest.raises(ValueError, match="torchscript check: max .* exceeds"):
         export_checkpoint(refconv_ckpt, out, "torchscript", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"] and out.read_bytes() == b"keep"
-    main(["export", "--ckpt", refconv_ckpt, "--output", str(out), "--format", "torchscript", "--overwrite",
-          "--check", "false"])
+    main(
+        [
+            "export",
+            "--ckpt",
+            refconv_ckpt,
+            "--output",
+            str(out),
+            "--format",
+            "torchscript",
+            "--overwrite",
+            "--check",
+            "false",
+        ]
+    )
     assert isinstance(torch.jit.load(str(out)), torch.jit.ScriptModule)
 
 
@@ -206,8 +234,14 @@ def test_existing_output_unknown_format_and_failed_check(
 def test_segmentation_export(tmp_path: Path) -> None:
     from refvision.tasks.segmentation import SegmentationTask
 
-    task = SegmentationTask(encoder="mobilenet_v2", num_classes=3, example_size=(64, 64), mean=(0.2, 0.5, 0.7),
-                            std=(0.1, 0.3, 0.2), conv={"kind": "refconv", "include": ["encoder.features.[0-3].*"]})
+    task = SegmentationTask(
+        encoder="mobilenet_v2",
+        num_classes=3,
+        example_size=(64, 64),
+        mean=(0.2, 0.5, 0.7),
+        std=(0.1, 0.3, 0.2),
+        conv={"kind": "refconv", "include": ["encoder.features.[0-3].*"]},
+    )
     ckpt = _write_checkpoint(task, tmp_path / "segmentation.ckpt")
     out = tmp_path / "segmentation.onnx"
     report = export_checkpoint(ckpt, out, "onnx")
@@ -222,8 +256,12 @@ def test_segmentation_export(tmp_path: Path) -> None:
 def test_detection_export_stops_before_post_processing(tmp_path: Path) -> None:
     from refvision.tasks.detection import DetectionTask
 
-    task = DetectionTask(detector="ssdlite320_mobilenet_v2", num_classes=3, image_size=64,
-                         conv={"kind": "refconv", "include": ["backbone.features.0.[0-3].*"]})
+    task = DetectionTask(
+        detector="ssdlite320_mobilenet_v2",
+        num_classes=3,
+        image_size=64,
+        conv={"kind": "refconv", "include": ["backbone.features.0.[0-3].*"]},
+    )
     ckpt = _write_checkpoint(task, tmp_path / "detection.ckpt")
     out = tmp_path / "detection.pt2"
     report = export_checkpoint(ckpt, out, "exported-program")

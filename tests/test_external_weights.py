@@ -1,4 +1,5 @@
-"""``--model.init_from`` with checkpoints written the way torchvision's reference scripts, OpenMMLab, timm and smp write them."""
+"""``--model.init_from`` with checkpoints written the way torchvision's reference scripts, OpenMMLab, timm and smp
+write them."""
 
 import argparse
 from pathlib import Path
@@ -21,9 +22,22 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _classifier(images: Path, backbone: str, init_from: Path, *extra: str) -> torch.nn.Module:
-    cli = lightning_cli(["-c", "configs/demo/classification.yaml", "--data.root", str(images),
-                         "--model.backbone", backbone, "--model.init_from", str(init_from), "--trainer.logger", "false",
-                         *extra], run=False)
+    cli = lightning_cli(
+        [
+            "-c",
+            "configs/demo/classification.yaml",
+            "--data.root",
+            str(images),
+            "--model.backbone",
+            backbone,
+            "--model.init_from",
+            str(init_from),
+            "--trainer.logger",
+            "false",
+            *extra,
+        ],
+        run=False,
+    )
     return cli.model.model
 
 
@@ -48,8 +62,16 @@ def test_torchvision_reference_checkpoint(tmp_path: Path, images: Path) -> None:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16, 22])  # state holds a Counter
     args = argparse.Namespace(model="resnet18", lr=0.1, epochs=26, lr_steps=[16, 22], device="cuda", weights=None)
     path = tmp_path / "model_25.pth"
-    torch.save({"model": source.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(), "epoch": 25, "args": args}, path)
+    torch.save(
+        {
+            "model": source.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "epoch": 25,
+            "args": args,
+        },
+        path,
+    )
     _assert_equal(_classifier(images, "resnet18", path), source.state_dict())
 
 
@@ -58,14 +80,29 @@ def test_openmmlab_mmpretrain_resnet_checkpoint_maps_to_torchvision(tmp_path: Pa
     # ResNet (mmpretrain/models/backbones/resnet.py) are torchvision's under "backbone.", the head's "head.fc.".
     source = torchvision.models.resnet18(weights=None, num_classes=4)
     state = {("head." if k.startswith("fc.") else "backbone.") + k: v for k, v in source.state_dict().items()}
-    for key in ("backbone.conv1.weight", "backbone.bn1.running_var", "backbone.layer2.0.downsample.0.weight",
-                "backbone.layer2.0.downsample.1.weight", "backbone.layer4.1.bn2.bias", "head.fc.weight"):
+    for key in (
+        "backbone.conv1.weight",
+        "backbone.bn1.running_var",
+        "backbone.layer2.0.downsample.0.weight",
+        "backbone.layer2.0.downsample.1.weight",
+        "backbone.layer4.1.bn2.bias",
+        "head.fc.weight",
+    ):
         assert key in state
-    meta = {"epoch": 100, "iter": 125100, "cfg": "model = dict(type='ImageClassifier', ...)", "seed": 1234,
-            "experiment_name": "resnet18_8xb32_in1k", "time": "20230101_000000", "mmengine_version": "0.10.7",
-            "dataset_meta": {"classes": ("a", "b", "c", "d")}}
+    meta = {
+        "epoch": 100,
+        "iter": 125100,
+        "cfg": "model = dict(type='ImageClassifier', ...)",
+        "seed": 1234,
+        "experiment_name": "resnet18_8xb32_in1k",
+        "time": "20230101_000000",
+        "mmengine_version": "0.10.7",
+        "dataset_meta": {"classes": ("a", "b", "c", "d")},
+    }
     path = tmp_path / "epoch_100.pth"
-    save_checkpoint({"meta": meta, "state_dict": state, "optimizer": _trained_optimizer(source).state_dict()}, str(path))
+    save_checkpoint(
+        {"meta": meta, "state_dict": state, "optimizer": _trained_optimizer(source).state_dict()}, str(path)
+    )
     _assert_equal(_classifier(images, "resnet18", path), source.state_dict())
 
 
@@ -83,14 +120,25 @@ def test_openmmlab_runner_checkpoint_with_message_hub_is_refused_clearly(tmp_pat
             return {"loss": torch.nn.functional.cross_entropy(out, y)} if mode == "loss" else out
 
     dataset = [(torch.randn(3), torch.tensor(i % 2)) for i in range(4)]
-    runner = Runner(model=Tiny(), work_dir=str(tmp_path / "work"), train_cfg={"by_epoch": True, "max_epochs": 1},
-                    train_dataloader={"dataset": dataset, "batch_size": 2, "collate_fn": {"type": "default_collate"},
-                                      "sampler": {"type": "DefaultSampler", "shuffle": False}},
-                    optim_wrapper={"optimizer": {"type": "SGD", "lr": 0.1}})
+    runner = Runner(
+        model=Tiny(),
+        work_dir=str(tmp_path / "work"),
+        train_cfg={"by_epoch": True, "max_epochs": 1},
+        train_dataloader={
+            "dataset": dataset,
+            "batch_size": 2,
+            "collate_fn": {"type": "default_collate"},
+            "sampler": {"type": "DefaultSampler", "shuffle": False},
+        },
+        optim_wrapper={"optimizer": {"type": "SGD", "lr": 0.1}},
+    )
     runner.train()
     path = tmp_path / "work" / "epoch_1.pth"
-    with pytest.raises(ValueError, match=r"(?s)epoch_1\.pth needs pickle.*mmengine\.logging\.history_buffer\.HistoryBuffer"
-                                         r".*message_hub.*publish_model\.py.*keep only its weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)epoch_1\.pth needs pickle.*mmengine\.logging\.history_buffer\.HistoryBuffer"
+        r".*message_hub.*publish_model\.py.*keep only its weights",
+    ):
         _classifier(images, "resnet18", path)
 
 
@@ -111,8 +159,19 @@ def test_smp_encoder_weights_go_into_the_encoder(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     save_file(encoder.state_dict(), str(path))
     root = write_cityscapes(tmp_path / "cityscapes", num_train=1, num_val=1, size=(32, 64))
-    cli = lightning_cli(["-c", "configs/demo/segmentation.yaml", "--data.root", str(root), "--model.init_from", str(path),
-                         "--trainer.logger", "false"], run=False)
+    cli = lightning_cli(
+        [
+            "-c",
+            "configs/demo/segmentation.yaml",
+            "--data.root",
+            str(root),
+            "--model.init_from",
+            str(path),
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     _assert_equal(cli.model.model.encoder, encoder.state_dict())
 
 

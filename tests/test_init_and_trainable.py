@@ -38,8 +38,11 @@ def test_prefix_picks_a_subtree() -> None:
 def test_mismatch_names_the_keys_and_the_options(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save(nn.Sequential(nn.Conv2d(3, 16, 3)).state_dict(), path)
-    with pytest.raises(ValueError, match=r"(?s)2 shape mismatches.*shape of 0\.weight: file \[16, 3, 3, 3\] vs model "
-                                         r"\[8, 3, 3, 3\].*init_strict"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)2 shape mismatches.*shape of 0\.weight: file \[16, 3, 3, 3\] vs model "
+        r"\[8, 3, 3, 3\].*init_strict",
+    ):
         load_init_from(_net(), str(path))
     with pytest.raises(FileNotFoundError, match="no-such.pth"):
         load_init_from(_net(), str(tmp_path / "no-such.pth"))
@@ -76,8 +79,12 @@ def test_offline_download_names_option_and_local_alternative() -> None:
 
 def _mobilenet(kind: str) -> nn.Module:
     model = torchvision.models.mobilenet_v2(num_classes=3)
-    return convert(model, kind, select="pointwise" if kind == "drconv" else "kxk",
-                   include=["features.1*"] if kind == "drconv" else None)
+    return convert(
+        model,
+        kind,
+        select="pointwise" if kind == "drconv" else "kxk",
+        include=["features.1*"] if kind == "drconv" else None,
+    )
 
 
 def test_trainable_regimes_refconv() -> None:

@@ -5,10 +5,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from reference_miou import reference_scores
 
 from refvision.metrics import MeanIoU
 from refvision.outputs.tables import format_table
-from reference_miou import reference_scores
 
 IGNORE = 255
 
@@ -127,7 +127,11 @@ def test_deterministic_mode_counts_the_same() -> None:
         (torch.zeros(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), "preds: expected integer class ids"),
         (torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4), "target: expected an integer tensor"),
         (torch.full((1, 4, 4), 4), torch.zeros(1, 4, 4, dtype=torch.long), r"preds: expected class ids in 0..3, got 4"),
-        (torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), 7), r"target: expected class ids in 0..3 or ignore_index 255, got 7"),
+        (
+            torch.zeros(1, 4, 4, dtype=torch.long),
+            torch.full((1, 4, 4), 7),
+            r"target: expected class ids in 0..3 or ignore_index 255, got 7",
+        ),
         (torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), -1), r"target: .* got -1"),
     ],
 )

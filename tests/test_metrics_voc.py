@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from pycocotools.cocoeval import Params
+from reference_voc_eval import voc_eval
 from torchmetrics.detection import MeanAveragePrecision
 
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
 from refvision.metrics import VOCMeanAveragePrecision
 from refvision.outputs.tables import format_table
-from reference_voc_eval import voc_eval
 
 SEEDS = range(30)
 
@@ -80,28 +80,37 @@ def to_metric_inputs(images: list[dict]) -> tuple[list[dict], list[dict]]:
         dets, gts = image["dets"], image["gts"]
         det_boxes = torch.tensor([d[2] for d in dets], dtype=torch.float64).reshape(-1, 4)
         gt_boxes = torch.tensor([g["bbox"] for g in gts], dtype=torch.float64).reshape(-1, 4)
-        preds.append({
-            "boxes": voc_to_xyxy(det_boxes),
-            "scores": torch.tensor([d[1] for d in dets], dtype=torch.float32),
-            "labels": torch.tensor([d[0] for d in dets], dtype=torch.int64),
-        })
-        targets.append({
-            "boxes": voc_to_xyxy(gt_boxes),
-            "labels": torch.tensor([g["name"] for g in gts], dtype=torch.int64),
-            "difficult": torch.tensor([g["difficult"] for g in gts], dtype=torch.bool),
-        })
+        preds.append(
+            {
+                "boxes": voc_to_xyxy(det_boxes),
+                "scores": torch.tensor([d[1] for d in dets], dtype=torch.float32),
+                "labels": torch.tensor([d[0] for d in dets], dtype=torch.int64),
+            }
+        )
+        targets.append(
+            {
+                "boxes": voc_to_xyxy(gt_boxes),
+                "labels": torch.tensor([g["name"] for g in gts], dtype=torch.int64),
+                "difficult": torch.tensor([g["difficult"] for g in gts], dtype=torch.bool),
+            }
+        )
     return preds, targets
 
 
 def reference_ap(case: dict, use_07_metric: bool, group_ties: bool = True) -> np.ndarray:
     annotations = {i: image["gts"] for i, image in enumerate(case["images"])}
-    return np.array([
-        voc_eval(
-            [(i, d[1], d[2]) for i, image in enumerate(case["images"]) for d in image["dets"] if d[0] == c],
-            annotations, c, use_07_metric=use_07_metric, group_ties=group_ties,
-        )
-        for c in range(1, case["num_classes"] + 1)
-    ])
+    return np.array(
+        [
+            voc_eval(
+                [(i, d[1], d[2]) for i, image in enumerate(case["images"]) for d in image["dets"] if d[0] == c],
+                annotations,
+                c,
+                use_07_metric=use_07_metric,
+                group_ties=group_ties,
+            )
+            for c in range(1, case["num_classes"] + 1)
+        ]
+    )
 
 
 def evaluate(case: dict, eval_mode: str, **kwargs) -> dict[str, torch.Tensor]:
@@ -161,8 +170,14 @@ def test_random_cases_cover_the_corner_cases() -> None:
             if len(boxes) != len(set(boxes)):
                 seen.add("duplicates")
     assert seen == {
-        "nan_class", "tie_in_image", "dets_without_gt", "gt_without_dets", "difficult",
-        "dets_of_class_without_gt", "duplicates", "difficult_only_class",
+        "nan_class",
+        "tie_in_image",
+        "dets_without_gt",
+        "gt_without_dets",
+        "difficult",
+        "dets_of_class_without_gt",
+        "duplicates",
+        "difficult_only_class",
     }
 
 
@@ -287,7 +302,7 @@ def synced(metrics: list[VOCMeanAveragePrecision]) -> VOCMeanAveragePrecision:
     per_rank = []
     for metric in metrics:
         sent = []
-        copy.deepcopy(metric)._sync_dist(dist_sync_fn=lambda t, group=None: sent.append(t) or [t])
+        copy.deepcopy(metric)._sync_dist(dist_sync_fn=lambda t, group=None, sent=sent: sent.append(t) or [t])
         per_rank.append(sent)
     gathered = iter(zip(*per_rank))
     rank0 = copy.deepcopy(metrics[0])
@@ -330,12 +345,14 @@ def torchmetrics_coco(preds: list[dict], targets: list[dict]) -> dict[str, torch
     # which differ on integer boxes whose IoU is exactly 0.55, 0.6, ...
     params = Params(iouType="bbox")
     metric = MeanAveragePrecision(
-        iou_type="bbox", backend="pycocotools",
-        iou_thresholds=params.iouThrs.tolist(), rec_thresholds=params.recThrs.tolist(),
+        iou_type="bbox",
+        backend="pycocotools",
+        iou_thresholds=params.iouThrs.tolist(),
+        rec_thresholds=params.recThrs.tolist(),
     )
-    metric.update(preds, [
-        {"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["difficult"].long()} for t in targets
-    ])
+    metric.update(
+        preds, [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["difficult"].long()} for t in targets]
+    )
     return metric.compute()
 
 
@@ -383,13 +400,23 @@ def good_inputs() -> tuple[list[dict], list[dict]]:
     ("arg", "key", "value", "message"),
     [
         ("preds", "scores", None, r"preds\[1\]\['scores'\]: expected a tensor of shape \(1,\)"),
-        ("preds", "boxes", torch.zeros(1, 5), r"preds\[1\]\['boxes'\]: expected a tensor of shape \(N, 4\), got \(1, 5\)"),
+        (
+            "preds",
+            "boxes",
+            torch.zeros(1, 5),
+            r"preds\[1\]\['boxes'\]: expected a tensor of shape \(N, 4\), got \(1, 5\)",
+        ),
         ("preds", "boxes", torch.tensor([[5.0, 0.0, 1.0, 1.0]]), r"preds\[1\]\['boxes'\]: expected xyxy with x2 >= x1"),
         ("preds", "labels", torch.tensor([0]), r"preds\[1\]\['labels'\]: expected values in 1..1 .*got min 0"),
         ("preds", "labels", torch.tensor([1.0]), r"preds\[1\]\['labels'\]: expected an integer tensor"),
         ("preds", "scores", torch.tensor([float("nan")]), r"preds\[1\]\['scores'\]: expected finite"),
         ("targets", "labels", torch.tensor([2]), r"targets\[1\]\['labels'\]: expected values in 1..1 .*max 2"),
-        ("targets", "difficult", torch.tensor([True, False]), r"targets\[1\]\['difficult'\]: expected a tensor of shape \(1,\)"),
+        (
+            "targets",
+            "difficult",
+            torch.tensor([True, False]),
+            r"targets\[1\]\['difficult'\]: expected a tensor of shape \(1,\)",
+        ),
         ("targets", "difficult", torch.tensor([2]), r"targets\[1\]\['difficult'\]: expected bool or 0/1"),
     ],
 )

@@ -61,9 +61,26 @@ def _checkpoint(task: RefvisionTask, path: Path) -> Path:
 
 
 def _predict(task: str, images: Path, ckpt: Path, out: Path, run: Path, *extra: str) -> None:
-    main(["predict", "-c", f"configs/demo/{task}.yaml", "-c", f"configs/predict/{task}.yaml",
-          "--data.root", str(images), "--ckpt_path", str(ckpt), "--trainer.callbacks.output_dir", str(out),
-          "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false", *extra])
+    main(
+        [
+            "predict",
+            "-c",
+            f"configs/demo/{task}.yaml",
+            "-c",
+            f"configs/predict/{task}.yaml",
+            "--data.root",
+            str(images),
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.callbacks.output_dir",
+            str(out),
+            "--trainer.default_root_dir",
+            str(run),
+            "--trainer.enable_progress_bar",
+            "false",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +119,36 @@ def test_classes_of_a_checkpoint_without_names_come_from_data_class_names(
     old = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=6, image_size=64), tmp_path / "old.ckpt")
     _predict("classification", images, old, tmp_path / "ids", tmp_path / "run")
     assert set(_top5_rows(tmp_path / "ids")[1][1::2]) <= {str(i) for i in range(6)}  # numbers: no names known
-    _predict("classification", images, old, tmp_path / "named", tmp_path / "run",
-             "--data.class_names", json.dumps(CLASS_NAMES))
+    _predict(
+        "classification",
+        images,
+        old,
+        tmp_path / "named",
+        tmp_path / "run",
+        "--data.class_names",
+        json.dumps(CLASS_NAMES),
+    )
     assert set(_top5_rows(tmp_path / "named")[1][1::2]) <= set(CLASS_NAMES)
-    named = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64),
-                        tmp_path / "named.ckpt")
+    named = _checkpoint(
+        ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64),
+        tmp_path / "named.ckpt",
+    )
     other = ["a", "b", "c", "d", "e", "f"]
     with pytest.raises(SystemExit):
-        _predict("classification", images, named, tmp_path / "other", tmp_path / "run",
-                 "--data.class_names", json.dumps(other))
-    assert re.search(r"model\.class_names=\['ant', .*\] but the data \(PredictImagesDataModule\) has "
-                     r"class_names=\['a', .*--ckpt_path: the checkpoint was trained on other data", capsys.readouterr().err)
+        _predict(
+            "classification",
+            images,
+            named,
+            tmp_path / "other",
+            tmp_path / "run",
+            "--data.class_names",
+            json.dumps(other),
+        )
+    assert re.search(
+        r"model\.class_names=\['ant', .*\] but the data \(PredictImagesDataModule\) has "
+        r"class_names=\['a', .*--ckpt_path: the checkpoint was trained on other data",
+        capsys.readouterr().err,
+    )
 
 
 def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> None:
@@ -135,8 +171,17 @@ def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> Non
     gap = int(middle[(ordered[middle + 1] - ordered[middle]).argmax()])
     threshold = float(ordered[gap] + ordered[gap + 1]) / 2
     out = tmp_path / "out"
-    _predict("detection", images, ckpt, out, tmp_path / "run", "--data.image_size", "64",
-             "--trainer.callbacks.score_threshold", str(threshold))
+    _predict(
+        "detection",
+        images,
+        ckpt,
+        out,
+        tmp_path / "run",
+        "--data.image_size",
+        "64",
+        "--trainer.callbacks.score_threshold",
+        str(threshold),
+    )
     records = json.loads((out / "detections.json").read_text())
     assert [r["file"] for r in records] == sorted(IMAGES)
     for record in records:
@@ -157,14 +202,36 @@ def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> Non
 @pytest.mark.slow
 def test_segmentation_any_size_with_slide_flip_and_scales(tmp_path: Path, images: Path) -> None:
     torch.manual_seed(0)
-    task = SegmentationTask(output_stride=16, example_size=(64, 64), inference="slide", slide_crop=(32, 32),
-                            slide_stride=(24, 24), flip=True, scales=(0.75, 1.0), class_names=list(TRAIN_CLASSES),
-                            palette=list(PALETTE)).eval()
+    task = SegmentationTask(
+        output_stride=16,
+        example_size=(64, 64),
+        inference="slide",
+        slide_crop=(32, 32),
+        slide_stride=(24, 24),
+        flip=True,
+        scales=(0.75, 1.0),
+        class_names=list(TRAIN_CLASSES),
+        palette=list(PALETTE),
+    ).eval()
     ckpt = _checkpoint(task, tmp_path / "seg.ckpt")
     out = tmp_path / "out"
-    _predict("segmentation", images, ckpt, out, tmp_path / "run", "--model.inference", "slide",
-             "--model.slide_crop", "[32,32]", "--model.slide_stride", "[24,24]", "--model.flip", "true",
-             "--model.scales", "[0.75,1.0]")
+    _predict(
+        "segmentation",
+        images,
+        ckpt,
+        out,
+        tmp_path / "run",
+        "--model.inference",
+        "slide",
+        "--model.slide_crop",
+        "[32,32]",
+        "--model.slide_stride",
+        "[24,24]",
+        "--model.flip",
+        "true",
+        "--model.scales",
+        "[0.75,1.0]",
+    )
     to_float = presets.segmentation_eval()
     palette = torch.tensor(PALETTE, dtype=torch.uint8)
     for name, size in IMAGES.items():
@@ -178,7 +245,9 @@ def test_segmentation_any_size_with_slide_flip_and_scales(tmp_path: Path, images
         assert torch.equal(color, palette[expected])
         assert Image.open(out / "overlay" / f"{stem}.png").size[::-1] == size
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert written == sorted(f"{folder}/{n.rsplit('.', 1)[0]}.png" for n in IMAGES for folder in ("labels", "color", "overlay"))
+    assert written == sorted(
+        f"{folder}/{n.rsplit('.', 1)[0]}.png" for n in IMAGES for folder in ("labels", "color", "overlay")
+    )
 
 
 @pytest.mark.slow
@@ -202,13 +271,24 @@ def test_writers_refuse_existing_outputs_unless_overwrite(tmp_path: Path, images
 
 
 def test_detection_writer_refuses_an_existing_devkit_file(tmp_path: Path, images: Path) -> None:
-    ckpt = _checkpoint(DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "det.ckpt")
+    ckpt = _checkpoint(
+        DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "det.ckpt"
+    )
     taken = tmp_path / "out" / "results" / "VOC2007" / "Main" / "comp4_det_test_car.txt"
     taken.parent.mkdir(parents=True)
     taken.write_text("000001 0.9 1 1 5 5\n")
     with pytest.raises(FileExistsError, match="comp4_det_test_car.txt"):
-        _predict("detection", images, ckpt, tmp_path / "out", tmp_path / "run", "--data.image_size", "64",
-                 "--trainer.callbacks.voc_set", "2007-test")
+        _predict(
+            "detection",
+            images,
+            ckpt,
+            tmp_path / "out",
+            tmp_path / "run",
+            "--data.image_size",
+            "64",
+            "--trainer.callbacks.voc_set",
+            "2007-test",
+        )
     assert taken.read_text() == "000001 0.9 1 1 5 5\n"
     assert not (tmp_path / "out" / "detections.json").exists()
 

@@ -9,10 +9,10 @@ from refvision.surgery.profile import ModelProfile
 
 # Input 1x3x10x10; every layer keeps 10x10.
 H = W = 10
-STEM = 8 * 3 * 3 * 3            # Conv2d(3, 8, 3): 216 weights
-DEPTHWISE = 8 * 1 * 3 * 3       # Conv2d(8, 8, 3, groups=8): 72 weights
-POINTWISE = 4 * 8 + 4           # Conv2d(8, 4, 1) with bias: 36
-MACS = (8 * H * W) * (3 * 9) + (8 * H * W) * 9 + (4 * H * W) * 8   # 21600 + 7200 + 3200
+STEM = 8 * 3 * 3 * 3  # Conv2d(3, 8, 3): 216 weights
+DEPTHWISE = 8 * 1 * 3 * 3  # Conv2d(8, 8, 3, groups=8): 72 weights
+POINTWISE = 4 * 8 + 4  # Conv2d(8, 4, 1) with bias: 36
+MACS = (8 * H * W) * (3 * 9) + (8 * H * W) * 9 + (4 * H * W) * 8  # 21600 + 7200 + 3200
 # RefConv maps, default groups: stem N = 24 kernels, G = 24 -> (24, 1, 3, 3);
 # depthwise N = 8, G = 1 -> (8, 8, 3, 3). Computing Wt is a conv over a (1, N, 3, 3) image.
 STEM_MAP, DEPTHWISE_MAP = 24 * 1 * 9, 8 * 8 * 9
@@ -22,8 +22,10 @@ MAP_MACS = (24 * 9) * (1 * 9) + (8 * 9) * (8 * 9)
 def tiny() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        nn.ReLU(),
         nn.Conv2d(8, 4, 1),
     )
 
@@ -91,12 +93,12 @@ def test_drconv_counts_its_real_work_in_both_forms():
     assert profile(plain, (1, c, 16, 16)).flops == 2 * pixels * c * c
     model = convert(plain, "drconv", select="all", regions=4)
     tile = _tile_rows(pixels, m)
-    tiles = -(-pixels // tile) + m          # tiles per sample
-    region_gemm = tiles * tile * c * c       # one conv's rows plus tile padding
-    guide = pixels * m * c                   # 1x1 conv 8 -> m
-    pool = c * pixels                        # adaptive_avg_pool2d to 1x1: one add per input
-    reduce = m * m * c                       # 1x1 conv 8 -> m^2 on the pooled 1x1 map
-    expand = m * (c * c) * m                 # m groups of m -> Cout*Cin, as one bmm
+    tiles = -(-pixels // tile) + m  # tiles per sample
+    region_gemm = tiles * tile * c * c  # one conv's rows plus tile padding
+    guide = pixels * m * c  # 1x1 conv 8 -> m
+    pool = c * pixels  # adaptive_avg_pool2d to 1x1: one add per input
+    reduce = m * m * c  # 1x1 conv 8 -> m^2 on the pooled 1x1 map
+    expand = m * (c * c) * m  # m groups of m -> Cout*Cin, as one bmm
     per_layer = region_gemm + guide + pool + reduce + expand
     assert tiles * tile >= pixels and region_gemm < m * pixels * c * c
     assert profile(model, (1, c, 16, 16)).flops == 2 * per_layer
@@ -116,8 +118,18 @@ def test_latencies_time_every_form_and_report_progress():
 def test_profile_command_with_device_and_input_size(capsys):
     from refvision.app.commands import profile_command
 
-    profile_command(["-c", "configs/demo/classification.yaml", "--device", "cpu",
-                     "--input_size", "[40, 48]", "--min_run_time", "0.01"])
+    profile_command(
+        [
+            "-c",
+            "configs/demo/classification.yaml",
+            "--device",
+            "cpu",
+            "--input_size",
+            "[40, 48]",
+            "--min_run_time",
+            "0.01",
+        ]
+    )
     out, err = capsys.readouterr()
     assert "counting FLOPs of the train form" in err and "timing the deploy form" in err
     assert "latency ms (median, cpu)" in out

@@ -47,27 +47,47 @@ CONFIGS = {
     # name: (conv kwargs, RefConv kwargs, expected map_groups, expected map kernel)
     "depthwise3x3": (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6), {}, 1, (3, 3)),
     "depthwise5x5_stride2": (
-        dict(in_channels=6, out_channels=6, kernel_size=5, stride=2, padding=2, groups=6), {}, 1, (3, 3)),
+        dict(in_channels=6, out_channels=6, kernel_size=5, stride=2, padding=2, groups=6),
+        {},
+        1,
+        (3, 3),
+    ),
     "depthwise5x5_map5": (
-        dict(in_channels=4, out_channels=4, kernel_size=5, padding=2, groups=4), dict(map_k=5), 1, (5, 5)),
+        dict(in_channels=4, out_channels=4, kernel_size=5, padding=2, groups=4),
+        dict(map_k=5),
+        1,
+        (5, 5),
+    ),
     "regular3x3_bias": (dict(in_channels=3, out_channels=4, kernel_size=3, padding=1), {}, 12, (3, 3)),
     "regular3x3_explicit_groups": (
         dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, bias=False),
-        dict(map_groups=3), 3, (3, 3)),
+        dict(map_groups=3),
+        3,
+        (3, 3),
+    ),
     "grouped3x3_dilation2": (
-        dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2, groups=2), {}, 4, (3, 3)),
+        dict(in_channels=4, out_channels=4, kernel_size=3, padding=2, dilation=2, groups=2),
+        {},
+        4,
+        (3, 3),
+    ),
     "pointwise1x1": (dict(in_channels=4, out_channels=5, kernel_size=1), {}, 20, (1, 1)),
     "stem4x4_stride4": (dict(in_channels=3, out_channels=4, kernel_size=4, stride=4), {}, 12, (3, 3)),
     "downsample2x2": (dict(in_channels=3, out_channels=4, kernel_size=2, stride=2), {}, 12, (2, 2)),
-    "depthwise2x2_dense": (
-        dict(in_channels=4, out_channels=4, kernel_size=2, groups=4, bias=False), {}, 1, (2, 2)),
+    "depthwise2x2_dense": (dict(in_channels=4, out_channels=4, kernel_size=2, groups=4, bias=False), {}, 1, (2, 2)),
     "even_map_on_3x3": (
-        dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4), dict(map_k=2), 1, (2, 2)),
-    "rect1x7": (
-        dict(in_channels=4, out_channels=4, kernel_size=(1, 7), padding=(0, 3), groups=4), {}, 1, (1, 3)),
+        dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4),
+        dict(map_k=2),
+        1,
+        (2, 2),
+    ),
+    "rect1x7": (dict(in_channels=4, out_channels=4, kernel_size=(1, 7), padding=(0, 3), groups=4), {}, 1, (1, 3)),
     "reflect_padding": (
         dict(in_channels=3, out_channels=3, kernel_size=3, padding=1, groups=3, padding_mode="reflect"),
-        {}, 1, (3, 3)),
+        {},
+        1,
+        (3, 3),
+    ),
 }
 
 
@@ -98,11 +118,14 @@ def test_refocused_weight_and_forward_match_reference(name):
     torch.testing.assert_close(layer.fuse()(x), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("conv_kwargs", [
-    dict(in_channels=3, out_channels=3, kernel_size=3, padding=1, groups=3),
-    dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1),
-    dict(in_channels=2, out_channels=2, kernel_size=2, groups=2),
-])
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(in_channels=3, out_channels=3, kernel_size=3, padding=1, groups=3),
+        dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=2, out_channels=2, kernel_size=2, groups=2),
+    ],
+)
 def test_gradcheck_input_and_refocus_weight(conv_kwargs):
     torch.manual_seed(0)
     layer = RefConv(**conv_kwargs, dtype=torch.float64)
@@ -159,8 +182,16 @@ def test_zero_init_reproduces_the_original_conv_exactly():
 def test_from_conv_copies_geometry_mode_and_checkpoint_keys():
     conv = nn.Conv2d(4, 6, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1), bias=False).eval()
     layer = RefConv.from_conv(conv)
-    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode"):
+    for attr in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ):
         assert getattr(layer, attr) == getattr(conv, attr)
     assert layer.bias is None and not layer.training
     assert torch.equal(layer.weight, conv.weight)
@@ -168,8 +199,7 @@ def test_from_conv_copies_geometry_mode_and_checkpoint_keys():
 
     deployed = layer.fuse()
     assert type(deployed) is nn.Conv2d and not deployed.training
-    assert {k: v.shape for k, v in deployed.state_dict().items()} == {
-        k: v.shape for k, v in conv.state_dict().items()}
+    assert {k: v.shape for k, v in deployed.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
 
 
 def test_all_zero_basis_is_refused():
@@ -179,11 +209,14 @@ def test_all_zero_basis_is_refused():
         RefConv.from_conv(conv)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(map_k=0), "map_k must be >= 1, got 0"),
-    (dict(init="ones"), r"init must be one of \('default', 'zeros'\), got 'ones'"),
-    (dict(map_groups=5), "map_groups=5 must be a positive divisor of N .* = 12"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(map_k=0), "map_k must be >= 1, got 0"),
+        (dict(init="ones"), r"init must be one of \('default', 'zeros'\), got 'ones'"),
+        (dict(map_groups=5), "map_groups=5 must be a positive divisor of N .* = 12"),
+    ],
+)
 def test_invalid_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RefConv(3, 4, 3, **kwargs)

@@ -119,7 +119,9 @@ def test_voc_bad_and_missing_files_are_listed_together(devkit: Path) -> None:
     _xml(devkit, ids[1]).write_text("<annotation>")
     with pytest.raises(ValueError, match="2 bad file") as error:
         VOCDetection(str(devkit), ["2007-trainval"])
-    assert str(_jpeg(devkit, ids[0])) in str(error.value) and f"{_xml(devkit, ids[1])}: malformed XML" in str(error.value)
+    assert str(_jpeg(devkit, ids[0])) in str(error.value) and f"{_xml(devkit, ids[1])}: malformed XML" in str(
+        error.value
+    )
 
 
 def _strip_objects(devkit: Path, split: str) -> None:
@@ -177,7 +179,9 @@ def test_cityscapes_missing_labels_are_all_listed_or_all_skipped(
     assert len(warnings) == 2 and all(str(path) in message for path, message in zip(missing, warnings))
 
 
-@pytest.mark.parametrize(("mode", "colour_type", "kind"), [("RGB", 2, "RGB"), ("RGBA", 6, "RGBA"), ("LA", 4, "grayscale + alpha")])
+@pytest.mark.parametrize(
+    ("mode", "colour_type", "kind"), [("RGB", 2, "RGB"), ("RGBA", 6, "RGBA"), ("LA", 4, "grayscale + alpha")]
+)
 def test_cityscapes_colour_label_png_is_refused_at_setup(
     cityscapes: Path, mode: str, colour_type: int, kind: str
 ) -> None:
@@ -214,7 +218,9 @@ def test_cityscapes_images_outside_city_folders_are_named(cityscapes: Path, capl
 
 @pytest.fixture()
 def folders(tmp_path: Path) -> Path:
-    return write_imagefolder(tmp_path / "tree", classes=("circle", "square"), train_per_class=2, val_per_class=2, size=24)
+    return write_imagefolder(
+        tmp_path / "tree", classes=("circle", "square"), train_per_class=2, val_per_class=2, size=24
+    )
 
 
 def _imagefolder(root: Path, **kwargs) -> ImageFolderDataModule:
@@ -257,6 +263,8 @@ class _Emptied(Dataset):
 @pytest.mark.parametrize("train", [True, False])
 def test_dataset_emptied_at_setup_is_an_error(tmp_path: Path, train: bool) -> None:
     dataset = _Emptied(tmp_path / "val")
-    with pytest.raises(ValueError, match=re.escape(f"_Emptied({tmp_path / 'val'}) has no samples: all 3 file(s)")) as error:
+    with pytest.raises(
+        ValueError, match=re.escape(f"_Emptied({tmp_path / 'val'}) has no samples: all 3 file(s)")
+    ) as error:
         make_loader(dataset, batch_size=2, train=train, num_workers=0, pin_memory=False)
     assert all(path in str(error.value) for path, _ in dataset.skipped)

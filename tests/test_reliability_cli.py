@@ -20,16 +20,47 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fit_args(images: Path, root: Path, *extra: str) -> list[str]:
-    return ["-c", CONFIG, "--data.root", str(images), "--data.num_workers", "0", "--data.batch_size", "4",
-            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root), *extra]
+    return [
+        "-c",
+        CONFIG,
+        "--data.root",
+        str(images),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("override, cause", [
-    (["--trainer.max_epochs", "abc"], "refvision fit: error: trainer.max_epochs: Expected a <class 'int'>. Got value: abc"),
-    (["--model.conv.kind", "refocus"], "refvision fit: error: model.conv.kind: conv kind 'refocus' is unknown; registered: acconv, drconv, refconv"),
-    (["--data.root", "/no/such/folder"], "refvision fit: error: image-folder split /no/such/folder/train does not exist"),
-])
+@pytest.mark.parametrize(
+    "override, cause",
+    [
+        (
+            ["--trainer.max_epochs", "abc"],
+            "refvision fit: error: trainer.max_epochs: Expected a <class 'int'>. Got value: abc",
+        ),
+        (
+            ["--model.conv.kind", "refocus"],
+            "refvision fit: error: model.conv.kind: conv kind 'refocus' is unknown; "
+            "registered: acconv, drconv, refconv",
+        ),
+        (
+            ["--data.root", "/no/such/folder"],
+            "refvision fit: error: image-folder split /no/such/folder/train does not exist",
+        ),
+    ],
+)
 def test_config_errors_print_the_cause_alone(
     tmp_path: Path, images: Path, capsys: pytest.CaptureFixture, override: list[str], cause: str
 ) -> None:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from refvision.data import CityscapesSegmentation, ImageFolderDataModule, VOCDataModule
 from refvision.app.demo.data import write_cityscapes, write_vocdevkit
+from refvision.data import CityscapesSegmentation, ImageFolderDataModule, VOCDataModule
 from refvision.data.decode import decode
 from refvision.data.imagefolder import CheckedImageFolder
 
@@ -69,7 +69,7 @@ def test_skip_drops_bad_files_at_setup_and_load_and_reports_them_per_epoch(
     assert [path for path, _ in dm.train_set.skipped] == [str(empty)]
     assert len(dm.train_set) == 7
     loader = dm.train_dataloader()
-    for epoch in range(2):  # worker processes: the report comes with every epoch
+    for _epoch in range(2):  # worker processes: the report comes with every epoch
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="refvision"):
             seen = sum(len(labels) for _, labels in loader)
@@ -109,9 +109,7 @@ def test_bmp_tif_and_animated_gif_are_read_not_dropped(tree: Path) -> None:
     assert torch.equal(decode(folder / "x.gif"), first)
 
 
-def test_unreadable_image_format_and_stray_files_are_named(
-    tree: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_unreadable_image_format_and_stray_files_are_named(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     heic = tree / "train" / "square" / "photo.heic"
     heic.write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(16))
     (tree / "train" / "square" / "notes.txt").write_text("labels checked by hand")

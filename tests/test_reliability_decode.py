@@ -39,7 +39,10 @@ def _png(tree: Path) -> Path:
 def _python(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter: a segmentation fault there fails the test, not pytest."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
@@ -104,8 +107,9 @@ def test_damaged_png_in_worker_processes_is_a_skipped_sample(tree: Path) -> None
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0xFF
     bad.write_bytes(bytes(data))
-    dm = ImageFolderDataModule(str(tree), image_size=16, resize_size=16, batch_size=2, num_workers=2, pin_memory=False,
-                               on_bad_sample="skip")
+    dm = ImageFolderDataModule(
+        str(tree), image_size=16, resize_size=16, batch_size=2, num_workers=2, pin_memory=False, on_bad_sample="skip"
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert sum(len(labels) for _, labels in loader) == 7
@@ -140,11 +144,21 @@ def test_float_and_32_bit_tiff_are_refused_naming_file_and_mode(tmp_path: Path) 
     Image.fromarray(np.full((4, 5), 0.5, np.float32)).save(tmp_path / "float.tif")
     Image.fromarray(np.full((4, 5), 70000, np.int32)).save(tmp_path / "int32.tif")
     Image.fromarray(np.full((4, 5), 700, np.int32)).save(tmp_path / "small_int32.tif")
-    with pytest.raises(BadImageError, match=re.escape(f"{tmp_path / 'float.tif'}: 32-bit floating-point pixels "
-                                                      "(Pillow mode 'F'); expected an image with 8- or 16-bit")):
+    with pytest.raises(
+        BadImageError,
+        match=re.escape(
+            f"{tmp_path / 'float.tif'}: 32-bit floating-point pixels "
+            "(Pillow mode 'F'); expected an image with 8- or 16-bit"
+        ),
+    ):
         decode(tmp_path / "float.tif")
-    with pytest.raises(BadImageError, match=re.escape(f"{tmp_path / 'int32.tif'}: 32-bit integer pixels (Pillow mode "
-                                                      "'I') with values 70000..70000, beyond 16 bits")):
+    with pytest.raises(
+        BadImageError,
+        match=re.escape(
+            f"{tmp_path / 'int32.tif'}: 32-bit integer pixels (Pillow mode "
+            "'I') with values 70000..70000, beyond 16 bits"
+        ),
+    ):
         read_rgb(tmp_path / "int32.tif")
     assert torch.equal(decode(tmp_path / "small_int32.tif"), torch.full((3, 4, 5), 700, dtype=torch.uint16))
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from fit_process import fit_in_process, output_of, start_fit
 
-from refvision.utils.atomic_file import is_temporary
 from refvision.app.cli import main
 from refvision.app.demo.data import write_imagefolder
 from refvision.lifecycle.divergence import TrainingDiverged
+from refvision.utils.atomic_file import is_temporary
 
 REFCONV = ("-c", "configs/conv/refconv.yaml")
 
@@ -24,8 +24,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
     """A RefConv train-form checkpoint from a real one-step fit (its deploy checkpoint lies beside it)."""
-    cli = fit_in_process(tmp_path_factory.mktemp("fit"), data, *REFCONV, "--trainer.max_epochs", "1",
-                         "--trainer.limit_train_batches", "1")
+    cli = fit_in_process(
+        tmp_path_factory.mktemp("fit"),
+        data,
+        *REFCONV,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+    )
     return Path(cli.trainer.checkpoint_callback.best_model_path)
 
 
@@ -52,13 +59,29 @@ def _files(folder: Path) -> list[str]:
 @pytest.mark.slow
 def test_exploding_loss_stops_the_fit_and_writes_nothing(tmp_path: Path, data: Path) -> None:
     # Batches of 2, so the loss blows up within the first epoch, before any validation.
-    proc = start_fit(tmp_path, data, *REFCONV, "--model.optim.name", "sgd", "--model.optim.lr", "1e6",
-                     "--model.optim.warmup_epochs", "0", "--trainer.max_epochs", "5", "--data.batch_size", "2",
-                     "--trainer.limit_train_batches", "16")
+    proc = start_fit(
+        tmp_path,
+        data,
+        *REFCONV,
+        "--model.optim.name",
+        "sgd",
+        "--model.optim.lr",
+        "1e6",
+        "--model.optim.warmup_epochs",
+        "0",
+        "--trainer.max_epochs",
+        "5",
+        "--data.batch_size",
+        "2",
+        "--trainer.limit_train_batches",
+        "16",
+    )
     code = proc.wait(timeout=600)
     out = output_of(proc)
     assert code not in (0, -signal.SIGKILL), out
-    assert re.search(r"TrainingDiverged: the training loss is (nan|inf|-inf) at epoch \d+, step \d+ \(batch \d+\)", out), out
+    assert re.search(
+        r"TrainingDiverged: the training loss is (nan|inf|-inf) at epoch \d+, step \d+ \(batch \d+\)", out
+    ), out
     assert not list(tmp_path.rglob("*.ckpt")), out
 
 

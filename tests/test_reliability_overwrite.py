@@ -13,8 +13,16 @@ from refvision.app.demo.data import write_imagefolder
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A RefConv train-form checkpoint from a real one-step fit."""
     data = write_imagefolder(tmp_path_factory.mktemp("data") / "images", train_per_class=8, val_per_class=2, size=32)
-    cli = fit_in_process(tmp_path_factory.mktemp("fit"), data, "-c", "configs/conv/refconv.yaml",
-                         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    cli = fit_in_process(
+        tmp_path_factory.mktemp("fit"),
+        data,
+        "-c",
+        "configs/conv/refconv.yaml",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+    )
     return Path(cli.trainer.checkpoint_callback.best_model_path)
 
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from test_refconv import reference_refocus
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from refvision.nn.refconv import RefConv
-from test_refconv import reference_refocus
 
 
 def _layer() -> RefConv:

@@ -9,14 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 from fit_process import (
-    STEPS_PER_EPOCH, checkpoint_dir, file_hashes, finish, fit_in_process, output_of, start_fit, wait_for,
+    STEPS_PER_EPOCH,
+    checkpoint_dir,
+    file_hashes,
+    finish,
+    fit_in_process,
+    output_of,
+    start_fit,
+    wait_for,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from refvision.utils.atomic_file import is_temporary
 from refvision.app.demo.data import write_imagefolder
 from refvision.lifecycle.run_checkpoint import RunCheckpoint
+from refvision.utils.atomic_file import is_temporary
 
 TOLERANCE = 1e-6
 
@@ -106,17 +113,31 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path: Path, data: Path, signum:
         # The same command resumes it, ends the epoch it was stopped in and runs one more (one more,
         # so that the resumed run has an epoch to finish even when the signal came at an epoch's end).
         finish(start_fit(tmp_path, data, "--trainer.max_epochs", str(stopped["epoch"] + 2), "--ckpt_path", str(last)))
-        assert _load(checkpoint_dir(tmp_path, 1) / "last.ckpt")["global_step"] == (stopped["epoch"] + 2) * STEPS_PER_EPOCH
+        assert (
+            _load(checkpoint_dir(tmp_path, 1) / "last.ckpt")["global_step"] == (stopped["epoch"] + 2) * STEPS_PER_EPOCH
+        )
 
 
 def _kill_while_saving(root: Path, data: Path, env: dict[str, str]) -> list[Path]:
     """Start a fit that validates (and so saves best and last) after every step, kill -9 it as soon as
     a temporary checkpoint file is there once last.ckpt exists; returns the temporaries left."""
     folder = checkpoint_dir(root)
-    proc = start_fit(root, data, "--trainer.max_epochs", "1000", "--trainer.val_check_interval", "1",
-                     "--model.optim.lr", "0", env=env)
-    wait_for(lambda: ((folder / "last.ckpt").exists() and _temporaries(folder)) or proc.poll() is not None,
-             600, "a checkpoint being written")
+    proc = start_fit(
+        root,
+        data,
+        "--trainer.max_epochs",
+        "1000",
+        "--trainer.val_check_interval",
+        "1",
+        "--model.optim.lr",
+        "0",
+        env=env,
+    )
+    wait_for(
+        lambda: ((folder / "last.ckpt").exists() and _temporaries(folder)) or proc.poll() is not None,
+        600,
+        "a checkpoint being written",
+    )
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, output_of(proc)
     return _temporaries(folder)
@@ -143,8 +164,21 @@ def test_kill_while_saving_with_tmpdir_elsewhere(tmp_path: Path, data: Path) -> 
 
         last = folder / "last.ckpt"
         epoch = _load(last)["epoch"]
-        out = finish(start_fit(root, data, "--trainer.max_epochs", str(epoch + 1), "--trainer.val_check_interval",
-                               "1", "--model.optim.lr", "0", "--ckpt_path", str(last), env=env))
+        out = finish(
+            start_fit(
+                root,
+                data,
+                "--trainer.max_epochs",
+                str(epoch + 1),
+                "--trainer.val_check_interval",
+                "1",
+                "--model.optim.lr",
+                "0",
+                "--ckpt_path",
+                str(last),
+                env=env,
+            )
+        )
         assert not _temporaries(root)
         assert all(f"removed {p}" in out for p in orphans)
     finally:
@@ -162,8 +196,9 @@ def test_last_every_epoch_and_resume_into_new_folder(tmp_path: Path, data: Path)
     assert _load(Path(callback.last_model_path))["epoch"] == 2
     old = file_hashes(tmp_path / "first")
 
-    resumed = fit_in_process(tmp_path / "second", data, *frozen, "--trainer.max_epochs", "4",
-                             "--ckpt_path", callback.last_model_path)
+    resumed = fit_in_process(
+        tmp_path / "second", data, *frozen, "--trainer.max_epochs", "4", "--ckpt_path", callback.last_model_path
+    )
     assert file_hashes(tmp_path / "first") == old
     moved = resumed.trainer.checkpoint_callback
     assert Path(moved.best_model_path).parent == checkpoint_dir(tmp_path / "second")
@@ -175,9 +210,17 @@ def test_last_every_epoch_and_resume_into_new_folder(tmp_path: Path, data: Path)
 
 def test_configured_model_checkpoint_wins(tmp_path: Path, data: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
-        cli = fit_in_process(tmp_path, data, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
-                             "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor=val/loss",
-                             "--trainer.callbacks.filename=mine")
+        cli = fit_in_process(
+            tmp_path,
+            data,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.monitor=val/loss",
+            "--trainer.callbacks.filename=mine",
+        )
     [callback] = cli.trainer.checkpoint_callbacks
     assert type(callback) is ModelCheckpoint and callback.monitor == "val/loss"
     assert Path(callback.best_model_path).name == "mine.ckpt"

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from refvision.app.cli import main
-from refvision.surgery.convert import reparameterize
 from refvision.app.demo.data import write_vocdevkit
 from refvision.models.detection import build_detector
 from refvision.nn.refconv import RefConv
+from refvision.surgery.convert import reparameterize
 from refvision.tasks.detection import DetectionTask
 
 CONFIG = "configs/demo/detection.yaml"
@@ -21,11 +21,27 @@ SIZE = 64
 
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
     return [
-        "-c", CONFIG, *extra,
-        "--data.root", str(data), "--data.pin_memory", "false", "--data.image_size", str(SIZE),
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
+        "-c",
+        CONFIG,
+        *extra,
+        "--data.root",
+        str(data),
+        "--data.pin_memory",
+        "false",
+        "--data.image_size",
+        str(SIZE),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
     ]
 
 
@@ -60,8 +76,9 @@ def test_raw_outputs_of_refconv_and_its_deploy_form_agree() -> None:
     torch.manual_seed(0)
     task = DetectionTask(image_size=SIZE, conv={"kind": "refconv", "select": "kxk"}).eval()
     refconvs = [m for m in task.model.modules() if isinstance(m, RefConv)]
-    assert refconvs and all(name.startswith("backbone.features.") for name, m in task.model.named_modules()
-                            if isinstance(m, RefConv))
+    assert refconvs and all(
+        name.startswith("backbone.features.") for name, m in task.model.named_modules() if isinstance(m, RefConv)
+    )
     with torch.no_grad():
         for m in refconvs:
             m.refocus_weight.normal_(0.0, 0.1)
@@ -73,7 +90,9 @@ def test_raw_outputs_of_refconv_and_its_deploy_form_agree() -> None:
         deploy_out = task.raw_forward(deploy, images)
     assert train_out.shape[0] == 2
     torch.testing.assert_close(deploy_out, train_out, rtol=1e-5, atol=1e-5 * float(train_out.abs().max()))
-    build_detector("ssdlite320_mobilenet_v3_large", 21, image_size=SIZE).load_state_dict(deploy.state_dict(), strict=True)
+    build_detector("ssdlite320_mobilenet_v3_large", 21, image_size=SIZE).load_state_dict(
+        deploy.state_dict(), strict=True
+    )
 
 
 def test_detections_are_in_input_pixels() -> None:
@@ -103,8 +122,10 @@ def test_example_inputs_and_profile_module() -> None:
 def test_class_count_must_match_the_data(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["fit", *_args(tmp_path, data), "--model.num_classes", "5"])
-    assert ("model.num_classes=5 (background included) but the data (VOCDataModule) has num_classes=21 "
-            "(background included)") in capsys.readouterr().err
+    assert (
+        "model.num_classes=5 (background included) but the data (VOCDataModule) has num_classes=21 "
+        "(background included)"
+    ) in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -141,11 +162,21 @@ def test_fit_deploy_and_test(tmp_path: Path, data: Path, baseline: Path, method:
 @pytest.mark.slow
 def test_predict_writes_json_and_images(tmp_path: Path, data: Path, baseline: Path) -> None:
     out = tmp_path / "predictions"
-    main([
-        "predict", *_args(tmp_path, data), "--ckpt_path", str(_best(baseline)), "--return_predictions", "false",
-        "--trainer.callbacks+=refvision.outputs.writers.DetectionPredictionWriter",
-        "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.score_threshold", "0.0",
-    ])
+    main(
+        [
+            "predict",
+            *_args(tmp_path, data),
+            "--ckpt_path",
+            str(_best(baseline)),
+            "--return_predictions",
+            "false",
+            "--trainer.callbacks+=refvision.outputs.writers.DetectionPredictionWriter",
+            "--trainer.callbacks.output_dir",
+            str(out),
+            "--trainer.callbacks.score_threshold",
+            "0.0",
+        ]
+    )
     records = json.loads((out / "detections.json").read_text())
     test_ids = (data / "VOC2007/ImageSets/Main/test.txt").read_text().split()
     assert [r["file"] for r in records] == [f"{i}.jpg" for i in test_ids]

@@ -11,8 +11,8 @@ from torchvision.io import decode_png, read_file
 from refvision import RefConv, reparameterize
 from refvision.app.cli import lightning_cli, main
 from refvision.app.demo.data import write_cityscapes
-from refvision.models.segmentation import build_segmenter
 from refvision.models.losses import ohem_cross_entropy
+from refvision.models.segmentation import build_segmenter
 from refvision.models.segmentation_inference import segment, slide_inference, whole_inference
 from refvision.tasks.segmentation import SegmentationTask
 
@@ -54,7 +54,9 @@ def test_flip_and_scale_averaging() -> None:
     # A per-pixel model commutes with flipping: flip TTA changes nothing.
     assert torch.allclose(segment(model, images, 5, flip=True), model(images), atol=1e-6)
     two = segment(model, images, 5, scales=[1.0, 0.5])
-    half = F.interpolate(model(F.interpolate(images, scale_factor=0.5, mode="bilinear")), size=(32, 32), mode="bilinear")
+    half = F.interpolate(
+        model(F.interpolate(images, scale_factor=0.5, mode="bilinear")), size=(32, 32), mode="bilinear"
+    )
     assert torch.allclose(two, (model(images) + half) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="inference='tiles'"):
         segment(model, images, 5, mode="tiles")
@@ -94,10 +96,25 @@ def test_refconv_on_the_dilated_encoder_folds_exactly() -> None:
 
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
     return [
-        "-c", "configs/demo/segmentation.yaml", *extra, "--data.root", str(data),
-        "--data.crop_size", "[64,128]", "--model.example_size", "[64,128]", "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        "-c",
+        "configs/demo/segmentation.yaml",
+        *extra,
+        "--data.root",
+        str(data),
+        "--data.crop_size",
+        "[64,128]",
+        "--model.example_size",
+        "[64,128]",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
     ]
 
 
@@ -105,16 +122,19 @@ def test_class_count_must_match_the_data(tmp_path: Path, capsys: pytest.CaptureF
     data = write_cityscapes(tmp_path / "cityscapes", num_train=1, num_val=1, size=(64, 128))
     with pytest.raises(SystemExit):
         main(["fit", *_args(tmp_path / "run", data), "--model.num_classes", "5"])
-    assert ("model.num_classes=5 but the data (CityscapesDataModule) has num_classes=19: the data module sets "
-            "model.num_classes; leave it out of the config") in capsys.readouterr().err
+    assert (
+        "model.num_classes=5 but the data (CityscapesDataModule) has num_classes=19: the data module sets "
+        "model.num_classes; leave it out of the config"
+    ) in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_fit_refconv_deploy_test_predict(tmp_path: Path) -> None:
     data = write_cityscapes(tmp_path / "cityscapes", num_train=4, num_val=2, size=(64, 128))
     base = lightning_cli(["fit", *_args(tmp_path / "base", data)]).trainer.checkpoint_callback.best_model_path
-    cli = lightning_cli(["fit", *_args(tmp_path / "ref", data, "-c", "configs/conv/refconv.yaml",
-                                       "--model.init_from", base)])
+    cli = lightning_cli(
+        ["fit", *_args(tmp_path / "ref", data, "-c", "configs/conv/refconv.yaml", "--model.init_from", base)]
+    )
     deploy = Path(cli.trainer.checkpoint_callback.best_model_path).with_name("best-deploy.ckpt")
     state = torch.load(deploy, map_location="cpu", weights_only=True)["state_dict"]
     vanilla = build_segmenter("mobilenet_v2", 19, None, 16)
@@ -123,9 +143,17 @@ def test_cli_fit_refconv_deploy_test_predict(tmp_path: Path) -> None:
     assert 0.0 <= float(tested.trainer.callback_metrics["test/miou"]) <= 1.0
 
     out = tmp_path / "pred"
-    main(["predict", *_args(tmp_path / "pred_run", data), "--ckpt_path", str(deploy),
-          "--trainer.callbacks+=refvision.outputs.writers.SegmentationPredictionWriter",
-          "--trainer.callbacks.output_dir", str(out)])
+    main(
+        [
+            "predict",
+            *_args(tmp_path / "pred_run", data),
+            "--ckpt_path",
+            str(deploy),
+            "--trainer.callbacks+=refvision.outputs.writers.SegmentationPredictionWriter",
+            "--trainer.callbacks.output_dir",
+            str(out),
+        ]
+    )
     first = sorted((data / "leftImg8bit" / tested.datamodule.test_split).glob("*/*.png"))[0]
     name = f"{first.parent.name}/{first.stem}.png"
     ids = decode_png(read_file(str(out / "labels" / name)))

@@ -26,10 +26,29 @@ CONFIG = "configs/demo/detection.yaml"
 
 
 def _args(root: Path, data: Path, *extra: str) -> list[str]:
-    return ["-c", CONFIG, *extra, "--data.root", str(data), "--data.pin_memory", "false", "--data.image_size", "64",
-            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-            "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(root),
-            "--trainer.enable_progress_bar", "false"]
+    return [
+        "-c",
+        CONFIG,
+        *extra,
+        "--data.root",
+        str(data),
+        "--data.pin_memory",
+        "false",
+        "--data.image_size",
+        "64",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
 
 
 def _annotations(data: Path, ids: list[str]) -> dict[str, list[dict]]:
@@ -38,8 +57,11 @@ def _annotations(data: Path, ids: list[str]) -> dict[str, list[dict]]:
     for image_id in ids:
         root = ET.parse(data / "VOC2007" / "Annotations" / f"{image_id}.xml").getroot()
         out[image_id] = [
-            {"name": obj.findtext("name"), "difficult": int(obj.findtext("difficult") or 0),
-             "bbox": [int(float(obj.find("bndbox").findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")]}
+            {
+                "name": obj.findtext("name"),
+                "difficult": int(obj.findtext("difficult") or 0),
+                "bbox": [int(float(obj.find("bndbox").findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")],
+            }
             for obj in root.findall("object")
         ]
     return out
@@ -63,9 +85,21 @@ def test_devkit_files_and_coco_json_score_as_refvision_test(tmp_path: Path) -> N
     torch.save(checkpoint, ckpt)
     tested = lightning_cli(["test", *_args(tmp_path / "test", data), "--ckpt_path", ckpt]).trainer.callback_metrics
     out = tmp_path / "predictions"
-    main(["predict", *_args(tmp_path / "predict", data), "--ckpt_path", ckpt, "--return_predictions", "false",
-          "--trainer.callbacks+=refvision.outputs.writers.DetectionPredictionWriter",
-          "--trainer.callbacks.output_dir", str(out), "--trainer.callbacks.voc_set", "2007-test"])
+    main(
+        [
+            "predict",
+            *_args(tmp_path / "predict", data),
+            "--ckpt_path",
+            ckpt,
+            "--return_predictions",
+            "false",
+            "--trainer.callbacks+=refvision.outputs.writers.DetectionPredictionWriter",
+            "--trainer.callbacks.output_dir",
+            str(out),
+            "--trainer.callbacks.voc_set",
+            "2007-test",
+        ]
+    )
 
     ids = (data / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()
     annotations = _annotations(data, ids)
@@ -87,17 +121,21 @@ def test_devkit_files_and_coco_json_score_as_refvision_test(tmp_path: Path) -> N
         "images": [{"id": i} for i in ids],
         "categories": [{"id": k + 1, "name": c} for k, c in enumerate(VOC_CLASSES)],
         "annotations": [
-            {"id": n + 1, "image_id": image_id, "category_id": VOC_CLASSES.index(obj["name"]) + 1,
-             "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], "area": (x2 - x1 + 1) * (y2 - y1 + 1),
-             "iscrowd": obj["difficult"]}
+            {
+                "id": n + 1,
+                "image_id": image_id,
+                "category_id": VOC_CLASSES.index(obj["name"]) + 1,
+                "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1],
+                "area": (x2 - x1 + 1) * (y2 - y1 + 1),
+                "iscrowd": obj["difficult"],
+            }
             for n, (image_id, obj) in enumerate((i, o) for i in ids for o in annotations[i])
             for x1, y1, x2, y2 in [obj["bbox"]]
         ],
     }
     gt.createIndex()
     results = json.loads((out / "coco_results.json").read_text())
-    assert len(results) == sum(len(lines) for lines in
-                               (p.read_text().splitlines() for p in main_dir.iterdir()))
+    assert len(results) == sum(len(lines) for lines in (p.read_text().splitlines() for p in main_dir.iterdir()))
     evaluator = COCOeval(gt, gt.loadRes(results), iouType="bbox")
     evaluator.evaluate()
     evaluator.accumulate()

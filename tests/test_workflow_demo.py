@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refvision.app.demo import run as workflow
 from refvision.app.cli import lightning_cli
+from refvision.app.demo import run as workflow
 from refvision.app.demo.data import write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,11 @@ def _tiny_classification_config(path: Path) -> Path:
 def test_saved_table_holds_the_runs_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = _tiny_classification_config(tmp_path / "tiny.yaml")
     data = write_imagefolder(tmp_path / "images", train_per_class=4, val_per_class=2, test_per_class=3, size=32)
-    monkeypatch.setitem(workflow.DEMO_TASKS, "classification",
-                        workflow.DemoTask(str(config), "imagefolder", "test/top1", "top-1 %", refocus_epochs=1))
+    monkeypatch.setitem(
+        workflow.DEMO_TASKS,
+        "classification",
+        workflow.DemoTask(str(config), "imagefolder", "test/top1", "top-1 %", refocus_epochs=1),
+    )
     row = workflow.run_task("classification", tmp_path / "runs", data)
     markdown, table = workflow.save_results([row], tmp_path / "runs")
 
@@ -38,11 +41,23 @@ def test_saved_table_holds_the_runs_numbers(tmp_path: Path, monkeypatch: pytest.
     checkpoints = {
         "baseline": tmp_path / "runs/classification/baseline/lightning_logs/version_0/checkpoints/best.ckpt",
         "control": tmp_path / "runs/classification/control/lightning_logs/version_0/checkpoints/best.ckpt",
-        "refconv_deploy": tmp_path / "runs/classification/refconv/lightning_logs/version_0/checkpoints/best-deploy.ckpt",
+        "refconv_deploy": tmp_path
+        / "runs/classification/refconv/lightning_logs/version_0/checkpoints/best-deploy.ckpt",
     }
     for column, ckpt in checkpoints.items():
-        cli = lightning_cli(["test", "-c", str(config), "--data.root", str(data), "--ckpt_path", str(ckpt),
-                             "--trainer.default_root_dir", str(tmp_path / "check")])
+        cli = lightning_cli(
+            [
+                "test",
+                "-c",
+                str(config),
+                "--data.root",
+                str(data),
+                "--ckpt_path",
+                str(ckpt),
+                "--trainer.default_root_dir",
+                str(tmp_path / "check"),
+            ]
+        )
         assert float(record[column]) == pytest.approx(100 * float(cli.trainer.callback_metrics["test/top1"]), abs=1e-9)
     # Provenance: the split sizes on disk, the configured epochs and seed, the model that ran.
     sizes = [len(list((data / split).rglob("*.*"))) for split in ("train", "val", "test")]

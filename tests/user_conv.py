@@ -26,8 +26,17 @@ class RepBranchConv(ConvMethod):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, scale: float = 0.0) -> RepBranchConv:
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
         layer.point_weight = nn.Parameter(torch.full((conv.out_channels, conv.in_channels // conv.groups, 1, 1), scale))
         with torch.no_grad():
             layer.weight.copy_(conv.weight)

@@ -15,8 +15,11 @@ from refvision.surgery.profile import profile
 from refvision.tasks.base import RefvisionTask
 from refvision.utils.text_table import render_table
 
+
 def reparameterize_command(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog="refvision reparameterize", description="Write the deploy checkpoint of a trained checkpoint.")
+    parser = ArgumentParser(
+        prog="refvision reparameterize", description="Write the deploy checkpoint of a trained checkpoint."
+    )
     parser.add_argument("--ckpt", required=True, help="trained checkpoint (loaded with weights_only=True)")
     parser.add_argument("--output", required=True, help="deploy checkpoint to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -38,19 +41,27 @@ def build_task_from_configs(configs: Sequence[str]) -> RefvisionTask:
 
 
 def profile_command(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog="refvision profile", description="Parameters, FLOPs and latency of train and deploy form.")
+    parser = ArgumentParser(
+        prog="refvision profile", description="Parameters, FLOPs and latency of train and deploy form."
+    )
     parser.add_argument("-c", "--config", action="append", default=[], help="task config(s), composed in order")
     parser.add_argument("--ckpt", help="a trained checkpoint, instead of the configs (it builds its own task)")
     parser.add_argument("--device", default="cpu", help="where both forms run and are timed (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--input_size", type=list[int] | None, default=None,
-                        help="input height and width, e.g. [512, 1024] (default: the task's example input)")
+    parser.add_argument(
+        "--input_size",
+        type=list[int] | None,
+        default=None,
+        help="input height and width, e.g. [512, 1024] (default: the task's example input)",
+    )
     parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timed forward passes per form")
     cfg = parser.parse_args(list(argv))
     if not cfg.config and not cfg.ckpt:
         parser.error("give -c CONFIG or --ckpt CKPT")
     if cfg.config and cfg.ckpt:
-        raise ValueError(f"-c {' -c '.join(cfg.config)} and --ckpt {cfg.ckpt}: give one, not both; the "
-                         "checkpoint's hyper-parameters build its task, so the configs would be ignored")
+        raise ValueError(
+            f"-c {' -c '.join(cfg.config)} and --ckpt {cfg.ckpt}: give one, not both; the "
+            "checkpoint's hyper-parameters build its task, so the configs would be ignored"
+        )
     if cfg.input_size is not None and (len(cfg.input_size) != 2 or min(cfg.input_size) < 1):
         raise ValueError(f"--input_size {cfg.input_size}: expected [height, width], two positive integers")
     device = usable_device(cfg.device)
@@ -71,22 +82,29 @@ def usable_device(name: str) -> torch.device:
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:
-            raise ValueError(f"--device {name}: no CUDA GPU is usable here (torch.cuda.device_count() is 0); "
-                             "expected cpu")
+            raise ValueError(
+                f"--device {name}: no CUDA GPU is usable here (torch.cuda.device_count() is 0); expected cpu"
+            )
         if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s); expected cpu or "
-                             f"cuda:0 to cuda:{count - 1}")
+            raise ValueError(
+                f"--device {name}: this machine has {count} CUDA GPU(s); expected cpu or cuda:0 to cuda:{count - 1}"
+            )
     elif device.type != "cpu":
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError):
-            raise ValueError(f"--device {name}: PyTorch cannot use it on this machine; "
-                             "expected cpu or cuda") from None
+            raise ValueError(f"--device {name}: PyTorch cannot use it on this machine; expected cpu or cuda") from None
     return device
 
 
-def profile_table(task: RefvisionTask, min_run_time: float = 1.0, *, device: str | torch.device = "cpu",
-                  input_size: Sequence[int] | None = None, progress: Callable[[str], None] | None = None) -> str:
+def profile_table(
+    task: RefvisionTask,
+    min_run_time: float = 1.0,
+    *,
+    device: str | torch.device = "cpu",
+    input_size: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> str:
     """Params / FLOPs / median latency (ms, batch of ``example_inputs``) of both forms on ``device``.
 
     ``input_size`` ``(H, W)`` replaces the example input's spatial size. ``progress`` (default: a
@@ -107,8 +125,12 @@ def profile_table(task: RefvisionTask, min_run_time: float = 1.0, *, device: str
         say(f"counting FLOPs of the {name} form")
         profiles.append(profile(module, inputs=inputs))
     latency = _latencies({"train": train_module, "deploy": deploy_module}, inputs, min_run_time, say)
-    for label, field in (("params total", "params_total"), ("params trainable", "params_trainable"),
-                         ("params training-only", "params_training_only"), ("FLOPs (mult-adds)", "flops")):
+    for label, field in (
+        ("params total", "params_total"),
+        ("params trainable", "params_trainable"),
+        ("params training-only", "params_training_only"),
+        ("FLOPs (mult-adds)", "flops"),
+    ):
         rows.append((label, *(f"{getattr(p, field):,}" for p in profiles)))
     rows.append((f"latency ms (median, {device.type})", *(f"{t:.2f}" for t in latency)))
     return render_table(("", "train form", "deploy form"), rows)
@@ -127,8 +149,9 @@ def _to_device(inputs: Any, device: torch.device) -> Any:
     return inputs.to(device) if isinstance(inputs, torch.Tensor) else [t.to(device) for t in inputs]
 
 
-def _latencies(modules: dict[str, torch.nn.Module], inputs: Any, min_run_time: float,
-               progress: Callable[[str], None]) -> list[float]:
+def _latencies(
+    modules: dict[str, torch.nn.Module], inputs: Any, min_run_time: float, progress: Callable[[str], None]
+) -> list[float]:
     """Median forward time (ms) of each module on its device, with ``torch.utils.benchmark.Timer``.
 
     Each module is warmed up (two calls), then timed in blocks for at least ``min_run_time`` s
@@ -142,14 +165,17 @@ def _latencies(modules: dict[str, torch.nn.Module], inputs: Any, min_run_time: f
             progress(f"timing the {name} form (warm-up, then {min_run_time:g} s)")
             for _ in range(2):
                 module(inputs)
-            timer = benchmark.Timer(stmt="module(inputs)", globals={"module": module, "inputs": inputs},
-                                    num_threads=torch.get_num_threads())
+            timer = benchmark.Timer(
+                stmt="module(inputs)", globals={"module": module, "inputs": inputs}, num_threads=torch.get_num_threads()
+            )
             medians.append(1000 * timer.blocked_autorange(min_run_time=min_run_time).median)
     return medians
 
 
 def demo_command(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog="refvision demo", description="Baseline, control and RefConv refocusing on generated data.")
+    parser = ArgumentParser(
+        prog="refvision demo", description="Baseline, control and RefConv refocusing on generated data."
+    )
     parser.add_argument("--root", default="runs/demo", help="run directory (data is cached under ROOT/data)")
     parser.add_argument("--tasks", type=list[str], default=["classification", "detection", "segmentation"])
     cfg = parser.parse_args(list(argv))
@@ -157,8 +183,10 @@ def demo_command(argv: Sequence[str]) -> None:
 
 
 def export_command(argv: Sequence[str]) -> None:
-    parser = ArgumentParser(prog="refvision export",
-                            description="Export the deploy form of a checkpoint's raw network (no post-processing).")
+    parser = ArgumentParser(
+        prog="refvision export",
+        description="Export the deploy form of a checkpoint's raw network (no post-processing).",
+    )
     parser.add_argument("--ckpt", required=True, help="train or deploy checkpoint (loaded with weights_only=True)")
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx | torchscript | exported-program")
@@ -166,8 +194,9 @@ def export_command(argv: Sequence[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--check", type=bool, default=True, help="run the written file and compare it with PyTorch")
     cfg = parser.parse_args(list(argv))
-    print(export_checkpoint(cfg.ckpt, cfg.output, cfg.format, opset=cfg.opset, overwrite=cfg.overwrite,
-                            check=cfg.check))
+    print(
+        export_checkpoint(cfg.ckpt, cfg.output, cfg.format, opset=cfg.opset, overwrite=cfg.overwrite, check=cfg.check)
+    )
 
 
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {

@@ -25,7 +25,7 @@ import refvision.data  # noqa: F401  (registers the data modules for short class
 import refvision.tasks.classification  # noqa: F401  (registers the tasks for short class names)
 import refvision.tasks.detection  # noqa: F401
 import refvision.tasks.segmentation  # noqa: F401
-from refvision.lifecycle.deploy_callback import DeployCheckpoint
+from refvision.checkpoints.deploy import import_class
 from refvision.checkpoints.loading import (
     CheckpointError,
     check_task_checkpoint,
@@ -33,7 +33,7 @@ from refvision.checkpoints.loading import (
     evaluating,
     safe_checkpoint_globals,
 )
-from refvision.checkpoints.deploy import import_class
+from refvision.lifecycle.deploy_callback import DeployCheckpoint
 from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
 from refvision.models.weights import WeightsUnavailableError
 from refvision.tasks.base import OPTIM_DEFAULTS, RefvisionTask
@@ -45,8 +45,16 @@ RUN_OPTIONS = ("eval_mode", "inference", "slide_crop", "slide_stride", "flip", "
 """Model options that say how test / validate / predict run the network, not what it is: there a
 value given in the config replaces the ``--ckpt_path`` checkpoint's."""
 
-UNUSED_IN_EVALUATION = ("optim", "trainable", "init_prefix", "init_strict", "label_smoothing", "norm_momentum",
-                        "ohem", "example_size")
+UNUSED_IN_EVALUATION = (
+    "optim",
+    "trainable",
+    "init_prefix",
+    "init_strict",
+    "label_smoothing",
+    "norm_momentum",
+    "ohem",
+    "example_size",
+)
 """Model options that test / validate / predict do not use (training settings, the profiling input
 size): a config that differs from the ``--ckpt_path`` checkpoint there is not refused."""
 
@@ -82,8 +90,11 @@ def root_cause(err: BaseException) -> str:
         if err.__cause__ is None or type(err).__module__.partition(".")[0] == "refvision":
             break
         err = err.__cause__
-    lines = [line.strip() for line in str(err).splitlines()
-             if not line.lstrip().startswith(("Given value", "Subtypes:", "- Expected a <class 'NoneType'>"))]
+    lines = [
+        line.strip()
+        for line in str(err).splitlines()
+        if not line.lstrip().startswith(("Given value", "Subtypes:", "- Expected a <class 'NoneType'>"))
+    ]
     cause = " ".join(line for line in lines if line)
     return f"{key}: {cause}" if key and not cause.startswith("Parser key") else cause
 
@@ -128,8 +139,9 @@ class RefvisionCLI(LightningCLI):
         # the task lacks (palette: segmentation only). A model value the config or the checkpoint
         # gives is checked against the data's after instantiation (check_description).
         for key in DESCRIBED_BY_DATA:
-            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", compute_fn=config_value,
-                                  apply_on="instantiate")
+            parser.link_arguments(
+                f"data.{key}", f"model.init_args.{key}", compute_fn=config_value, apply_on="instantiate"
+            )
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyper-parameters here and the Trainer loads it later (a URL
@@ -153,8 +165,9 @@ class RefvisionCLI(LightningCLI):
                 raise ConfigError(root_cause(err)) from err
             if subcommand == "fit":
                 check_resumable(str(ckpt_path), checkpoint)
-            check_model_options(model_class, init_args, str(ckpt_path), checkpoint, subcommand,
-                                self.mentioned_model_keys)
+            check_model_options(
+                model_class, init_args, str(ckpt_path), checkpoint, subcommand, self.mentioned_model_keys
+            )
             config["ckpt_path"] = str(path)
         with safe_checkpoint_globals():
             super()._parse_ckpt_path()
@@ -217,7 +230,8 @@ def check_weights_given(subcommand: str, ckpt_path: str | None, model_class: str
     warnings.warn(
         f"refvision {subcommand}: no weights given (--ckpt_path, {', '.join('--model.' + key for key in options)}); "
         "the model is evaluated as built, with random weights",
-        UserWarning, stacklevel=2,
+        UserWarning,
+        stacklevel=2,
     )
 
 
@@ -230,12 +244,20 @@ def check_resumable(ckpt_path: str, checkpoint: dict) -> None:
         what = "weights only (no optimizer or loop state)"
     else:
         return
-    raise ConfigError(f"--ckpt_path {ckpt_path} is {what}; it cannot resume a fit; to start a new training "
-                      f"from its weights use --model.init_from {ckpt_path}")
+    raise ConfigError(
+        f"--ckpt_path {ckpt_path} is {what}; it cannot resume a fit; to start a new training "
+        f"from its weights use --model.init_from {ckpt_path}"
+    )
 
 
-def check_model_options(model_class: str, init_args: dict[str, Any], ckpt_path: str, checkpoint: dict,
-                        subcommand: str, mentioned: Collection[str] = ()) -> None:
+def check_model_options(
+    model_class: str,
+    init_args: dict[str, Any],
+    ckpt_path: str,
+    checkpoint: dict,
+    subcommand: str,
+    mentioned: Collection[str] = (),
+) -> None:
     """Refuse a model option of the config that the ``--ckpt_path`` checkpoint would silently replace.
 
     LightningCLI builds the model from the checkpoint's hyper-parameters, over the config. A config
@@ -261,10 +283,15 @@ def check_model_options(model_class: str, init_args: dict[str, Any], ckpt_path: 
             continue
         if key in deployed and _comparable(key, deployed[key]) == theirs:
             continue
-        fix = ("to start a new training from these weights use --model.init_from" if subcommand == "fit"
-               else f"leave model.{key} out, or pass the checkpoint of the model you mean")
-        raise ConfigError(f"model.{key}={config_value(value)} but the checkpoint --ckpt_path {ckpt_path} has "
-                          f"model.{key}={config_value(saved[key])}, which would replace it; {fix}")
+        fix = (
+            "to start a new training from these weights use --model.init_from"
+            if subcommand == "fit"
+            else f"leave model.{key} out, or pass the checkpoint of the model you mean"
+        )
+        raise ConfigError(
+            f"model.{key}={config_value(value)} but the checkpoint --ckpt_path {ckpt_path} has "
+            f"model.{key}={config_value(saved[key])}, which would replace it; {fix}"
+        )
 
 
 def mentioned_model_keys(args: Sequence[str]) -> set[str]:
@@ -319,8 +346,11 @@ def given_description(model_class: str, init_args: dict[str, Any]) -> dict[str, 
     """The :data:`DESCRIBED_BY_DATA` values of a model config (its own, or merged from
     ``--ckpt_path``'s hyper-parameters) that differ from the task's defaults: the ones given."""
     cls = import_class(model_class)
-    return {key: init_args[key] for key in DESCRIBED_BY_DATA
-            if init_args.get(key) is not None and config_value(init_args[key]) != config_value(_default(cls, key))}
+    return {
+        key: init_args[key]
+        for key in DESCRIBED_BY_DATA
+        if init_args.get(key) is not None and config_value(init_args[key]) != config_value(_default(cls, key))
+    }
 
 
 def check_description(given: dict[str, Any], datamodule: LightningDataModule, num_classes_note: str = "") -> None:

@@ -24,10 +24,10 @@ from refvision.checkpoints.loading import (
     state_differences,
     task_of,
 )
-from refvision.utils.atomic_file import check_writable, save_atomically
-from refvision.surgery.convert import reparameterize
 from refvision.lifecycle.divergence import non_finite_tensors
+from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import ModelProfile, profile
+from refvision.utils.atomic_file import check_writable, save_atomically
 from refvision.utils.text_table import render_table
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -70,19 +70,24 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     """
     checkpoint = read_checkpoint(resolve_source(path, "--ckpt"), "--ckpt")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"--ckpt {path}: not a Lightning checkpoint (no 'state_dict'); it holds "
-                              f"{describe_checkpoint(checkpoint)}")
+        raise CheckpointError(
+            f"--ckpt {path}: not a Lightning checkpoint (no 'state_dict'); it holds {describe_checkpoint(checkpoint)}"
+        )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     class_path = task_of(checkpoint)
     if not class_path:
-        raise CheckpointError(f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
-                              f"it holds {describe_checkpoint(checkpoint)}")
+        raise CheckpointError(
+            f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
+            f"it holds {describe_checkpoint(checkpoint)}"
+        )
     try:
         task_cls = import_class(class_path)
     except (ImportError, AttributeError, ValueError):
-        raise CheckpointError(f"--ckpt {path}: written by task {class_path!r}, which this refvision does not "
-                              "have (a checkpoint of another refvision version?); expected a refvision task "
-                              "class") from None
+        raise CheckpointError(
+            f"--ckpt {path}: written by task {class_path!r}, which this refvision does not "
+            "have (a checkpoint of another refvision version?); expected a refvision task "
+            "class"
+        ) from None
     hparams = {k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS}
     hparams = {**hparams, "init_from": None, **{k: None for k in task_cls.download_options if k in hparams}}
     accepted = _init_arguments(task_cls)
@@ -91,12 +96,15 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         raise CheckpointError(
             f"--ckpt {path}: ckpt['hyper_parameters'] holds {', '.join(map(repr, unknown))}, which "
             f"{task_cls.__name__} does not take (a checkpoint of another refvision version?); expected only "
-            f"its arguments: {', '.join(sorted(accepted))}")
+            f"its arguments: {', '.join(sorted(accepted))}"
+        )
     try:
         task = task_cls(**hparams)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"--ckpt {path}: its hyper_parameters do not build {task_cls.__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise CheckpointError(
+            f"--ckpt {path}: its hyper_parameters do not build {task_cls.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     try:
         task.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as err:
@@ -150,8 +158,10 @@ def reparameterize_checkpoint(
     with torch.no_grad():
         diff = (task.raw_forward(task.model, inputs) - deploy_task.raw_forward(deploy_task.model, inputs)).abs().max()
     if not torch.isfinite(diff):
-        raise ValueError(f"{source}: max |output(train) - output(deploy)| is {float(diff)} (non-finite outputs); "
-                         "the deploy form cannot be verified, nothing written")
+        raise ValueError(
+            f"{source}: max |output(train) - output(deploy)| is {float(diff)} (non-finite outputs); "
+            "the deploy form cannot be verified, nothing written"
+        )
     profile_input = task.example_inputs()
     report = DeployReport(
         source=str(source),
@@ -162,11 +172,18 @@ def reparameterize_checkpoint(
     )
     checkpoint = {
         "state_dict": deploy_task.state_dict(),
-        "hyper_parameters": {**deploy_hparams, "_class_path": f"{task_cls.__module__}.{task_cls.__qualname__}",
-                             "_instantiator": _INSTANTIATOR},
+        "hyper_parameters": {
+            **deploy_hparams,
+            "_class_path": f"{task_cls.__module__}.{task_cls.__qualname__}",
+            "_instantiator": _INSTANTIATOR,
+        },
         "pytorch-lightning_version": lightning.__version__,
-        "refvision": {"task": f"{task_cls.__module__}.{task_cls.__qualname__}", "form": "deploy",
-                      "source": str(source), "max_abs_diff": report.max_abs_diff},
+        "refvision": {
+            "task": f"{task_cls.__module__}.{task_cls.__qualname__}",
+            "form": "deploy",
+            "source": str(source),
+            "max_abs_diff": report.max_abs_diff,
+        },
     }
     save_atomically(checkpoint, output)
     return report
@@ -207,8 +224,10 @@ def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) 
             more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
             parts.append(f"{len(keys)} key(s) {label}: {', '.join(keys[:5])}{more}")
     found = "; ".join(parts) or str(err).strip().splitlines()[0]
-    return (f"its state_dict does not fit the {type(task).__name__} its hyper_parameters build ({found}); "
-            "expected that network's weights (an edited checkpoint, or one of another refvision version?)")
+    return (
+        f"its state_dict does not fit the {type(task).__name__} its hyper_parameters build ({found}); "
+        "expected that network's weights (an edited checkpoint, or one of another refvision version?)"
+    )
 
 
 def _shape(value: Any) -> str:

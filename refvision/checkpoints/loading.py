@@ -74,7 +74,7 @@ def resolve_source(source: str | os.PathLike, option: str) -> Path:
         from mmengine.runner.checkpoint import get_torchvision_models
 
         urls = get_torchvision_models()
-        name = text[len("torchvision://"):]
+        name = text[len("torchvision://") :]
         if name not in urls:
             raise ValueError(f"{option}={text!r}: torchvision has no weights named {name!r}")
         text = urls[name]
@@ -87,8 +87,9 @@ def resolve_source(source: str | os.PathLike, option: str) -> Path:
                 torch.hub.download_url_to_file(text, str(target), progress=False)
         return target
     if "://" in text:
-        raise ValueError(f"{option}={text!r}: unsupported source; give a local file, an http(s):// URL "
-                         "or torchvision://<model>")
+        raise ValueError(
+            f"{option}={text!r}: unsupported source; give a local file, an http(s):// URL or torchvision://<model>"
+        )
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"{option}={text!r}: no such file")
@@ -107,8 +108,10 @@ def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint", source:
     path = Path(path)
     name = f"{option} {source} (downloaded to {path})" if source and str(source) != str(path) else f"{option} {path}"
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{name}: the file is empty (0 bytes); an interrupted copy or save? "
-                              "Use another checkpoint, e.g. last.ckpt or an earlier one.")
+        raise CheckpointError(
+            f"{name}: the file is empty (0 bytes); an interrupted copy or save? "
+            "Use another checkpoint, e.g. last.ckpt or an earlier one."
+        )
     if path.suffix == ".safetensors":
         try:
             return load_safetensors(str(path), device="cpu")
@@ -128,9 +131,11 @@ def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint", source:
 
 
 def _unreadable_message(name: str, path: Path, err: BaseException) -> str:
-    return (f"{name}: not a complete PyTorch checkpoint ({path.stat().st_size} bytes; "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unexpected end of file'}). "
-            "The file is truncated or is not a checkpoint; use another one, e.g. last.ckpt or an earlier save.")
+    return (
+        f"{name}: not a complete PyTorch checkpoint ({path.stat().st_size} bytes; "
+        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unexpected end of file'}). "
+        "The file is truncated or is not a checkpoint; use another one, e.g. last.ckpt or an earlier save."
+    )
 
 
 def _needs_pickle_message(name: str, path: Path, err: BaseException) -> str:
@@ -141,14 +146,18 @@ def _needs_pickle_message(name: str, path: Path, err: BaseException) -> str:
     what = ", ".join(needed) if needed else str(err).splitlines()[0]
     hint = ""
     if any(n.startswith("mmengine.") or n.startswith("numpy.") for n in needed):
-        hint = (" OpenMMLab training checkpoints keep the logger state ('message_hub') next to the weights; "
-                "the published model-zoo files (tools/model_converters/publish_model.py) do not.")
-    return (f"{name} needs pickle to load: it holds objects other than tensors and plain containers "
-            f"({what}). Unpickling them could run arbitrary code, so refvision loads checkpoints with "
-            f"torch.load(weights_only=True) only.{hint} If you trust the file, keep only its weights: "
-            f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-            f"torch.save({{'state_dict': c.get('state_dict', c.get('model', c))}}, '{path}.weights.pth')\" "
-            "and pass the new file.")
+        hint = (
+            " OpenMMLab training checkpoints keep the logger state ('message_hub') next to the weights; "
+            "the published model-zoo files (tools/model_converters/publish_model.py) do not."
+        )
+    return (
+        f"{name} needs pickle to load: it holds objects other than tensors and plain containers "
+        f"({what}). Unpickling them could run arbitrary code, so refvision loads checkpoints with "
+        f"torch.load(weights_only=True) only.{hint} If you trust the file, keep only its weights: "
+        f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+        f"torch.save({{'state_dict': c.get('state_dict', c.get('model', c))}}, '{path}.weights.pth')\" "
+        "and pass the new file."
+    )
 
 
 def describe_checkpoint(checkpoint: Any) -> str:
@@ -198,8 +207,9 @@ def converted_kind(checkpoint: Any) -> str | None:
     return None if kind == "none" else str(kind)
 
 
-def check_task_checkpoint(source: str | os.PathLike, task_class: str | None,
-                          option: str = "--ckpt_path") -> tuple[Path, dict]:
+def check_task_checkpoint(
+    source: str | os.PathLike, task_class: str | None, option: str = "--ckpt_path"
+) -> tuple[Path, dict]:
     """Resolve, read and check a Lightning checkpoint meant for a model of class path ``task_class``.
 
     Returns ``(local path, loaded checkpoint)``. Raises :class:`CheckpointError` for a file that
@@ -210,7 +220,8 @@ def check_task_checkpoint(source: str | os.PathLike, task_class: str | None,
     checkpoint = read_checkpoint(path, option, str(source))
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(
-            f"{option} {source}: not a Lightning checkpoint (no 'state_dict'); it holds {describe_checkpoint(checkpoint)}. "
+            f"{option} {source}: not a Lightning checkpoint (no 'state_dict'); "
+            f"it holds {describe_checkpoint(checkpoint)}. "
             "To start from bare or external weights use --model.init_from."
         )
     task = task_of(checkpoint)
@@ -232,7 +243,7 @@ def extract_state_dict(checkpoint: Any, prefix: str | None = None) -> dict[str, 
     prefix = default_prefix if prefix is None else prefix
     if not prefix:
         return dict(state)
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not picked:
         raise ValueError(f"no key starts with init_prefix={prefix!r}; first keys: {list(state)[:5]}")
     return picked
@@ -252,8 +263,10 @@ class LoadReport:
 
     def __str__(self) -> str:
         where = f"model.{self.target}" if self.target else "the model"
-        lines = [f"init_from {self.source} ({self.format}) into {where}: {len(self.loaded)} tensors loaded, "
-                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"]
+        lines = [
+            f"init_from {self.source} ({self.format}) into {where}: {len(self.loaded)} tensors loaded, "
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"
+        ]
         for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
             if keys:
                 lines.append(f"  {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
@@ -302,23 +315,28 @@ def load_init_from(model: nn.Module, source: str, prefix: str | None = None, str
     left_as_built = command is not None and bool(report.missing or report.mismatched)
     if not report.loaded or left_as_built or (strict and (report.mismatched or report.missing or report.unexpected)):
         if command is not None and task_of(checkpoint):
-            hint = (f"To {command} a refvision checkpoint pass it as --ckpt_path (it builds the model the "
-                    "checkpoint describes); model.init_from loads weights into a model to be trained.")
+            hint = (
+                f"To {command} a refvision checkpoint pass it as --ckpt_path (it builds the model the "
+                "checkpoint describes); model.init_from loads weights into a model to be trained."
+            )
         elif left_as_built:
-            hint = (f"refvision {command} trains nothing, so these tensors would keep their random "
-                    "initialisation; pass weights that cover the whole model (--ckpt_path for a checkpoint "
-                    "of this task).")
+            hint = (
+                f"refvision {command} trains nothing, so these tensors would keep their random "
+                "initialisation; pass weights that cover the whole model (--ckpt_path for a checkpoint "
+                "of this task)."
+            )
         else:
-            hint = ("Use model.init_prefix to pick a sub-tree of the checkpoint, or model.init_strict=false to "
-                    "load the tensors that fit and skip the others (reported).")
+            hint = (
+                "Use model.init_prefix to pick a sub-tree of the checkpoint, or model.init_strict=false to "
+                "load the tensors that fit and skip the others (reported)."
+            )
         raise ValueError(
             f"model.init_from={source!r} does not fit {type(model).__name__}; the file holds "
             f"{describe_checkpoint(checkpoint)}.\n{report}\n{hint}"
         )
     target = model.get_submodule(report.target) if report.target else model
     target.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
-    log.log(logging.WARNING if report.missing or report.unexpected or report.mismatched else logging.INFO,
-            "%s", report)
+    log.log(logging.WARNING if report.missing or report.unexpected or report.mismatched else logging.INFO, "%s", report)
     return report
 
 
@@ -340,11 +358,16 @@ def _best_placement(model: nn.Module, state: dict[str, torch.Tensor], source: st
         own = (model.get_submodule(name) if name else model).state_dict()
         missing, unexpected, mismatched = state_differences(own, state)
         resized = set(mismatched)
-        reports.append(LoadReport(
-            source=source, format=fmt, target=name,
-            loaded=[k for k in state if k in own and k not in resized],
-            missing=missing, unexpected=unexpected,
-            mismatched=[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched],
-        ))
+        reports.append(
+            LoadReport(
+                source=source,
+                format=fmt,
+                target=name,
+                loaded=[k for k in state if k in own and k not in resized],
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched],
+            )
+        )
     # The whole model wins ties: a child is chosen only when strictly more tensors land in it.
     return max(reports, key=lambda r: (len(r.loaded), r.target == ""))

@@ -68,6 +68,7 @@ def read_files(
     :data:`LISTED` of them), so a user fixes all at once: ``FileNotFoundError`` when every bad
     file is missing, else ``ValueError``. Under ``"skip"`` each is logged and left out.
     """
+
     def outcome(item: T) -> R | ValueError | OSError:
         try:
             return read(item)
@@ -100,6 +101,7 @@ def check_files(
     threads: int = 16,
 ) -> tuple[list[T], list[tuple[str, str]]]:
     """:func:`read_files` for a ``check`` that only raises: returns the good items themselves."""
+
     def checked(item: T) -> T:
         check(item)
         return item
@@ -182,7 +184,9 @@ class SkippingDataLoader(DataLoader):
         if skipped:
             logger.warning(
                 "skipped %d bad sample(s) in this pass over %s: %s",
-                len(skipped), _dataset_name(self.dataset), describe(skipped),
+                len(skipped),
+                _dataset_name(self.dataset),
+                describe(skipped),
             )
 
 

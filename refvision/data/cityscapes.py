@@ -77,7 +77,10 @@ class CityscapesSegmentation(Dataset[Sample]):
         if ignored:
             logger.warning(
                 "ignoring %d file(s) under %s that are not <city>/*%s: %s",
-                len(ignored), image_dir, IMAGE_SUFFIX, describe([(str(path), "") for path in ignored]),
+                len(ignored),
+                image_dir,
+                IMAGE_SUFFIX,
+                describe([(str(path), "") for path in ignored]),
             )
         if not images:
             raise FileNotFoundError(f"no Cityscapes images match {image_dir / pattern}; expected layout {LAYOUT}")
@@ -139,9 +142,7 @@ def _load(image_path: Path, label_path: Path) -> Sample:
         raise ValueError(f"{label_path}: expected a single-channel label image, got {label.shape[0]} channels")
     label = label[0]
     if label.shape != image.shape[-2:]:
-        raise ValueError(
-            f"{label_path} is {tuple(label.shape)} (H, W) but {image_path} is {tuple(image.shape[-2:])}"
-        )
+        raise ValueError(f"{label_path} is {tuple(label.shape)} (H, W) but {image_path} is {tuple(image.shape[-2:])}")
     is_train_ids = label_path.name.endswith("_labelTrainIds.png")
     valid = TRAIN_IDS if is_train_ids else LABEL_IDS
     unknown = set(label.unique().tolist()) - valid
@@ -225,11 +226,15 @@ class CityscapesDataModule(SplitDataModule):
             self.train_set = CityscapesSegmentation(
                 self.root, "train", self.train_transform, self.label_source, self.on_bad_sample
             )
-        self.val_set = CityscapesSegmentation(self.root, "val", self.eval_transform, self.label_source, self.on_bad_sample)
-        self.test_set = (self.val_set if self.test_split == "val" else CityscapesSegmentation(
-            self.root, "test", self.eval_transform, self.label_source, self.on_bad_sample))
+        self.val_set = CityscapesSegmentation(
+            self.root, "val", self.eval_transform, self.label_source, self.on_bad_sample
+        )
+        self.test_set = (
+            self.val_set
+            if self.test_split == "val"
+            else CityscapesSegmentation(self.root, "test", self.eval_transform, self.label_source, self.on_bad_sample)
+        )
 
     @property
     def eval_batch_size(self) -> int:
         return self.val_batch_size
-

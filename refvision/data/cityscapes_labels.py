@@ -71,7 +71,7 @@ LABEL_IDS: frozenset[int] = frozenset(LABEL_BY_ID)
 """The valid values of a ``labelIds`` PNG; any other value is a corrupt label file."""
 
 _TRAIN_LABELS = sorted(
-    (label for label in LABELS if 0 <= label.train_id < IGNORE_INDEX), key=lambda l: l.train_id
+    (label for label in LABELS if 0 <= label.train_id < IGNORE_INDEX), key=lambda label: label.train_id
 )
 
 TRAIN_CLASSES: tuple[str, ...] = tuple(label.name for label in _TRAIN_LABELS)
@@ -86,11 +86,8 @@ TRAIN_IDS: frozenset[int] = frozenset(range(len(TRAIN_CLASSES))) | {IGNORE_INDEX
 ID_TO_TRAINID = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8)
 """Lookup table ``(256,) uint8``: ``ID_TO_TRAINID[label_ids]`` maps a ``labelIds`` image to train
 ids. Entries outside :data:`LABEL_IDS` are 255 too, so validate against ``LABEL_IDS`` first."""
-ID_TO_TRAINID[list(LABEL_BY_ID)] = torch.tensor(
-    [label.train_id for label in LABEL_BY_ID.values()], dtype=torch.uint8
-)
+ID_TO_TRAINID[list(LABEL_BY_ID)] = torch.tensor([label.train_id for label in LABEL_BY_ID.values()], dtype=torch.uint8)
 
 TRAINID_TO_ID = torch.tensor([label.id for label in _TRAIN_LABELS], dtype=torch.uint8)
 """Lookup table ``(19,) uint8``: ``TRAINID_TO_ID[train_ids]`` gives the label ids that
 ``*_gtFine_labelIds.png`` files and the official evaluator use."""
-

@@ -44,6 +44,7 @@ def _walk(top: str) -> Iterator[tuple[str, list[str]]]:
     repeat its images at every level until the path grows too long: a ``ValueError`` names
     the path and the folder it leads back to.
     """
+
     def key(folder: str) -> tuple[int, int]:
         status = os.stat(folder)
         return status.st_dev, status.st_ino
@@ -113,7 +114,10 @@ class CheckedImageFolder(ImageFolder):
         if outside:
             logger.warning(
                 "ignoring %d file(s) outside the class folders of %s (expected layout %s): %s",
-                len(outside), directory, LAYOUT, describe(outside),
+                len(outside),
+                directory,
+                LAYOUT,
+                describe(outside),
             )
         samples, self.skipped = check_files(
             candidates, lambda item: _check_image(item[0]), self.on_bad_sample, directory
@@ -214,4 +218,3 @@ class ImageFolderDataModule(SplitDataModule):
             self.val_set = self._dataset("val", train=False)
         if stage in ("test", "predict"):
             self.test_set = self._dataset(self.test_split, train=False)
-

@@ -103,7 +103,8 @@ class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, str]]]):
             logger.info("%s: %d files are not images and are not read (%s)", self.root, len(others), ", ".join(kinds))
         if not self.files:
             raise FileNotFoundError(
-                f"predict folder {self.root} holds no image files (extensions Pillow reads: .jpg, .png, .bmp, .tif, ...)"
+                f"predict folder {self.root} holds no image files "
+                "(extensions Pillow reads: .jpg, .png, .bmp, .tif, ...)"
             )
         for path in self.files:
             try:
@@ -178,7 +179,9 @@ class PredictImagesDataModule(L.LightningDataModule):
             raise ValueError(f"data.preset={preset!r}; allowed: classification, detection, segmentation")
         if isinstance(class_names, str):
             if class_names not in NAMED_CLASS_LISTS:
-                raise ValueError(f"data.class_names={class_names!r}; expected a list or one of {sorted(NAMED_CLASS_LISTS)}")
+                raise ValueError(
+                    f"data.class_names={class_names!r}; expected a list or one of {sorted(NAMED_CLASS_LISTS)}"
+                )
             if class_names in NAMED_PALETTES and preset == "segmentation":
                 self.palette = list(NAMED_PALETTES[class_names])
             class_names = list(NAMED_CLASS_LISTS[class_names])

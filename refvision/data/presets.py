@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as F
 
 from refvision.data.cityscapes_labels import IGNORE_INDEX
 from refvision.models.normalize import IMAGENET_MEAN
+
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 """Accepted ``auto_augment`` names, as in torchvision's classification reference."""
 
@@ -56,11 +57,13 @@ def classification_train(
 
 def classification_eval(image_size: int, resize_size: int, interpolation: str = "bilinear") -> v2.Compose:
     """Resize the shorter side to ``resize_size``, center-crop ``image_size``."""
-    return v2.Compose([
-        v2.Resize(resize_size, interpolation=v2.InterpolationMode(interpolation), antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(resize_size, interpolation=v2.InterpolationMode(interpolation), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 def _auto_augment(name: str, mode: v2.InterpolationMode) -> v2.Transform:
@@ -142,17 +145,19 @@ def segmentation_train(crop_size: Sequence[int], scale_range: tuple[float, float
     as a factor, contrast and saturation 0.5..1.5, hue +-18/180, each with probability 0.5).
     MMSeg's ``cat_max_ratio`` crop retry is not reproduced.
     """
-    return v2.Compose([
-        RandomScale(scale_range),
-        v2.RandomCrop(
-            list(crop_size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-        ),
-        v2.RandomHorizontalFlip(),
-        v2.RandomPhotometricDistort(
-            brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1)
-        ),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+    return v2.Compose(
+        [
+            RandomScale(scale_range),
+            v2.RandomCrop(
+                list(crop_size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+            ),
+            v2.RandomHorizontalFlip(),
+            v2.RandomPhotometricDistort(
+                brightness=(1 - 32 / 255, 1 + 32 / 255), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1)
+            ),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 def segmentation_eval(size: Sequence[int] | None = None) -> v2.Compose:

@@ -30,9 +30,7 @@ from refvision.data.decode import decode, read_header
 from refvision.data.loader import SplitDataModule
 from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
 
-LAYOUT = (
-    "VOCdevkit/VOC<year>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
-)
+LAYOUT = "VOCdevkit/VOC<year>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
 _IMAGE_SET = re.compile(r"(\d{4})-(\w+)")
 
 Sample = tuple[tv_tensors.Image, dict[str, Any]]
@@ -135,8 +133,12 @@ def read_annotation(annotation_path: Path, image_path: Path, image_id: str) -> V
 
     boxes = voc_to_xyxy(torch.tensor(raw_boxes, dtype=torch.float64).reshape(-1, 4))
     bad = (
-        (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
-        | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        (boxes[:, 0] < 0)
+        | (boxes[:, 1] < 0)
+        | (boxes[:, 2] > width)
+        | (boxes[:, 3] > height)
+        | (boxes[:, 2] <= boxes[:, 0])
+        | (boxes[:, 3] <= boxes[:, 1])
     )
     if bad.any():
         index = int(bad.nonzero()[0])
@@ -206,7 +208,10 @@ class VOCDetection(Dataset[Sample]):
                     )
             samples += [(year_dir / "Annotations" / f"{image_id}.xml", list_file, image_id) for image_id in ids]
         self.annotations, self.skipped = read_files(
-            samples, lambda sample: self._read(*sample), on_bad_sample, f"VOC image sets {list(image_sets)} under {root}"
+            samples,
+            lambda sample: self._read(*sample),
+            on_bad_sample,
+            f"VOC image sets {list(image_sets)} under {root}",
         )
         if not self.annotations:
             raise ValueError(f"no valid VOC samples in {list(image_sets)} under {root}")
@@ -388,4 +393,3 @@ class VOCDataModule(SplitDataModule):
             self.test_set = self._evaluation_dataset("test")
         if stage == "predict":
             self.test_set = self._dataset("test")
-

@@ -11,9 +11,26 @@ import torch
 from torch import Tensor
 
 VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 """The 20 VOC classes; detection label ``i + 1`` is ``VOC_CLASSES[i]`` (0 is background)."""
 
@@ -21,13 +38,9 @@ VOC_CLASSES: tuple[str, ...] = (
 def voc_to_xyxy(boxes: Tensor) -> Tensor:
     """Map VOC inclusive 1-based boxes ``(N, 4)`` to 0-based continuous ``xyxy`` ``(N, 4)``."""
     boxes = boxes.to(torch.float32)
-    return torch.stack(
-        (boxes[:, 0] - 1, boxes[:, 1] - 1, boxes[:, 2], boxes[:, 3]), dim=1
-    )
+    return torch.stack((boxes[:, 0] - 1, boxes[:, 1] - 1, boxes[:, 2], boxes[:, 3]), dim=1)
 
 
 def xyxy_to_voc(boxes: Tensor) -> Tensor:
     """Inverse of :func:`voc_to_xyxy`: continuous ``xyxy`` ``(N, 4)`` to VOC inclusive boxes."""
-    return torch.stack(
-        (boxes[:, 0] + 1, boxes[:, 1] + 1, boxes[:, 2], boxes[:, 3]), dim=1
-    )
+    return torch.stack((boxes[:, 0] + 1, boxes[:, 1] + 1, boxes[:, 2], boxes[:, 3]), dim=1)

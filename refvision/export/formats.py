@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from refvision.utils.atomic_file import written_atomically
-from refvision.surgery.convert import converted_layers, reparameterize
 from refvision.checkpoints.deploy import load_task_to_write
+from refvision.surgery.convert import converted_layers, reparameterize
+from refvision.utils.atomic_file import written_atomically
 
 ExportFormat = Literal["onnx", "torchscript", "exported-program"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "exported-program")
@@ -61,16 +61,20 @@ class ExportReport:
     def __str__(self) -> str:
         lines = []
         if self.reparameterized:
-            lines.append(f"{self.source} is a train-form checkpoint: re-parameterized before export "
-                         f"(max |train - deploy| = {self.fold_max_abs_diff:.3e})")
+            lines.append(
+                f"{self.source} is a train-form checkpoint: re-parameterized before export "
+                f"(max |train - deploy| = {self.fold_max_abs_diff:.3e})"
+            )
         if self.fallback_reason:
             lines.append(f"dynamo ONNX export failed ({self.fallback_reason}); used the TorchScript-based exporter")
         shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
-        lines.append(f"exported with {self.exporter} on input {shapes}; batch dim "
-                     f"{'dynamic' if self.dynamic_batch else 'fixed'}")
+        lines.append(
+            f"exported with {self.exporter} on input {shapes}; batch dim {'dynamic' if self.dynamic_batch else 'fixed'}"
+        )
         if self.max_abs_diff is not None:
-            lines.append(f"check: max |{self.format} - PyTorch| = {self.max_abs_diff:.3e} "
-                         f"(tolerance {self.tolerance:.1e})")
+            lines.append(
+                f"check: max |{self.format} - PyTorch| = {self.max_abs_diff:.3e} (tolerance {self.tolerance:.1e})"
+            )
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)
 
@@ -140,9 +144,16 @@ def export_checkpoint(
             checked = [inputs, example] if dynamic else [inputs]
             gap, tolerance = _check(module, run, checked, format)
     return ExportReport(
-        source=str(source), output=str(output), format=format, exporter=exporter,
-        reparameterized=reparameterized, input_shapes=tuple(tuple(x.shape) for x in _flatten(inputs)),
-        dynamic_batch=dynamic, fold_max_abs_diff=fold_gap, max_abs_diff=gap, tolerance=tolerance,
+        source=str(source),
+        output=str(output),
+        format=format,
+        exporter=exporter,
+        reparameterized=reparameterized,
+        input_shapes=tuple(tuple(x.shape) for x in _flatten(inputs)),
+        dynamic_batch=dynamic,
+        fold_max_abs_diff=fold_gap,
+        max_abs_diff=gap,
+        tolerance=tolerance,
         fallback_reason=fallback,
     )
 
@@ -153,13 +164,23 @@ ExportResult = tuple[str, bool, str | None, Runner]
 """(exporter, dynamic batch, ONNX dynamo fallback reason, runner)."""
 
 
-def _export_onnx(module: nn.Module, inputs: Any, path: Path, batched: bool, opset: int,
-                 output_names: list[str]) -> ExportResult:
+def _export_onnx(
+    module: nn.Module, inputs: Any, path: Path, batched: bool, opset: int, output_names: list[str]
+) -> ExportResult:
     _require("onnx", "onnxscript")
     names = {"input_names": ["images"] if batched else None, "output_names": output_names}
     try:
-        torch.onnx.export(module, (inputs,), path, dynamo=True, opset_version=opset, external_data=False, verbose=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},) if batched else None, **names)
+        torch.onnx.export(
+            module,
+            (inputs,),
+            path,
+            dynamo=True,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},) if batched else None,
+            **names,
+        )
         exporter, fallback = "torch.onnx.export(dynamo=True)", None
     except Exception as err:  # noqa: BLE001  (any dynamo failure falls back; the reason is reported)
         fallback = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
@@ -178,8 +199,9 @@ def _export_onnx(module: nn.Module, inputs: Any, path: Path, batched: bool, opse
     return exporter, batched, fallback, run
 
 
-def _export_torchscript(module: nn.Module, inputs: Any, path: Path, batched: bool, opset: int,
-                        output_names: list[str]) -> ExportResult:
+def _export_torchscript(
+    module: nn.Module, inputs: Any, path: Path, batched: bool, opset: int, output_names: list[str]
+) -> ExportResult:
     traced = torch.jit.trace(module, (inputs,), check_trace=False)
     torch.jit.save(traced, str(path))
 
@@ -190,8 +212,9 @@ def _export_torchscript(module: nn.Module, inputs: Any, path: Path, batched: boo
     return "torch.jit.trace", False, None, run
 
 
-def _export_program(module: nn.Module, inputs: Any, path: Path, batched: bool, opset: int,
-                    output_names: list[str]) -> ExportResult:
+def _export_program(
+    module: nn.Module, inputs: Any, path: Path, batched: bool, opset: int, output_names: list[str]
+) -> ExportResult:
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if batched else None
     program = torch.export.export(module, (inputs,), dynamic_shapes=dynamic_shapes)
     torch.export.save(program, path)
@@ -216,8 +239,10 @@ def _check(module: nn.Module, run: Runner, batches: list[Any], format: str) -> t
         with torch.no_grad():
             expected, got = _flatten(module(x)), run(x)
         if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
-            raise ValueError(f"{format} check: output shapes {[tuple(t.shape) for t in got]} "
-                             f"!= PyTorch's {[tuple(t.shape) for t in expected]}")
+            raise ValueError(
+                f"{format} check: output shapes {[tuple(t.shape) for t in got]} "
+                f"!= PyTorch's {[tuple(t.shape) for t in expected]}"
+            )
         gaps.append(_max_abs_diff(expected, got))
         scale = max([scale, *(float(t.abs().max()) for t in expected if t.numel())])
     gap = _nan_max(gaps)

@@ -1,1 +1,2 @@
-"""The run lifecycle: ``last`` / ``best`` checkpoints, exact resume, signals, divergence, the deploy checkpoint at each best."""
+"""The run lifecycle: ``last`` / ``best`` checkpoints, exact resume, signals, divergence, the deploy checkpoint
+at each best."""

@@ -7,8 +7,8 @@ from pathlib import Path
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from refvision.surgery.convert import converted_layers
 from refvision.checkpoints.deploy import reparameterize_checkpoint
+from refvision.surgery.convert import converted_layers
 
 log = logging.getLogger("refvision")
 
@@ -34,8 +34,12 @@ class DeployCheckpoint(Callback):
             log.warning("DeployCheckpoint: no checkpoint was written, so no deploy checkpoint either")
             return
         if ckpt.dirpath is None or os.path.abspath(os.path.dirname(source)) != os.path.abspath(ckpt.dirpath):
-            log.warning("DeployCheckpoint: the best checkpoint %s is not in this run's folder %s; "
-                        "no deploy checkpoint written (run `refvision reparameterize`)", source, ckpt.dirpath)
+            log.warning(
+                "DeployCheckpoint: the best checkpoint %s is not in this run's folder %s; "
+                "no deploy checkpoint written (run `refvision reparameterize`)",
+                source,
+                ckpt.dirpath,
+            )
             return
         output = Path(source).with_name(Path(source).stem + "-deploy.ckpt")
         inputs = None

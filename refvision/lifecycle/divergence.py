@@ -14,8 +14,11 @@ class TrainingDiverged(RuntimeError):
 
 def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
     """Keys of the floating-point tensors in ``state`` that hold a NaN or an infinity."""
-    return [k for k, v in state.items()
-            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def _listed(keys: list[str]) -> str:
@@ -48,11 +51,14 @@ class DivergenceGuard(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         bad = non_finite_tensors(pl_module.state_dict())
         if bad:
-            raise TrainingDiverged(f"non-finite weights at epoch {trainer.current_epoch}, step "
-                                   f"{trainer.global_step}: {_listed(bad)}")
+            raise TrainingDiverged(
+                f"non-finite weights at epoch {trainer.current_epoch}, step {trainer.global_step}: {_listed(bad)}"
+            )
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         bad = non_finite_tensors(checkpoint.get("state_dict", {}))
         if bad:
-            raise TrainingDiverged(f"refusing to write a checkpoint with non-finite weights at epoch "
-                                   f"{trainer.current_epoch}, step {trainer.global_step}: {_listed(bad)}")
+            raise TrainingDiverged(
+                f"refusing to write a checkpoint with non-finite weights at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}: {_listed(bad)}"
+            )

@@ -47,8 +47,9 @@ class StopOnSignal(Callback):
         self._signum = signum
         log.warning("received %s: stopping after this batch and writing last.ckpt", signal.Signals(signum).name)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.strategy.reduce_boolean_decision(self._signum is not None, all=False):
             raise TrainingInterrupted(self._signum or signal.SIGTERM)
 
@@ -61,13 +62,20 @@ class StopOnSignal(Callback):
             return
         checkpoint = trainer.checkpoint_callback
         if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.dirpath is None:
-            log.warning("stopped by %s with no checkpoint folder: nothing written", signal.Signals(exception.signum).name)
+            log.warning(
+                "stopped by %s with no checkpoint folder: nothing written", signal.Signals(exception.signum).name
+            )
             return
         path = os.path.join(checkpoint.dirpath, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
         checkpoint.last_model_path = path
         trainer.save_checkpoint(path)
-        log.warning("stopped by %s at epoch %d, step %d: resume with --ckpt_path %s",
-                    signal.Signals(exception.signum).name, trainer.current_epoch, trainer.global_step, path)
+        log.warning(
+            "stopped by %s at epoch %d, step %d: resume with --ckpt_path %s",
+            signal.Signals(exception.signum).name,
+            trainer.current_epoch,
+            trainer.global_step,
+            path,
+        )
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():

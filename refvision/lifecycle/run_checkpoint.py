@@ -47,8 +47,9 @@ class AtomicCheckpoints(Callback):
         if type(current) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         elif not isinstance(current, AtomicCheckpointIO):
-            rank_zero_warn(f"checkpoints are written by the configured {type(current).__name__}, "
-                           "not by refvision's atomic writer")
+            rank_zero_warn(
+                f"checkpoints are written by the configured {type(current).__name__}, not by refvision's atomic writer"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -72,8 +73,15 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, monitor: str, mode: str, **kwargs: Any) -> None:
-        super().__init__(monitor=monitor, mode=mode, filename="best", save_top_k=1, save_last=False,
-                         auto_insert_metric_name=False, **kwargs)
+        super().__init__(
+            monitor=monitor,
+            mode=mode,
+            filename="best",
+            save_top_k=1,
+            save_last=False,
+            auto_insert_metric_name=False,
+            **kwargs,
+        )
         self.best_model_step: int | None = None
         self._last_saved_step: int | None = None
         self._carried_best: str | None = None
@@ -103,8 +111,12 @@ class RunCheckpoint(ModelCheckpoint):
             self.best_model_step = trainer.global_step
 
     def _save_last(self, trainer: Trainer) -> None:
-        if (trainer.sanity_checking or trainer.state.fn != "fit" or trainer.fast_dev_run
-                or self._last_saved_step == trainer.global_step):
+        if (
+            trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or trainer.fast_dev_run
+            or self._last_saved_step == trainer.global_step
+        ):
             return
         self.last_model_path = self.last_path
         self._last_saved_step = trainer.global_step
@@ -122,13 +134,16 @@ class RunCheckpoint(ModelCheckpoint):
         # Resumed into another folder: the best so far moves here (copied in on_fit_start).
         self._carried_best = state_dict.get("best_model_path") or None
         here = self._here
-        super().load_state_dict({
-            **state_dict, "dirpath": self.dirpath,
-            "best_model_path": here(state_dict.get("best_model_path")),
-            "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
-            "last_model_path": here(state_dict.get("last_model_path")),
-            "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
-        })
+        super().load_state_dict(
+            {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": here(state_dict.get("best_model_path")),
+                "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                "last_model_path": here(state_dict.get("last_model_path")),
+                "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        )
 
     def _here(self, path: str | None) -> str:
         return os.path.join(self.dirpath or "", os.path.basename(path)) if path else ""
@@ -142,8 +157,10 @@ class RunCheckpoint(ModelCheckpoint):
             problem = _best_problem(source, self.best_model_step)
             if problem is None and self._carried_best:
                 copy_atomically(source, self.best_model_path)
-                rank_zero_info(f"resumed run: best so far ({self.monitor}={float(self.best_model_score):.6g}) "
-                               f"copied from {source} to {self.best_model_path}")
+                rank_zero_info(
+                    f"resumed run: best so far ({self.monitor}={float(self.best_model_score):.6g}) "
+                    f"copied from {source} to {self.best_model_path}"
+                )
         problem = trainer.strategy.broadcast(problem)
         self._carried_best = None
         if problem is not None:
@@ -175,14 +192,19 @@ def taken_checkpoint_folders(trainer: Trainer, ckpt_path: str | None) -> list[st
     version here, as the fit will.
     """
     folders = {checkpoint_folder(trainer)}
-    folders |= {checkpoint_folder(trainer, c.dirpath) for c in trainer.checkpoint_callbacks
-                if isinstance(c, ModelCheckpoint)}
+    folders |= {
+        checkpoint_folder(trainer, c.dirpath) for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
+    }
     resumed = None
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
         resumed = os.path.realpath(os.path.dirname(os.path.abspath(ckpt_path)))
-    return sorted(folder for folder in folders
-                  if os.path.isfile(os.path.join(folder, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION))
-                  and ckpt_path != "last" and os.path.realpath(folder) != resumed)
+    return sorted(
+        folder
+        for folder in folders
+        if os.path.isfile(os.path.join(folder, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION))
+        and ckpt_path != "last"
+        and os.path.realpath(folder) != resumed
+    )
 
 
 def _best_problem(path: str, step: int | None) -> str | None:

@@ -39,8 +39,7 @@ class MeanIoU(Metric):
             raise ValueError(f"num_classes: expected a positive int, got {num_classes}")
         if 0 <= ignore_index < num_classes:
             raise ValueError(
-                f"ignore_index: expected a value outside the class ids 0..{num_classes - 1}, "
-                f"got {ignore_index}"
+                f"ignore_index: expected a value outside the class ids 0..{num_classes - 1}, got {ignore_index}"
             )
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names: expected {num_classes} names, got {len(class_names)}")
@@ -48,7 +47,8 @@ class MeanIoU(Metric):
         self.ignore_index = ignore_index
         self.class_names = tuple(class_names) if class_names is not None else None
         self.add_state(
-            "confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+            "confmat",
+            default=torch.zeros(num_classes, num_classes, dtype=torch.long),
             dist_reduce_fx="sum",
         )
 
@@ -82,8 +82,7 @@ class MeanIoU(Metric):
             )
         if preds.shape != target.shape:
             raise ValueError(
-                f"preds, target: expected the same (B, H, W), got {tuple(preds.shape)} and "
-                f"{tuple(target.shape)}"
+                f"preds, target: expected the same (B, H, W), got {tuple(preds.shape)} and {tuple(target.shape)}"
             )
         _check_range(preds, "preds", c)
         kept = target != self.ignore_index
@@ -124,9 +123,7 @@ def _check_range(values: Tensor, name: str, num_classes: int, alternative: str =
     low, high = values.min().item(), values.max().item()
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
-        raise ValueError(
-            f"{name}: expected class ids in 0..{num_classes - 1}{alternative}, got {bad}"
-        )
+        raise ValueError(f"{name}: expected class ids in 0..{num_classes - 1}{alternative}, got {bad}")
 
 
 def _count(index: Tensor, size: int) -> Tensor:

@@ -31,7 +31,8 @@ in py-faster-rcnn and MMDetection.
 
 COCO numbers (``coco=True``) come from ``faster-coco-eval``'s ``COCOeval_faster`` (a C++
 port of pycocotools' ``COCOeval``, the same numbers to 1e-6, tested against pycocotools, about
-20x faster on VOC07 test) run on the same boxes (0-based continuous ``xywh``, no ``+1``). Difficult boxes are given ``iscrowd=1``: for boxes
+20x faster on VOC07 test) run on the same boxes (0-based continuous ``xywh``, no ``+1``).
+Difficult boxes are given ``iscrowd=1``: for boxes
 pycocotools overwrites any ``ignore`` field with ``iscrowd`` (``COCOeval._prepare``), so a
 crowd flag is its only way to ignore a ground truth. Consequences, as in COCO: a detection
 prefers any eligible regular box to a crowd box, overlap with a crowd box is intersection
@@ -103,9 +104,7 @@ class VOCMeanAveragePrecision(Metric):
         if class_names is None and num_classes == len(VOC_CLASSES):
             class_names = VOC_CLASSES
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
-                f"class_names: expected {num_classes} names, got {len(class_names)}"
-            )
+            raise ValueError(f"class_names: expected {num_classes} names, got {len(class_names)}")
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode: expected one of {EVAL_MODES}, got {eval_mode!r}")
         if not 0.0 <= iou_threshold < 1.0:
@@ -119,8 +118,14 @@ class VOCMeanAveragePrecision(Metric):
         # small floats): torchmetrics fills the state of a process that saw no image with a
         # 1-D empty tensor of that dtype, and all_gather needs one dtype and rank everywhere.
         for name in (
-            "det_boxes", "det_scores", "det_labels", "det_counts",
-            "gt_boxes", "gt_labels", "gt_difficult", "gt_counts",
+            "det_boxes",
+            "det_scores",
+            "det_labels",
+            "det_counts",
+            "gt_boxes",
+            "gt_labels",
+            "gt_difficult",
+            "gt_counts",
         ):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -139,8 +144,7 @@ class VOCMeanAveragePrecision(Metric):
         """
         if not isinstance(preds, Sequence) or not isinstance(targets, Sequence):
             raise ValueError(
-                "preds, targets: expected lists of dicts, got "
-                f"{type(preds).__name__} and {type(targets).__name__}"
+                f"preds, targets: expected lists of dicts, got {type(preds).__name__} and {type(targets).__name__}"
             )
         if len(preds) != len(targets):
             raise ValueError(
@@ -157,8 +161,7 @@ class VOCMeanAveragePrecision(Metric):
                 difficult = _checked_vector(target, "targets", i, "difficult", len(gt_boxes))
                 if ((difficult != 0) & (difficult != 1)).any():
                     raise ValueError(
-                        f"targets[{i}]['difficult']: expected bool or 0/1 values, "
-                        f"got {difficult.unique().tolist()}"
+                        f"targets[{i}]['difficult']: expected bool or 0/1 values, got {difficult.unique().tolist()}"
                     )
             else:
                 difficult = torch.zeros(len(gt_boxes), device=gt_boxes.device)
@@ -196,15 +199,28 @@ class VOCMeanAveragePrecision(Metric):
         gt_counts = _state(self.gt_counts).round().long()
 
         ap, curves = self._voc_ap_per_class(
-            det_boxes, det_scores, det_labels, det_counts,
-            gt_boxes, gt_labels, gt_difficult, gt_counts,
+            det_boxes,
+            det_scores,
+            det_labels,
+            det_counts,
+            gt_boxes,
+            gt_labels,
+            gt_difficult,
+            gt_counts,
         )
         mean = ap.nanmean()
         result = {"map": mean, f"map_{self.eval_mode}": mean.clone(), "ap_per_class": ap, "pr_curves": curves}
         if self.coco:
             coco_map, coco_map_50 = _coco_map(
-                det_boxes, det_scores, det_labels, det_counts,
-                gt_boxes, gt_labels, gt_difficult, gt_counts, self.num_classes,
+                det_boxes,
+                det_scores,
+                det_labels,
+                det_counts,
+                gt_boxes,
+                gt_labels,
+                gt_difficult,
+                gt_counts,
+                self.num_classes,
             )
             result["coco_map"] = torch.tensor(coco_map, dtype=torch.float64)
             result["coco_map_50"] = torch.tensor(coco_map_50, dtype=torch.float64)
@@ -233,8 +249,14 @@ class VOCMeanAveragePrecision(Metric):
 
     def _voc_ap_per_class(
         self,
-        det_boxes: Tensor, det_scores: Tensor, det_labels: Tensor, det_counts: Tensor,
-        gt_boxes: Tensor, gt_labels: Tensor, gt_difficult: Tensor, gt_counts: Tensor,
+        det_boxes: Tensor,
+        det_scores: Tensor,
+        det_labels: Tensor,
+        det_counts: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_difficult: Tensor,
+        gt_counts: Tensor,
     ) -> tuple[Tensor, list[Tensor]]:
         # Global order: descending score; stable, so within an image ties keep input order.
         order = torch.sort(-det_scores.double(), stable=True).indices
@@ -242,7 +264,13 @@ class VOCMeanAveragePrecision(Metric):
         det_boxes, det_scores, det_labels = det_boxes[order], det_scores[order], det_labels[order]
 
         true_pos, false_pos = _match(
-            det_boxes, det_labels, det_image, gt_boxes, gt_labels, gt_difficult, gt_counts,
+            det_boxes,
+            det_labels,
+            det_image,
+            gt_boxes,
+            gt_labels,
+            gt_difficult,
+            gt_counts,
             self.iou_threshold,
         )
         num_pos = torch.bincount(gt_labels[~gt_difficult], minlength=self.num_classes + 1)[1:]
@@ -269,15 +297,11 @@ class VOCMeanAveragePrecision(Metric):
         return ap, curves
 
 
-def _checked_vector(
-    item: dict[str, Tensor], arg: str, i: int, key: str, length: int, floating: bool = False
-) -> Tensor:
+def _checked_vector(item: dict[str, Tensor], arg: str, i: int, key: str, length: int, floating: bool = False) -> Tensor:
     value = item.get(key)
     if not isinstance(value, Tensor) or value.shape != (length,):
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"{arg}[{i}]['{key}']: expected a tensor of shape ({length},), one per box, got {got}"
-        )
+        raise ValueError(f"{arg}[{i}]['{key}']: expected a tensor of shape ({length},), one per box, got {got}")
     if floating and not value.is_floating_point():
         raise ValueError(f"{arg}[{i}]['{key}']: expected a float tensor, got {value.dtype}")
     return value
@@ -304,8 +328,13 @@ def _devkit_iou(det: Tensor, gt: Tensor) -> Tensor:
 
 
 def _match(
-    det_boxes: Tensor, det_labels: Tensor, det_image: Tensor,
-    gt_boxes: Tensor, gt_labels: Tensor, gt_difficult: Tensor, gt_counts: Tensor,
+    det_boxes: Tensor,
+    det_labels: Tensor,
+    det_image: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_difficult: Tensor,
+    gt_counts: Tensor,
     iou_threshold: float,
 ) -> tuple[Tensor, Tensor]:
     """Devkit greedy matching of detections given in processing order.
@@ -379,8 +408,14 @@ def _ap_area(recall: Tensor, precision: Tensor) -> Tensor:
 
 
 def _coco_map(
-    det_boxes: Tensor, det_scores: Tensor, det_labels: Tensor, det_counts: Tensor,
-    gt_boxes: Tensor, gt_labels: Tensor, gt_difficult: Tensor, gt_counts: Tensor,
+    det_boxes: Tensor,
+    det_scores: Tensor,
+    det_labels: Tensor,
+    det_counts: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_difficult: Tensor,
+    gt_counts: Tensor,
     num_classes: int,
 ) -> tuple[float, float]:
     """COCO mAP@[.5:.95] and mAP@.5 (pycocotools' rules), difficult boxes as crowd regions."""
@@ -392,15 +427,28 @@ def _coco_map(
     det_xywh = _xywh(det_boxes)
     # Annotation ids start at 1: COCOeval uses id 0 to mean "unmatched".
     gt_annotations = [
-        {"id": k + 1, "image_id": image, "category_id": label, "bbox": box,
-         "area": box[2] * box[3], "iscrowd": int(crowd)}
+        {
+            "id": k + 1,
+            "image_id": image,
+            "category_id": label,
+            "bbox": box,
+            "area": box[2] * box[3],
+            "iscrowd": int(crowd),
+        }
         for k, (image, label, box, crowd) in enumerate(
             zip(gt_image, gt_labels.cpu().numpy().tolist(), gt_xywh, gt_difficult.cpu().numpy().tolist())
         )
     ]
     det_annotations = [
-        {"id": k + 1, "image_id": image, "category_id": label, "bbox": box,
-         "area": box[2] * box[3], "iscrowd": 0, "score": score}
+        {
+            "id": k + 1,
+            "image_id": image,
+            "category_id": label,
+            "bbox": box,
+            "area": box[2] * box[3],
+            "iscrowd": 0,
+            "score": score,
+        }
         for k, (image, label, box, score) in enumerate(
             zip(det_image, det_labels.cpu().numpy().tolist(), det_xywh, det_scores.double().cpu().numpy().tolist())
         )

@@ -31,7 +31,7 @@ def build_classifier(name: str, num_classes: int, weights: str | None = None) ->
         WeightsUnavailableError: the weights could not be downloaded.
     """
     if name.startswith(TIMM_PREFIX):
-        return _build_timm(name[len(TIMM_PREFIX):], num_classes, weights)
+        return _build_timm(name[len(TIMM_PREFIX) :], num_classes, weights)
     if name not in available_classifiers():
         raise ValueError(
             f"model.backbone={name!r} is not a torchvision classification model nor 'timm:<name>'; "
@@ -44,8 +44,7 @@ def build_classifier(name: str, num_classes: int, weights: str | None = None) ->
         weight = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
     except KeyError:
         raise ValueError(
-            f"model.weights={weights!r} is not a weight of {name}; allowed: "
-            f"{', '.join(['DEFAULT', *enum.__members__])}"
+            f"model.weights={weights!r} is not a weight of {name}; allowed: {', '.join(['DEFAULT', *enum.__members__])}"
         ) from None
     with explain_download_failure(f"torchvision weights {name}.{weight.name}", "model.weights"):
         model = torchvision.models.get_model(name, weights=weight)

@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_large
-from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteHead, _extra_block, _normal_init
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -95,7 +95,7 @@ class MobileNetV2SSDLiteExtractor(nn.Module):
         c4 = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)][-1]
         self.features = nn.Sequential(
             nn.Sequential(*features[:c4], features[c4].conv[0]),
-            nn.Sequential(features[c4].conv[1:], *features[c4 + 1:]),
+            nn.Sequential(features[c4].conv[1:], *features[c4 + 1 :]),
         )
         self.extra = nn.ModuleList(
             [
@@ -127,8 +127,15 @@ def _ssdlite_mobilenet_v2(weights_backbone: torchvision.models.WeightsEnum | Non
     out_channels = det_utils.retrieve_out_channels(extractor, size)
     head = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_classes, norm_layer)
     return SSD(
-        extractor, anchors, size, num_classes, head=head,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], topk_candidates=300, **_VOC_POSTPROCESS,
+        extractor,
+        anchors,
+        size,
+        num_classes,
+        head=head,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        topk_candidates=300,
+        **_VOC_POSTPROCESS,
     )
 
 

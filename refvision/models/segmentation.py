@@ -25,7 +25,9 @@ def build_segmenter(
         raise ValueError(f"model.output_stride={output_stride}; allowed: 8, 16")
     known = smp.encoders.get_encoder_names()
     if not (encoder in known or encoder.startswith("tu-")):
-        raise ValueError(f"model.encoder={encoder!r} is not an smp encoder nor 'tu-<timm name>'; smp offers: {', '.join(known)}")
+        raise ValueError(
+            f"model.encoder={encoder!r} is not an smp encoder nor 'tu-<timm name>'; smp offers: {', '.join(known)}"
+        )
     with explain_download_failure(f"{encoder} encoder weights {encoder_weights!r}", "model.encoder_weights", HF_CACHE):
         return smp.DeepLabV3Plus(
             encoder_name=encoder,

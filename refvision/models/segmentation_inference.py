@@ -64,7 +64,9 @@ def segment(
     height, width = images.shape[-2:]
     outputs = []
     for scale in scales:
-        scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        scaled = (
+            images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        )
         for mirrored in (False, True) if flip else (False,):
             x = scaled.flip(-1) if mirrored else scaled
             if mode == "whole":

@@ -117,5 +117,5 @@ def map_keys(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
 def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str:
     for old, new in rules:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key

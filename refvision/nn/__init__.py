@@ -6,6 +6,13 @@ from refvision.nn.method import ConvMethod, get_method, method_name, register_me
 from refvision.nn.refconv import RefConv
 
 __all__ = [
-    "ACConv", "ConvMethod", "DRConv", "DRConvDeploy", "RefConv", "get_method", "method_name",
-    "register_method", "registered_methods",
+    "ACConv",
+    "ConvMethod",
+    "DRConv",
+    "DRConvDeploy",
+    "RefConv",
+    "get_method",
+    "method_name",
+    "register_method",
+    "registered_methods",
 ]

@@ -49,9 +49,17 @@ class ACConv(ConvMethod):
         if init not in ("zeros", "default"):
             raise ValueError(f"ACConv init must be 'zeros' or 'default', got {init!r}")
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
         )
         out_ch, in_ch, kh, kw = conv.weight.shape
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}

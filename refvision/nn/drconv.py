@@ -142,10 +142,7 @@ class RegionFilterGenerator(nn.Module):
         return filters.view(regions, batch, kh, kw, cout, cin).permute(1, 0, 4, 5, 2, 3)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"regions={self.regions}"
-        )
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, regions={self.regions}"
 
 
 class _RegionConvFunction(torch.autograd.Function):
@@ -283,9 +280,9 @@ class _TiledLayout(_RegionLayout):
         global_slot = slot + samples.unsqueeze(1) * (tiles * tile)
         flat_pixels = torch.arange(batch * pixels, device=device)
         self.global_slot = global_slot.view(-1)
-        self.slot_pixel = torch.full(
-            (batch * tiles * tile,), batch * pixels, dtype=torch.long, device=device
-        ).scatter(0, self.global_slot, flat_pixels)
+        self.slot_pixel = torch.full((batch * tiles * tile,), batch * pixels, dtype=torch.long, device=device).scatter(
+            0, self.global_slot, flat_pixels
+        )
 
     def conv(self, patches: _SlotPatches, x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
         rows = patches.gather(patches.padded_rows(x), 0, patches.slots)
@@ -368,7 +365,9 @@ class _GroupedLayout(_RegionLayout):
         transposed = self._per_group(filters.transpose(1, 2))
         for start, end, counts, groups in self._chunks(filters.shape[2], x.element_size()):
             rows = patches.gather(flat_x, start, end).split(counts)
-            for (sample, region), count, group_rows, group_out in zip(groups, counts, rows, out[start:end].split(counts)):
+            for (sample, region), count, group_rows, group_out in zip(
+                groups, counts, rows, out[start:end].split(counts)
+            ):
                 if not count:
                     continue
                 if bias is None:
@@ -452,8 +451,11 @@ def _eager_cpu(tensor: Tensor) -> bool:
     """True for a plain CPU tensor in eager mode with no autograd recording: values can be read on
     the host for free and the ops need not be differentiable or traceable."""
     traced = (
-        torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.onnx.is_in_onnx_export()
     )
     return not traced and tensor.device.type == "cpu" and type(tensor) is Tensor and not torch.is_grad_enabled()
 
@@ -524,7 +526,9 @@ class _SlotPatches:
         # Every input pixel in exactly one patch (1x1, stride 1, no padding) and no padding slots:
         # the adjoint of the gather is a copy, not a sum.
         self._bijective = (
-            isinstance(layout, _GroupedLayout) and self._taps == 1 and tuple(stride) == (1, 1)
+            isinstance(layout, _GroupedLayout)
+            and self._taps == 1
+            and tuple(stride) == (1, 1)
             and tuple(padding) == (0, 0)
         )
 
@@ -666,9 +670,7 @@ def _region_conv2d(
     if torch.is_autocast_enabled(x.device.type):
         x, filters, guide = x.float(), filters.float(), guide.float()
         bias = None if bias is None else bias.float()
-    return _RegionConvFunction.apply(
-        x, filters, bias, guide, _pair(stride), _pair(padding), _pair(dilation)
-    )
+    return _RegionConvFunction.apply(x, filters, bias, guide, _pair(stride), _pair(padding), _pair(dilation))
 
 
 @register_method
@@ -732,9 +734,7 @@ class DRConv(ConvMethod):
             del self.weight
             self.register_parameter("weight", None)
         factory = {"device": device, "dtype": dtype}
-        self.guide_weight = nn.Parameter(
-            torch.empty(regions, in_channels, *self.kernel_size, **factory)
-        )
+        self.guide_weight = nn.Parameter(torch.empty(regions, in_channels, *self.kernel_size, **factory))
         self.guide_bias = nn.Parameter(torch.empty(regions, **factory))
         _default_conv_init(self.guide_weight, self.guide_bias)
         self.generator = RegionFilterGenerator(
@@ -750,10 +750,7 @@ class DRConv(ConvMethod):
         scratch (``conv``'s kernel is not used). Raises ``ValueError`` if ``conv.groups != 1``.
         """
         if conv.groups != 1:
-            raise ValueError(
-                f"DRConv.from_conv needs a conv with groups=1, got groups={conv.groups} "
-                f"({conv})"
-            )
+            raise ValueError(f"DRConv.from_conv needs a conv with groups=1, got groups={conv.groups} ({conv})")
         drconv = cls(
             conv.in_channels,
             conv.out_channels,
@@ -833,9 +830,7 @@ class DRConvDeploy(nn.Module):
         self.out_channels = conv.out_channels
         self.kernel_size: Pair = _pair(conv.kernel_size)
         self.stride: Pair = _pair(conv.stride)
-        self.padding: Pair | str = (
-            conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
-        )
+        self.padding: Pair | str = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
         self.dilation: Pair = _pair(conv.dilation)
         self.padding_mode = conv.padding_mode
         self.regions = conv.regions

@@ -60,9 +60,17 @@ class ConvMethod(nn.Conv2d):
         eval mode, holding ``kernel`` (copied, detached; the shape of ``weight``) and this layer's bias:
         what :meth:`fuse` returns for a method that folds into one kernel."""
         conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode,
-            device=kernel.device, dtype=kernel.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device=kernel.device,
+            dtype=kernel.dtype,
         )
         with torch.no_grad():
             conv.weight.copy_(kernel)
@@ -105,7 +113,9 @@ def register_method(cls: M) -> M:
         raise ValueError("register_method: kind 'none' is reserved (no conversion)")
     known = _METHODS.get(cls.kind)
     if known is not None and known is not cls:
-        raise ValueError(f"register_method: kind {cls.kind!r} is already taken by {known.__module__}.{known.__qualname__}")
+        raise ValueError(
+            f"register_method: kind {cls.kind!r} is already taken by {known.__module__}.{known.__qualname__}"
+        )
     _METHODS[cls.kind] = cls
     return cls
 
@@ -124,8 +134,10 @@ def get_method(kind: str) -> type[ConvMethod]:
     if kind in _METHODS:
         return _METHODS[kind]
     if "." not in kind:
-        raise ValueError(f"conv kind {kind!r} is unknown; registered: {', '.join(sorted(_METHODS))}, "
-                         "or give a class path such as 'mypackage.layers.MyConv'")
+        raise ValueError(
+            f"conv kind {kind!r} is unknown; registered: {', '.join(sorted(_METHODS))}, "
+            "or give a class path such as 'mypackage.layers.MyConv'"
+        )
     module_name, _, name = kind.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), name)

@@ -79,8 +79,17 @@ class RefConv(ConvMethod):
         init: str = "default",
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            bias, padding_mode, device, dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
         )
         if map_k < 1:
             raise ValueError(f"RefConv map_k must be >= 1, got {map_k}")
@@ -105,9 +114,7 @@ class RefConv(ConvMethod):
 
         kh, kw = self.kernel_size
         mh, mw = min(map_k, kh), min(map_k, kw)
-        self.refocus_weight = nn.Parameter(
-            torch.empty(n, n // map_groups, mh, mw, device=device, dtype=dtype)
-        )
+        self.refocus_weight = nn.Parameter(torch.empty(n, n // map_groups, mh, mw, device=device, dtype=dtype))
         # F.pad order: (left, right, top, bottom); the extra pad of an even map goes last.
         self._map_padding = ((mw - 1) // 2, mw // 2, (mh - 1) // 2, mh // 2)
         if init == "zeros":
@@ -140,10 +147,20 @@ class RefConv(ConvMethod):
                 "into the model before converting."
             )
         ref = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-            map_k=map_k, map_groups=map_groups, init=init,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            map_k=map_k,
+            map_groups=map_groups,
+            init=init,
         )
         with torch.no_grad():
             ref.weight.copy_(conv.weight)

@@ -26,8 +26,13 @@ def per_class_bars(class_names: Sequence[str], values: Tensor, title: str, ylabe
     shown = torch.nan_to_num(values, nan=0.0).numpy() * 100
     ax.barh(y, shown, color="tab:blue")
     for i, value in enumerate(values.tolist()):
-        ax.text(0.5 if math.isnan(value) else shown[i] + 0.5, i, "n/a" if math.isnan(value) else f"{100 * value:.1f}",
-                va="center", fontsize=8)
+        ax.text(
+            0.5 if math.isnan(value) else shown[i] + 0.5,
+            i,
+            "n/a" if math.isnan(value) else f"{100 * value:.1f}",
+            va="center",
+            fontsize=8,
+        )
     ax.set_yticks(y, labels=list(class_names))
     ax.invert_yaxis()
     ax.set_xlim(0, 110)
@@ -89,8 +94,15 @@ def confusion_matrix(confmat: Tensor, class_names: Sequence[str], title: str) ->
     if len(class_names) <= 20:
         for (i, j), value in np.ndenumerate(normalised):
             if value > 0:
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if value > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > 0.5 else "black",
+                )
     return fig
 
 

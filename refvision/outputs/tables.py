@@ -14,6 +14,7 @@ from torch import Tensor
 
 from refvision.utils.text_table import render_table
 
+
 @dataclass(frozen=True)
 class PerClassTable:
     """Per-class scores of one evaluation.
@@ -38,8 +39,10 @@ class PerClassTable:
     def __post_init__(self) -> None:
         for title, values in self.columns.items():
             if values.reshape(-1).numel() != len(self.class_names):
-                raise ValueError(f"column {title!r}: expected {len(self.class_names)} values, one per class, "
-                                 f"got {values.reshape(-1).numel()}")
+                raise ValueError(
+                    f"column {title!r}: expected {len(self.class_names)} values, one per class, "
+                    f"got {values.reshape(-1).numel()}"
+                )
 
     def values(self, title: str) -> list[float]:
         """Column ``title`` as Python floats (torchmetrics squeezes one class to a 0-dim tensor)."""
@@ -49,8 +52,11 @@ class PerClassTable:
         """The table as text (see :func:`render_table`), values as percentages, ``-`` for NaN."""
         titles = list(self.columns)
         rows = [[name, *(_percent(self.values(t)[i]) for t in titles)] for i, name in enumerate(self.class_names)]
-        footer = [[self.mean_label, *(_percent(self.means[t]) if t in self.means else "" for t in titles)]] \
-            if self.means else []
+        footer = (
+            [[self.mean_label, *(_percent(self.means[t]) if t in self.means else "" for t in titles)]]
+            if self.means
+            else []
+        )
         return render_table([self.row_title, *titles], rows, footer, terminal)
 
     def save_csv(self, path: str | Path) -> Path:
@@ -95,20 +101,24 @@ def per_class_table(result: Mapping[str, Tensor], class_names: Sequence[str] | N
         class_names = [f"class {i}" for i in range(len(values))]
     elif len(class_names) != len(values):
         raise ValueError(f"class_names: expected {len(values)} names, got {len(class_names)}")
-    return PerClassTable(tuple(class_names), {title: values}, {title: float(result[mean_key])}, mean_label,
-                         f"per-class {title}")
+    return PerClassTable(
+        tuple(class_names), {title: values}, {title: float(result[mean_key])}, mean_label, f"per-class {title}"
+    )
 
 
 def confusion_table(confmat: Tensor, class_names: Sequence[str]) -> PerClassTable:
     """The counts of a confusion matrix ``(C, C)``: a row per true class, a column per predicted class."""
     if confmat.shape != (len(class_names), len(class_names)):
-        raise ValueError(f"confmat: expected shape ({len(class_names)}, {len(class_names)}), got {tuple(confmat.shape)}")
+        raise ValueError(
+            f"confmat: expected shape ({len(class_names)}, {len(class_names)}), got {tuple(confmat.shape)}"
+        )
     columns = {name: confmat[:, j] for j, name in enumerate(class_names)}
     return PerClassTable(tuple(class_names), columns, {}, title="confusion matrix", row_title="true \\ predicted")
 
 
-def format_table(result: Mapping[str, Tensor], class_names: Sequence[str] | None = None,
-                 terminal: bool | None = False) -> str:
+def format_table(
+    result: Mapping[str, Tensor], class_names: Sequence[str] | None = None, terminal: bool | None = False
+) -> str:
     """Render the per-class values of a metric result, one class a line, then the mean.
 
     See :func:`per_class_table` for the arguments. Values are shown as percentages with two

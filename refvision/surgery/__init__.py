@@ -5,6 +5,14 @@ from refvision.surgery.profile import ModelProfile, profile
 from refvision.surgery.trainable import TRAINABLE_MODES, freeze_norm_statistics, set_trainable
 
 __all__ = [
-    "TRAINABLE_MODES", "ModelProfile", "conversion_report", "convert", "converted_layers", "format_report",
-    "freeze_norm_statistics", "profile", "reparameterize", "set_trainable",
+    "TRAINABLE_MODES",
+    "ModelProfile",
+    "conversion_report",
+    "convert",
+    "converted_layers",
+    "format_report",
+    "freeze_norm_statistics",
+    "profile",
+    "reparameterize",
+    "set_trainable",
 ]

@@ -96,14 +96,12 @@ def convert(
     if select not in SELECTIONS:
         raise ValueError(f"convert: unknown select {select!r}; allowed: {', '.join(SELECTIONS)}")
     allowed = [
-        p.name for p in inspect.signature(cls.from_conv).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        p.name for p in inspect.signature(cls.from_conv).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
     ]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(
-            f"convert(kind={kind!r}): unknown option(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(allowed)}"
+            f"convert(kind={kind!r}): unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}"
         )
     includes, excludes = _patterns(include), _patterns(exclude)
 
@@ -135,20 +133,31 @@ def convert(
             try:
                 new_layers[id(conv)] = cls.from_conv(conv, **options).train(conv.training)
             except ValueError as err:
-                raise ValueError(
-                    f"convert: cannot convert {name!r} ({conv}) to {kind}: {err}"
-                ) from err
-        records.append(Replacement(
-            name, kind, conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
-            tuple(conv.stride), conv.groups, tuple(conv.dilation),
-        ))
+                raise ValueError(f"convert: cannot convert {name!r} ({conv}) to {kind}: {err}") from err
+        records.append(
+            Replacement(
+                name,
+                kind,
+                conv.in_channels,
+                conv.out_channels,
+                tuple(conv.kernel_size),
+                tuple(conv.stride),
+                conv.groups,
+                tuple(conv.dilation),
+            )
+        )
     for _, parent, attr, conv in sites:
         setattr(parent, attr, new_layers[id(conv)])
 
     setattr(model, _REPORT_ATTR, [*conversion_report(model), *records])
     logger.info(
         "convert: %d conv(s) -> %s (select=%s, include=%r, exclude=%r, options=%r)",
-        len(records), kind, select, include, exclude, options,
+        len(records),
+        kind,
+        select,
+        include,
+        exclude,
+        options,
     )
     return model
 
@@ -212,16 +221,22 @@ def format_report(replacements: Sequence[Replacement]) -> str:
     """``replacements`` as an aligned text table, one row per layer."""
     header = ("name", "kind", "in", "out", "kernel", "stride", "groups", "dilation")
     rows = [
-        (r.name, r.kind, str(r.in_channels), str(r.out_channels), _dims(r.kernel_size),
-         _dims(r.stride), str(r.groups), _dims(r.dilation))
+        (
+            r.name,
+            r.kind,
+            str(r.in_channels),
+            str(r.out_channels),
+            _dims(r.kernel_size),
+            _dims(r.stride),
+            str(r.groups),
+            _dims(r.dilation),
+        )
         for r in replacements
     ]
     return render_table(header, rows)
 
 
-def _conv_sites(
-    module: nn.Module, prefix: str = ""
-) -> Iterator[tuple[str, nn.Module, str, nn.Conv2d]]:
+def _conv_sites(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str, nn.Conv2d]]:
     """(qualified name, parent, attribute in parent, conv) for every Conv2d; convs are leaves.
 
     Reads ``_modules`` rather than ``named_children()``, which would skip the second

@@ -16,8 +16,8 @@ from mmengine.analysis import FlopAnalyzer
 from torch import nn
 
 from refvision.nn import ConvMethod
-from refvision.utils.text_table import render_table
 from refvision.nn.drconv import region_conv_macs
+from refvision.utils.text_table import render_table
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ class ModelProfile:
         return self.table()
 
 
-def profile(
-    model: nn.Module, input_shape: Sequence[int] | None = None, *, inputs: Any = None
-) -> ModelProfile:
+def profile(model: nn.Module, input_shape: Sequence[int] | None = None, *, inputs: Any = None) -> ModelProfile:
     """Count ``model``'s parameters and the FLOPs of one forward on ``inputs``.
 
     Give exactly one of ``input_shape`` (the input is ``torch.randn(input_shape)`` on the

@@ -1,1 +1,2 @@
-"""The Lightning tasks: one ``LightningModule`` per task over the shared :class:`~refvision.tasks.base.RefvisionTask`."""
+"""The Lightning tasks: one ``LightningModule`` per task over the shared
+:class:`~refvision.tasks.base.RefvisionTask`."""

@@ -31,15 +31,15 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from refvision.checkpoints.loading import load_init_from
-from refvision.surgery.convert import convert, reparameterize
-from refvision.outputs.figures import figure_to_rgb, save_figure
-from refvision.outputs.tables import PerClassTable
-from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from refvision.nn import get_method
 from refvision.lifecycle.divergence import DivergenceGuard
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
 from refvision.lifecycle.run_state import RandomStateCheckpoint
+from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from refvision.nn import get_method
+from refvision.outputs.figures import figure_to_rgb, save_figure
+from refvision.outputs.tables import PerClassTable
+from refvision.surgery.convert import convert, reparameterize
 from refvision.surgery.trainable import TrainableMode, freeze_norm_statistics, set_trainable
 
 
@@ -81,9 +81,17 @@ class OptimConfig(TypedDict, total=False):
 
 
 OPTIM_DEFAULTS: OptimConfig = {
-    "name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 4e-5, "nesterov": False,
-    "warmup_epochs": 0.0, "warmup_factor": 0.01, "schedule": "cosine", "poly_power": 0.9,
-    "min_lr_ratio": 0.0, "norm_bias_weight_decay": None,
+    "name": "sgd",
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 4e-5,
+    "nesterov": False,
+    "warmup_epochs": 0.0,
+    "warmup_factor": 0.01,
+    "schedule": "cosine",
+    "poly_power": 0.9,
+    "min_lr_ratio": 0.0,
+    "norm_bias_weight_decay": None,
 }
 _OPTION_SHORTHANDS = ("map_k", "map_groups", "init", "regions", "residual")
 
@@ -171,8 +179,10 @@ class RefvisionTask(LightningModule):
         """Build, load ``init_from``, convert, (deploy,) freeze. Subclasses call it at the end of ``__init__``,
         ``num_classes`` set."""
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"model.class_names has {len(self.class_names)} names but model.num_classes="
-                             f"{self.num_classes}{self.num_classes_note}")
+            raise ValueError(
+                f"model.class_names has {len(self.class_names)} names but model.num_classes="
+                f"{self.num_classes}{self.num_classes_note}"
+            )
         model = self.build_model()
         init_from, init_prefix, init_strict = self._init
         if init_from:
@@ -186,8 +196,14 @@ class RefvisionTask(LightningModule):
             include = self.conv_config.get("include") or self.default_conv_include
             options = {k: self.conv_config[k] for k in _OPTION_SHORTHANDS if k in self.conv_config}
             options.update(self.conv_config.get("options") or {})
-            convert(model, kind, select=self.conv_config.get("select", "kxk"), include=include,
-                    exclude=self.conv_config.get("exclude"), **options)
+            convert(
+                model,
+                kind,
+                select=self.conv_config.get("select", "kxk"),
+                include=include,
+                exclude=self.conv_config.get("exclude"),
+                **options,
+            )
         if self.deploy:
             model = reparameterize(model, inplace=True)
         set_trainable(model, self.trainable)
@@ -206,13 +222,19 @@ class RefvisionTask(LightningModule):
         configured and :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint` is not added (logged).
         """
         callbacks: list[Callback] = [RandomStateCheckpoint(), DivergenceGuard(), StopOnSignal(), AtomicCheckpoints()]
-        configured = [c for c in self.trainer.callbacks
-                      if isinstance(c, ModelCheckpoint) and not _is_lightning_default(c)]
+        configured = [
+            c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint) and not _is_lightning_default(c)
+        ]
         if configured:
-            rank_zero_info("checkpoints: using the configured " + ", ".join(
-                f"{type(c).__name__}(monitor={c.monitor!r}, filename={c.filename!r}, save_last={c.save_last!r})"
-                for c in configured) + f"; refvision's best.ckpt (by {self.monitor}) and last.ckpt at every "
-                "validation are not added")
+            rank_zero_info(
+                "checkpoints: using the configured "
+                + ", ".join(
+                    f"{type(c).__name__}(monitor={c.monitor!r}, filename={c.filename!r}, save_last={c.save_last!r})"
+                    for c in configured
+                )
+                + f"; refvision's best.ckpt (by {self.monitor}) and last.ckpt at every "
+                "validation are not added"
+            )
         else:
             callbacks.append(RunCheckpoint(monitor=self.monitor, mode=self.monitor_mode))
         return callbacks
@@ -263,13 +285,21 @@ class RefvisionTask(LightningModule):
                 {"params": flat, "weight_decay": cfg["norm_bias_weight_decay"]},
             ]
         if cfg["name"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"],
-                                        weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
+            optimizer = torch.optim.SGD(
+                groups,
+                lr=cfg["lr"],
+                momentum=cfg["momentum"],
+                weight_decay=cfg["weight_decay"],
+                nesterov=cfg["nesterov"],
+            )
         else:
             optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches) \
-            if math.isfinite(self.trainer.num_training_batches) else total
+        per_epoch = (
+            max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches)
+            if math.isfinite(self.trainer.num_training_batches)
+            else total
+        )
         warmup = min(total - 1, int(cfg["warmup_epochs"] * per_epoch))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=_schedule(cfg, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -357,8 +387,16 @@ class RefvisionTask(LightningModule):
 def _is_lightning_default(callback: ModelCheckpoint) -> bool:
     """Whether ``callback`` is the ``ModelCheckpoint()`` that ``Trainer(enable_checkpointing=True)`` adds."""
     default = ModelCheckpoint()
-    fields = ("monitor", "dirpath", "filename", "save_last", "save_top_k", "save_weights_only", "state_key",
-              "save_on_exception")
+    fields = (
+        "monitor",
+        "dirpath",
+        "filename",
+        "save_last",
+        "save_top_k",
+        "save_weights_only",
+        "state_key",
+        "save_on_exception",
+    )
     return type(callback) is ModelCheckpoint and all(getattr(callback, f) == getattr(default, f) for f in fields)
 
 

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from refvision.models.classification import build_classifier
 from refvision.outputs.figures import confusion_matrix
 from refvision.outputs.tables import PerClassTable, confusion_table
-from refvision.models.classification import build_classifier
 from refvision.tasks.base import RefvisionTask
 
 
@@ -68,12 +68,15 @@ class ClassificationTask(RefvisionTask):
     def create_metric(self) -> MetricCollection:
         """``top1``, ``top5`` (top-min(5, C)), ``accuracy_per_class`` ``(C,)`` and ``confusion_matrix`` ``(C, C)``."""
         c = self.num_classes
-        return MetricCollection({
-            "top1": MulticlassAccuracy(c, top_k=1),
-            "top5": MulticlassAccuracy(c, top_k=min(5, c)),
-            "accuracy_per_class": MulticlassAccuracy(c, top_k=1, average=None),
-            "confusion_matrix": MulticlassConfusionMatrix(c),
-        }, compute_groups=False)
+        return MetricCollection(
+            {
+                "top1": MulticlassAccuracy(c, top_k=1),
+                "top5": MulticlassAccuracy(c, top_k=min(5, c)),
+                "accuracy_per_class": MulticlassAccuracy(c, top_k=1, average=None),
+                "confusion_matrix": MulticlassConfusionMatrix(c),
+            },
+            compute_groups=False,
+        )
 
     def evaluation_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, labels = batch
@@ -82,15 +85,23 @@ class ClassificationTask(RefvisionTask):
         return logits, labels
 
     def per_class_table(self, result: dict[str, Tensor]) -> PerClassTable:
-        return PerClassTable(tuple(self.eval_class_names()), {"top-1": result["accuracy_per_class"]},
-                             {"top-1": float(result["top1"])}, "mean", "per-class accuracy (test)")
+        return PerClassTable(
+            tuple(self.eval_class_names()),
+            {"top-1": result["accuracy_per_class"]},
+            {"top-1": float(result["top1"])},
+            "mean",
+            "per-class accuracy (test)",
+        )
 
     def evaluation_tables(self, result: dict[str, Tensor]) -> dict[str, PerClassTable]:
         return {"test_confusion_matrix": confusion_table(result["confusion_matrix"], self.eval_class_names())}
 
     def evaluation_figures(self, result: dict[str, Tensor]) -> dict[str, Figure]:
-        return {"test_confusion_matrix": confusion_matrix(result["confusion_matrix"], self.eval_class_names(),
-                                                          "confusion matrix (test), rows normalised")}
+        return {
+            "test_confusion_matrix": confusion_matrix(
+                result["confusion_matrix"], self.eval_class_names(), "confusion matrix (test), rows normalised"
+            )
+        }
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """``{"classes": (B, k) int64, "probs": (B, k)}``: the ``k = min(5, num_classes)`` most

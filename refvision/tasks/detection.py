@@ -16,9 +16,9 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from refvision.metrics import VOCMeanAveragePrecision
+from refvision.models.detection import SSDRawOutputs, build_detector, ssd_raw_outputs
 from refvision.outputs.figures import per_class_bars, precision_recall_curves
 from refvision.outputs.tables import PerClassTable, per_class_table
-from refvision.models.detection import SSDRawOutputs, build_detector, ssd_raw_outputs
 from refvision.tasks.base import RefvisionTask
 
 Detection = dict[str, Any]

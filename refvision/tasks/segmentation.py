@@ -14,11 +14,11 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from refvision.metrics import MeanIoU
+from refvision.models.losses import ohem_cross_entropy
+from refvision.models.segmentation import build_segmenter
+from refvision.models.segmentation_inference import segment, whole_inference
 from refvision.outputs.figures import confusion_matrix, per_class_bars, segmentation_grid
 from refvision.outputs.tables import PerClassTable, confusion_table
-from refvision.models.segmentation import build_segmenter
-from refvision.models.losses import ohem_cross_entropy
-from refvision.models.segmentation_inference import segment, whole_inference
 from refvision.tasks.base import RefvisionTask
 from refvision.utils.colors import label_color
 
@@ -120,8 +120,16 @@ class SegmentationTask(RefvisionTask):
 
     def forward(self, images: Tensor) -> Tensor:
         """RGB ``(B, 3, H, W)`` in [0, 1] -> class scores ``(B, C, H, W)`` with the configured inference."""
-        return segment(self.model, self.normalize(images), self.num_classes, self.inference, self.slide_crop, self.slide_stride,
-                       self.flip, self.scales)
+        return segment(
+            self.model,
+            self.normalize(images),
+            self.num_classes,
+            self.inference,
+            self.slide_crop,
+            self.slide_stride,
+            self.flip,
+            self.scales,
+        )
 
     def loss(self, logits: Tensor, masks: Tensor) -> Tensor:
         """Cross-entropy (OHEM when ``ohem``) of logits ``(B, C, H, W)`` against masks ``(B, H, W)``."""
@@ -154,7 +162,9 @@ class SegmentationTask(RefvisionTask):
     def per_class_table(self, result: dict[str, Any]) -> PerClassTable:
         columns = {"IoU": result["iou_per_class"], "accuracy": result["accuracy_per_class"]}
         means = {"IoU": float(result["miou"]), "accuracy": float(result["mean_accuracy"])}
-        return PerClassTable(tuple(self.eval_class_names()), columns, means, "mean", "per-class IoU and accuracy (test)")
+        return PerClassTable(
+            tuple(self.eval_class_names()), columns, means, "mean", "per-class IoU and accuracy (test)"
+        )
 
     def evaluation_tables(self, result: dict[str, Any]) -> dict[str, PerClassTable]:
         return {"test_confusion_matrix": confusion_table(result["confusion_matrix"], self.eval_class_names())}
@@ -163,8 +173,9 @@ class SegmentationTask(RefvisionTask):
         names = self.eval_class_names()
         figures = {
             "test_iou_per_class": per_class_bars(names, result["iou_per_class"], "IoU per class (test)", "IoU"),
-            "test_confusion_matrix": confusion_matrix(result["confusion_matrix"], names,
-                                                      "confusion matrix (test), rows normalised"),
+            "test_confusion_matrix": confusion_matrix(
+                result["confusion_matrix"], names, "confusion matrix (test), rows normalised"
+            ),
         }
         if self._samples:
             images, masks, preds = (torch.stack(part) for part in zip(*self._samples))

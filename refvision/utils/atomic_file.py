@@ -55,11 +55,13 @@ def check_writable(target: str | os.PathLike, name: str | None = None) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise NotADirectoryError(f"{name}: its parent path {folder} is a file, not a folder; "
-                                 "expected a path inside folders")
+        raise NotADirectoryError(
+            f"{name}: its parent path {folder} is a file, not a folder; expected a path inside folders"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{name}: the folder {folder} is not writable; "
-                              "expected a path in a folder you may write to")
+        raise PermissionError(
+            f"{name}: the folder {folder} is not writable; expected a path in a folder you may write to"
+        )
 
 
 @contextlib.contextmanager

@@ -11,14 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 _PLAIN = box.Box(
-    "    \n"
-    "    \n"
-    "----\n"
-    "    \n"
-    "----\n"
-    "----\n"
-    "    \n"
-    "    \n",
+    "    \n    \n----\n    \n----\n----\n    \n    \n",
     ascii=True,
 )
 """Space-separated columns, a ``-`` rule under the header and above the footer."""
@@ -48,7 +41,9 @@ def render_table(
     if terminal is None:
         terminal = Console(stderr=True).is_terminal
     table = Table(
-        box=box.HORIZONTALS if terminal else _PLAIN, show_edge=False, pad_edge=False,
+        box=box.HORIZONTALS if terminal else _PLAIN,
+        show_edge=False,
+        pad_edge=False,
         header_style="bold" if terminal else "",
     )
     for i, title in enumerate(header):
@@ -60,7 +55,13 @@ def render_table(
         for row in footer:
             table.add_row(*row)
     out = StringIO()
-    console = Console(file=out, width=10_000, force_terminal=terminal, no_color=not terminal,
-                      color_system="auto" if terminal else None, highlight=False)
+    console = Console(
+        file=out,
+        width=10_000,
+        force_terminal=terminal,
+        no_color=not terminal,
+        color_system="auto" if terminal else None,
+        highlight=False,
+    )
     console.print(table)
     return "\n".join(line.rstrip("\n") for line in out.getvalue().rstrip("\n").split("\n"))

@@ -40,8 +40,10 @@ def _claim(root: Path, kind: str, params: dict[str, Any]) -> dict[str, Any] | No
             "Remove it or choose another root."
         )
     if root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root} is not empty and holds no {MANIFEST}; refusing to write a demo dataset into it "
-                         "(if an earlier write was interrupted, remove the folder)")
+        raise ValueError(
+            f"{root} is not empty and holds no {MANIFEST}; refusing to write a demo dataset into it "
+            "(if an earlier write was interrupted, remove the folder)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     return record
 
@@ -160,8 +162,14 @@ def write_imagefolder(
     if unknown:
         raise ValueError(f"unknown demo classes {sorted(unknown)}; available: {IMAGEFOLDER_CLASSES}")
     test_per_class = val_per_class if test_per_class is None else test_per_class
-    params = dict(classes=list(classes), train_per_class=train_per_class, val_per_class=val_per_class,
-                  test_per_class=test_per_class, size=size, seed=seed)
+    params = dict(
+        classes=list(classes),
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        test_per_class=test_per_class,
+        size=size,
+        seed=seed,
+    )
     record = _claim(root, "imagefolder", params)
     if record is None:
         return root
@@ -301,15 +309,23 @@ def write_vocdevkit(
     if min(size) < 32:
         raise ValueError(f"size must be at least 32 x 32 so that objects stay visible, got {size}")
     num_val = num_test if num_val is None else num_val
-    params = dict(years=list(years), num_train=num_train, num_val=num_val, num_test=num_test, size=list(size),
-                  classes=list(classes), seed=seed)
+    params = dict(
+        years=list(years),
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
+        size=list(size),
+        classes=list(classes),
+        seed=seed,
+    )
     record = _claim(root, "vocdevkit", params)
     if record is None:
         return root
     for year in years:
         year_dir = root / f"VOC{year}"
-        ids = [f"{i:06d}" if year == "2007" else f"{year}_{i:06d}"
-               for i in range(1, num_train + num_val + num_test + 1)]
+        ids = [
+            f"{i:06d}" if year == "2007" else f"{year}_{i:06d}" for i in range(1, num_train + num_val + num_test + 1)
+        ]
         for index, image_id in enumerate(ids):
             rng = np.random.default_rng([seed, int(year), index])
             height, width = (int(round(s * rng.uniform(0.8, 1.2))) for s in size)
@@ -318,9 +334,13 @@ def write_vocdevkit(
             xml = _voc_xml(year, f"{image_id}.jpg", height, width, objects, classes)
             (year_dir / "Annotations").mkdir(parents=True, exist_ok=True)
             ET.ElementTree(xml).write(year_dir / "Annotations" / f"{image_id}.xml", encoding="unicode")
-        trainval = ids[:num_train + num_val]
-        splits = {"train": trainval[:num_train], "val": trainval[num_train:], "trainval": trainval,
-                  "test": ids[num_train + num_val:]}
+        trainval = ids[: num_train + num_val]
+        splits = {
+            "train": trainval[:num_train],
+            "val": trainval[num_train:],
+            "trainval": trainval,
+            "test": ids[num_train + num_val :],
+        }
         (year_dir / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
         for split, members in splits.items():
             (year_dir / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{m}\n" for m in members))
@@ -331,8 +351,15 @@ def write_vocdevkit(
 # ---------------------------------------------------------------- Cityscapes
 
 # Base photo color of each rendered Cityscapes label id (the label colors are LABEL_BY_ID's).
-_CITY_COLORS = {0: (25, 25, 25), 1: (35, 30, 40), 7: (90, 88, 95), 8: (170, 160, 150), 17: (60, 60, 60),
-                21: (60, 120, 40), 23: (120, 170, 225)}
+_CITY_COLORS = {
+    0: (25, 25, 25),
+    1: (35, 30, 40),
+    7: (90, 88, 95),
+    8: (170, 160, 150),
+    17: (60, 60, 60),
+    21: (60, 120, 40),
+    23: (120, 170, 225),
+}
 
 
 def _city_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Array, Array, Array]:
@@ -347,8 +374,13 @@ def _city_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Arra
     labels = np.zeros((height, width), np.uint8)
     instances = np.zeros((height, width), np.uint16)
 
-    def paint(mask: Array, label_id: int, color: Sequence[float] | None = None, noise: float = 8.0,
-              instance: int | None = None) -> None:
+    def paint(
+        mask: Array,
+        label_id: int,
+        color: Sequence[float] | None = None,
+        noise: float = 8.0,
+        instance: int | None = None,
+    ) -> None:
         base = _CITY_COLORS[label_id] if color is None else color
         _paint(image, mask, np.clip(np.asarray(base) + rng.normal(0, 15, 3), 0, 255), rng, noise)
         labels[mask] = label_id
@@ -427,9 +459,17 @@ def write_cityscapes(
     """
     root = Path(root)
     num_test = num_val if num_test is None else num_test
-    params = dict(cities_train=list(cities_train), cities_val=list(cities_val), cities_test=list(cities_test),
-                  num_train=num_train, num_val=num_val, num_test=num_test, size=list(size), seed=seed,
-                  with_train_ids=with_train_ids)
+    params = dict(
+        cities_train=list(cities_train),
+        cities_val=list(cities_val),
+        cities_test=list(cities_test),
+        num_train=num_train,
+        num_val=num_val,
+        num_test=num_test,
+        size=list(size),
+        seed=seed,
+        with_train_ids=with_train_ids,
+    )
     record = _claim(root, "cityscapes", params)
     if record is None:
         return root

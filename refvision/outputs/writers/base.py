@@ -50,7 +50,9 @@ class FileWriter(BasePredictionWriter):
         for source in every:
             other = seen.setdefault(str(source.name), source.file)
             if other != source.file:
-                raise ValueError(f"{other} and {source.file} would both write outputs named '{source.name}'; rename one")
+                raise ValueError(
+                    f"{other} and {source.file} would both write outputs named '{source.name}'; rename one"
+                )
         existing = [path for path in self.planned_files(trainer, every) if path.exists()]
         if existing and not self.overwrite:
             listed = ", ".join(str(p) for p in existing[:MAX_LISTED])
@@ -64,7 +66,9 @@ class FileWriter(BasePredictionWriter):
     def batch_sources(self, batch_indices: Sequence[int] | None, dataloader_idx: int, count: int) -> list[Source]:
         """Sources of one batch's ``count`` samples, from the dataset indices Lightning tracked."""
         if batch_indices is None or len(batch_indices) != count:
-            raise RuntimeError(f"{type(self).__name__} needs the dataset indices of each predicted batch from Lightning")
+            raise RuntimeError(
+                f"{type(self).__name__} needs the dataset indices of each predicted batch from Lightning"
+            )
         return [self._sources[dataloader_idx][index] for index in batch_indices]
 
     def collect(self, batch_indices: Sequence[int], dataloader_idx: int, records: Sequence[Any]) -> None:

@@ -82,8 +82,13 @@ class DetectionPredictionWriter(FileWriter):
                 keep = record["scores"] >= self.score_threshold
                 labels = record["labels"][keep].tolist()
                 texts = [f"{_name(names, i)} {s:.2f}" for i, s in zip(labels, record["scores"][keep].tolist())]
-                drawn = draw_bounding_boxes(read_rgb(source.file), record["boxes"][keep], labels=texts,
-                                            colors=[label_color(i) for i in labels], width=2)
+                drawn = draw_bounding_boxes(
+                    read_rgb(source.file),
+                    record["boxes"][keep],
+                    labels=texts,
+                    colors=[label_color(i) for i in labels],
+                    width=2,
+                )
                 path = self.output_dir / "boxes" / f"{source.name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_png(drawn, str(path))
@@ -95,20 +100,25 @@ class DetectionPredictionWriter(FileWriter):
         for source, det in records:
             keep = det["scores"] >= self.score_threshold
             labels = det["labels"][keep].tolist()
-            summary.append({
-                "file": f"{source.name}{source.file.suffix}",
-                "boxes": [[round(v, 2) for v in box] for box in det["boxes"][keep].tolist()],
-                "scores": [round(s, 4) for s in det["scores"][keep].tolist()],
-                "labels": labels,
-                "class_names": [_name(names, i) for i in labels],
-            })
+            summary.append(
+                {
+                    "file": f"{source.name}{source.file.suffix}",
+                    "boxes": [[round(v, 2) for v in box] for box in det["boxes"][keep].tolist()],
+                    "scores": [round(s, 4) for s in det["scores"][keep].tolist()],
+                    "labels": labels,
+                    "class_names": [_name(names, i) for i in labels],
+                }
+            )
             coco += coco_results(str(source.name), det["boxes"], det["scores"], det["labels"])
         write_json(self.output_dir / "detections.json", summary)
         write_json(self.output_dir / "coco_results.json", coco)
         for label, path in enumerate(self._voc_files(names), start=1):
             path.parent.mkdir(parents=True, exist_ok=True)
-            lines = [line for source, det in records
-                     for line in voc_lines(str(source.name), det["boxes"], det["scores"], det["labels"], label)]
+            lines = [
+                line
+                for source, det in records
+                for line in voc_lines(str(source.name), det["boxes"], det["scores"], det["labels"], label)
+            ]
             path.write_text("".join(f"{line}\n" for line in lines))
 
 

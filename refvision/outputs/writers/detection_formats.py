@@ -38,8 +38,10 @@ def voc_lines(image_id: str, boxes: Tensor, scores: Tensor, labels: Tensor, labe
     """
     keep = labels == label
     voc = xyxy_to_voc(boxes[keep].double()).tolist()
-    return [f"{image_id} {score!r} " + " ".join(repr(v) for v in box)
-            for score, box in zip(scores[keep].double().tolist(), voc)]
+    return [
+        f"{image_id} {score!r} " + " ".join(repr(v) for v in box)
+        for score, box in zip(scores[keep].double().tolist(), voc)
+    ]
 
 
 def coco_results(image_id: str, boxes: Tensor, scores: Tensor, labels: Tensor) -> list[dict]:
@@ -50,8 +52,10 @@ def coco_results(image_id: str, boxes: Tensor, scores: Tensor, labels: Tensor) -
     """
     boxes = boxes.double()
     xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).tolist()
-    return [{"image_id": image_id, "category_id": label, "bbox": box, "score": score}
-            for label, box, score in zip(labels.tolist(), xywh, scores.double().tolist())]
+    return [
+        {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+        for label, box, score in zip(labels.tolist(), xywh, scores.double().tolist())
+    ]
 
 
 def write_json(path: Path, value: object) -> None:

@@ -47,7 +47,9 @@ class SegmentationPredictionWriter(FileWriter):
         if self.cityscapes:
             for source in sources:
                 if CITYSCAPES_NAME.match(source.name.name) is None:
-                    raise ValueError(f"cityscapes: true needs input files named <city>_<seq>_<frame>*, got {source.file}")
+                    raise ValueError(
+                        f"cityscapes: true needs input files named <city>_<seq>_<frame>*, got {source.file}"
+                    )
         return [self.output_dir / folder / f"{source.name}.png" for source in sources for folder in FOLDERS]
 
     def write_on_batch_end(
@@ -64,16 +66,22 @@ class SegmentationPredictionWriter(FileWriter):
         for source, pred in zip(self.batch_sources(batch_indices, dataloader_idx, len(prediction)), prediction):
             pred = pred.detach().cpu()
             if int(pred.max()) >= len(colors):
-                raise ValueError(f"prediction for {source.file} holds class {int(pred.max())}; the model has {len(colors)}")
+                raise ValueError(
+                    f"prediction for {source.file} holds class {int(pred.max())}; the model has {len(colors)}"
+                )
             image = read_rgb(source.file)
             labels = pred
             if self.cityscapes:
                 if len(colors) != len(TRAIN_CLASSES):
-                    raise ValueError(f"cityscapes: true needs a 19-class model (Cityscapes train ids), this one has {len(colors)}")
+                    raise ValueError(
+                        f"cityscapes: true needs a 19-class model (Cityscapes train ids), this one has {len(colors)}"
+                    )
                 if pred.shape != image.shape[-2:]:
-                    raise ValueError(f"prediction for {source.file} is {tuple(pred.shape)} (H, W) but the image is "
-                                     f"{tuple(image.shape[-2:])}; the Cityscapes evaluator needs full resolution "
-                                     f"(drop data.eval_size)")
+                    raise ValueError(
+                        f"prediction for {source.file} is {tuple(pred.shape)} (H, W) but the image is "
+                        f"{tuple(image.shape[-2:])}; the Cityscapes evaluator needs full resolution "
+                        f"(drop data.eval_size)"
+                    )
                 labels = TRAINID_TO_ID[pred.long()]
             self._write(labels.unsqueeze(0), "labels", source)
             self._write(colors[pred.long()].permute(2, 0, 1).contiguous(), "color", source)
@@ -90,5 +98,6 @@ class SegmentationPredictionWriter(FileWriter):
             pred = F.interpolate(pred[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].to(pred.dtype)
         classes = pred.unique()
         masks = pred.unsqueeze(0) == classes.view(-1, 1, 1)
-        return draw_segmentation_masks(image, masks, alpha=self.alpha,
-                                       colors=[tuple(colors[c].tolist()) for c in classes.long()])
+        return draw_segmentation_masks(
+            image, masks, alpha=self.alpha, colors=[tuple(colors[c].tolist()) for c in classes.long()]
+        )
