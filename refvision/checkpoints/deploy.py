@@ -18,8 +18,10 @@ import torch
 
 from refvision.checkpoints.loading import (
     CheckpointError,
+    class_path,
     describe_checkpoint,
     read_checkpoint,
+    refvision_stamp,
     resolve_source,
     state_differences,
     task_of,
@@ -45,16 +47,25 @@ class DeployReport:
     max_abs_diff: float
 
     def __str__(self) -> str:
-        rows = [
-            ("params total", f"{self.train.params_total:,}", f"{self.deploy.params_total:,}"),
-            ("params trainable", f"{self.train.params_trainable:,}", f"{self.deploy.params_trainable:,}"),
-            ("params training-only", f"{self.train.params_training_only:,}", f"{self.deploy.params_training_only:,}"),
-            ("FLOPs (mult-adds)", f"{self.train.flops:,}", f"{self.deploy.flops:,}"),
-        ]
-        lines = [render_table(("", "train form", "deploy form"), rows)]
+        lines = [forms_table(self.train, self.deploy)]
         lines.append(f"max |output(train) - output(deploy)| = {self.max_abs_diff:.3e}")
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)
+
+
+def forms_table(train: ModelProfile, deploy: ModelProfile, *more_rows: tuple[str, str, str]) -> str:
+    """The parameter counts and FLOPs of a model's train and deploy forms side by side, then ``more_rows``
+    (label, train value, deploy value)."""
+    rows = [
+        (label, *(f"{getattr(form, field):,}" for form in (train, deploy)))
+        for label, field in (
+            ("params total", "params_total"),
+            ("params trainable", "params_trainable"),
+            ("params training-only", "params_training_only"),
+            ("FLOPs (mult-adds)", "flops"),
+        )
+    ]
+    return render_table(("", "train form", "deploy form"), [*rows, *more_rows])
 
 
 def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
@@ -74,17 +85,17 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
             f"--ckpt {path}: not a Lightning checkpoint (no 'state_dict'); it holds {describe_checkpoint(checkpoint)}"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path = task_of(checkpoint)
-    if not class_path:
+    task_path = task_of(checkpoint)
+    if not task_path:
         raise CheckpointError(
             f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
             f"it holds {describe_checkpoint(checkpoint)}"
         )
     try:
-        task_cls = import_class(class_path)
+        task_cls = import_class(task_path)
     except (ImportError, AttributeError, ValueError):
         raise CheckpointError(
-            f"--ckpt {path}: written by task {class_path!r}, which this refvision does not "
+            f"--ckpt {path}: written by task {task_path!r}, which this refvision does not "
             "have (a checkpoint of another refvision version?); expected a refvision task "
             "class"
         ) from None
@@ -172,18 +183,9 @@ def reparameterize_checkpoint(
     )
     checkpoint = {
         "state_dict": deploy_task.state_dict(),
-        "hyper_parameters": {
-            **deploy_hparams,
-            "_class_path": f"{task_cls.__module__}.{task_cls.__qualname__}",
-            "_instantiator": _INSTANTIATOR,
-        },
+        "hyper_parameters": {**deploy_hparams, "_class_path": class_path(task_cls), "_instantiator": _INSTANTIATOR},
         "pytorch-lightning_version": lightning.__version__,
-        "refvision": {
-            "task": f"{task_cls.__module__}.{task_cls.__qualname__}",
-            "form": "deploy",
-            "source": str(source),
-            "max_abs_diff": report.max_abs_diff,
-        },
+        "refvision": refvision_stamp(task_cls, "deploy", source=str(source), max_abs_diff=report.max_abs_diff),
     }
     save_atomically(checkpoint, output)
     return report

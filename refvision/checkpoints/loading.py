@@ -176,6 +176,17 @@ def describe_checkpoint(checkpoint: Any) -> str:
     return f"a dict with keys {keys}"
 
 
+def class_path(cls: type) -> str:
+    """``package.module.Name``: how configs and checkpoints name a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def refvision_stamp(task_cls: type, form: str, **details: Any) -> dict[str, Any]:
+    """The ``refvision`` entry of a checkpoint: the class path of the task that wrote it (:func:`task_of`),
+    the ``form`` of the model it holds, ``train`` or ``deploy`` (:func:`checkpoint_form`), and ``details``."""
+    return {"task": class_path(task_cls), "form": form, **details}
+
+
 def task_of(checkpoint: Any) -> str | None:
     """The class path of the refvision task that wrote ``checkpoint``, if it says."""
     if not isinstance(checkpoint, dict):

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from refvision.checkpoints.loading import load_init_from
+from refvision.checkpoints.loading import load_init_from, refvision_stamp
 from refvision.lifecycle.divergence import DivergenceGuard
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
@@ -246,10 +246,7 @@ class RefvisionTask(LightningModule):
             for key in ("init_from", *self.download_options):
                 if key in hparams:
                     hparams[key] = None
-        checkpoint["refvision"] = {
-            "task": f"{type(self).__module__}.{type(self).__qualname__}",
-            "form": "deploy" if self.deploy else "train",
-        }
+        checkpoint["refvision"] = refvision_stamp(type(self), "deploy" if self.deploy else "train")
 
     @classmethod
     def deploy_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
