@@ -8,6 +8,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from refvision.app.demo.run import run_demo
+from refvision.app.lightning_cli import yaml_mapping
 from refvision.checkpoints.deploy import forms_table, load_task_checkpoint, reparameterize_checkpoint
 from refvision.export.formats import FORMATS, export_checkpoint
 from refvision.surgery.convert import reparameterize
@@ -27,14 +28,13 @@ def reparameterize_command(argv: Sequence[str]) -> None:
 
 
 def build_task_from_configs(configs: Sequence[str]) -> RefvisionTask:
-    """Instantiate the ``model`` of composed ``-c`` configs without touching data or trainer."""
+    """Instantiate the ``model`` of composed ``-c`` configs without touching data or trainer: every other
+    top-level key of the configs is read and left unused."""
     parser = ArgumentParser(prog="refvision profile")
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_subclass_arguments(RefvisionTask, "model")
-    for ignored in ("trainer", "data", "optimizer", "lr_scheduler", "deploy_checkpoint"):
+    for ignored in dict.fromkeys(key for path in configs for key in yaml_mapping(path) if key != "model"):
         parser.add_argument(f"--{ignored}", type=Any)
-    parser.add_argument("--seed_everything", type=Any)
-    parser.add_argument("--ckpt_path", type=Any)
     cfg = parser.parse_args([arg for path in configs for arg in ("-c", path)])
     return parser.instantiate_classes(cfg).model
 

@@ -8,7 +8,6 @@ its ``state_dict`` loads with ``strict=True`` into the vanilla model class.
 
 import dataclasses
 import importlib
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from refvision.checkpoints.loading import (
 from refvision.lifecycle.divergence import non_finite_tensors
 from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import ModelProfile, profile
+from refvision.tasks.base import RefvisionTask
 from refvision.utils.atomic_file import check_writable, save_atomically
 from refvision.utils.text_table import render_table
 
@@ -68,7 +68,7 @@ def forms_table(train: ModelProfile, deploy: ModelProfile, *more_rows: tuple[str
     return render_table(("", "train form", "deploy form"), [*rows, *more_rows])
 
 
-def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+def load_task_checkpoint(path: str | os.PathLike) -> tuple[RefvisionTask, dict[str, Any]]:
     """Rebuild the task saved in local file ``path`` with its weights (read by :func:`read_checkpoint`).
 
     Returns ``(task, hparams)``; nothing is downloaded or loaded besides the checkpoint itself.
@@ -94,15 +94,16 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     try:
         task_cls = import_class(task_path)
     except (ImportError, AttributeError, ValueError):
+        task_cls = None
+    if not (isinstance(task_cls, type) and issubclass(task_cls, RefvisionTask)):
         raise CheckpointError(
             f"--ckpt {path}: written by task {task_path!r}, which this refvision does not "
             "have (a checkpoint of another refvision version?); expected a refvision task "
             "class"
-        ) from None
-    hparams = {k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS}
-    hparams = {**hparams, "init_from": None, **{k: None for k in task_cls.download_options if k in hparams}}
-    accepted = _init_arguments(task_cls)
-    unknown = sorted(set(hparams) - accepted) if accepted is not None else []
+        )
+    hparams = task_cls.without_weight_sources({k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS})
+    accepted = task_cls.options()
+    unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise CheckpointError(
             f"--ckpt {path}: ckpt['hyper_parameters'] holds {', '.join(map(repr, unknown))}, which "
@@ -123,7 +124,9 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     return task.eval(), hparams
 
 
-def load_task_to_write(source: Path, output: str | os.PathLike, overwrite: bool) -> tuple[Any, dict[str, Any]]:
+def load_task_to_write(
+    source: Path, output: str | os.PathLike, overwrite: bool
+) -> tuple[RefvisionTask, dict[str, Any]]:
     """Check that ``output`` may be written from checkpoint ``source``, then load the task from it.
 
     Raises (the path checks before the checkpoint is read, all before anything is written):
@@ -200,19 +203,6 @@ def same_file(a: Path, b: Path) -> bool:
 
 def _profile(task: Any, inputs: Any) -> ModelProfile:
     return profile(task.profile_module(), inputs=inputs)
-
-
-def _init_arguments(cls: type) -> set[str] | None:
-    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up the MRO (None: any)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
-        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names
-    return None
 
 
 def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) -> str:
