@@ -9,6 +9,7 @@ import inspect
 import os
 import re
 import sys
+import textwrap
 import warnings
 from argparse import ArgumentError
 from collections.abc import Collection, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -69,6 +71,19 @@ def every_task() -> list[type[RefvisionTask]]:
 def options_of_any_task(role: Role) -> list[str]:
     """The options that some task declares with ``role``, each once, in the order first declared."""
     return list(dict.fromkeys(key for task in every_task() for key in task.options(role)))
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the line breaks of descriptions and epilogs kept (the command and role
+    tables); a line longer than the terminal is wrapped, its continuation under the table's second column."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            column = re.match(r"\s*\S+(?: \S+)*\s{2,}", line)
+            hang = column.end() if column else len(line) - len(line.lstrip())
+            lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent + " " * hang))
+        return "\n".join(lines)
 
 
 class ConfigError(ValueError):
@@ -423,7 +438,11 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Refvis
             run=run,
             parser_kwargs={
                 "epilog": EXTRA_COMMANDS_HELP + "\n" + roles_help(),
-                **{command: {"epilog": roles_help()} for command in ("fit", *EVALUATING_COMMANDS)},
+                "formatter_class": HelpFormatter,
+                **{
+                    command: {"epilog": roles_help(), "formatter_class": HelpFormatter}
+                    for command in ("fit", *EVALUATING_COMMANDS)
+                },
             },
             save_config_kwargs={"overwrite": True},
         )
