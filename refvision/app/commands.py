@@ -8,12 +8,12 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from refvision.app.demo.run import run_demo
-from refvision.checkpoints.deploy import load_task_checkpoint, reparameterize_checkpoint
+from refvision.app.lightning_cli import yaml_mapping
+from refvision.checkpoints.deploy import forms_table, load_task_checkpoint, reparameterize_checkpoint
 from refvision.export.formats import FORMATS, export_checkpoint
 from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import profile
 from refvision.tasks.base import RefvisionTask
-from refvision.utils.text_table import render_table
 
 
 def reparameterize_command(argv: Sequence[str]) -> None:
@@ -28,14 +28,13 @@ def reparameterize_command(argv: Sequence[str]) -> None:
 
 
 def build_task_from_configs(configs: Sequence[str]) -> RefvisionTask:
-    """Instantiate the ``model`` of composed ``-c`` configs without touching data or trainer."""
+    """Instantiate the ``model`` of composed ``-c`` configs without touching data or trainer: every other
+    top-level key of the configs is read and left unused."""
     parser = ArgumentParser(prog="refvision profile")
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_subclass_arguments(RefvisionTask, "model")
-    for ignored in ("trainer", "data", "optimizer", "lr_scheduler", "deploy_checkpoint"):
+    for ignored in dict.fromkeys(key for path in configs for key in yaml_mapping(path) if key != "model"):
         parser.add_argument(f"--{ignored}", type=Any)
-    parser.add_argument("--seed_everything", type=Any)
-    parser.add_argument("--ckpt_path", type=Any)
     cfg = parser.parse_args([arg for path in configs for arg in ("-c", path)])
     return parser.instantiate_classes(cfg).model
 
@@ -119,21 +118,12 @@ def profile_table(
     original, task.model = task.model, reparameterize(task.model)
     deploy_module = task.profile_module()
     task.model = original
-    rows = []
     profiles = []
     for name, module in (("train", train_module), ("deploy", deploy_module)):
         say(f"counting FLOPs of the {name} form")
         profiles.append(profile(module, inputs=inputs))
-    latency = _latencies({"train": train_module, "deploy": deploy_module}, inputs, min_run_time, say)
-    for label, field in (
-        ("params total", "params_total"),
-        ("params trainable", "params_trainable"),
-        ("params training-only", "params_training_only"),
-        ("FLOPs (mult-adds)", "flops"),
-    ):
-        rows.append((label, *(f"{getattr(p, field):,}" for p in profiles)))
-    rows.append((f"latency ms (median, {device.type})", *(f"{t:.2f}" for t in latency)))
-    return render_table(("", "train form", "deploy form"), rows)
+    train_ms, deploy_ms = _latencies({"train": train_module, "deploy": deploy_module}, inputs, min_run_time, say)
+    return forms_table(*profiles, (f"latency ms (median, {device.type})", f"{train_ms:.2f}", f"{deploy_ms:.2f}"))
 
 
 def _resized(inputs: Any, size: Sequence[int] | None) -> Any:

@@ -9,6 +9,7 @@ import inspect
 import os
 import re
 import sys
+import textwrap
 import warnings
 from argparse import ArgumentError
 from collections.abc import Collection, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import DefaultHelpFormatter
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -36,31 +38,11 @@ from refvision.checkpoints.loading import (
 from refvision.lifecycle.deploy_callback import DeployCheckpoint
 from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
 from refvision.models.weights import WeightsUnavailableError
-from refvision.tasks.base import OPTIM_DEFAULTS, RefvisionTask
+from refvision.tasks.base import RefvisionTask
+from refvision.tasks.options import Role
 
 EVALUATING_COMMANDS = ("validate", "test", "predict")
 """The subcommands that train nothing: they need trained weights, and write into a fresh folder."""
-
-RUN_OPTIONS = ("eval_mode", "inference", "slide_crop", "slide_stride", "flip", "scales")
-"""Model options that say how test / validate / predict run the network, not what it is: there a
-value given in the config replaces the ``--ckpt_path`` checkpoint's."""
-
-UNUSED_IN_EVALUATION = (
-    "optim",
-    "trainable",
-    "init_prefix",
-    "init_strict",
-    "label_smoothing",
-    "norm_momentum",
-    "ohem",
-    "example_size",
-)
-"""Model options that test / validate / predict do not use (training settings, the profiling input
-size): a config that differs from the ``--ckpt_path`` checkpoint there is not refused."""
-
-DESCRIBED_BY_DATA = ("num_classes", "class_names", "mean", "std", "palette", "ignore_index")
-"""What a data module says about its data and the model takes from it (attributes of the data
-module -> init arguments of the task, each where both exist)."""
 
 EXTRA_COMMANDS_HELP = """\
 workflow subcommands:
@@ -69,6 +51,39 @@ workflow subcommands:
   demo            [--root DIR]                           the whole refocus workflow on generated data
   export          --ckpt IN --output OUT --format FMT    ONNX / TorchScript / ExportedProgram of the deploy form
 """
+
+
+def roles_help() -> str:
+    """The help's account of the model option roles (each option's own shows in ``--model.help TASK``)."""
+    width = max(len(role.name) for role in Role)
+    lines = [f"  {role.name:<{width}}  {role.meaning}" for role in Role]
+    return "\n".join(["model options by role (Annotated[<type>, Role.<role>] in --model.help TASK):", *lines, ""])
+
+
+def every_task() -> list[type[RefvisionTask]]:
+    """:class:`RefvisionTask` and every subclass of it defined so far (refvision's and a user's)."""
+    found: list[type[RefvisionTask]] = [RefvisionTask]
+    for task in found:
+        found += [sub for sub in task.__subclasses__() if sub not in found]
+    return found
+
+
+def options_of_any_task(role: Role) -> list[str]:
+    """The options that some task declares with ``role``, each once, in the order first declared."""
+    return list(dict.fromkeys(key for task in every_task() for key in task.options(role)))
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the line breaks of descriptions and epilogs kept (the command and role
+    tables); a line longer than the terminal is wrapped, its continuation under the table's second column."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            column = re.match(r"\s*\S+(?: \S+)*\s{2,}", line)
+            hang = column.end() if column else len(line) - len(line.lstrip())
+            lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent + " " * hang))
+        return "\n".join(lines)
 
 
 class ConfigError(ValueError):
@@ -117,7 +132,8 @@ class RefvisionCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         model_config = self._get(self.config, "model")
-        given = given_description(model_config.class_path, model_config.init_args.as_dict())
+        task = import_class(model_config.class_path)
+        given = given_data_options(task, model_config.init_args.as_dict())
         # test / validate / predict train nothing: init_from must then cover the whole model.
         scope = evaluating(self.subcommand) if self.subcommand in EVALUATING_COMMANDS else contextlib.nullcontext()
         try:
@@ -125,20 +141,23 @@ class RefvisionCLI(LightningCLI):
                 super().instantiate_classes()
         except (ValueError, TypeError, OSError, WeightsUnavailableError) as err:
             raise ConfigError(root_cause(err)) from err
-        check_description(given, self.datamodule, getattr(self.model, "num_classes_note", ""))
+        refuse_data_contradictions(task, given, self.datamodule)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
-        # The input size is the data's: a data module that has `image_size` sets the model's
-        # (classification crop, detector input side), so the two never disagree. Skipped where
-        # the data module or the task has no such argument (Cityscapes, segmentation).
-        parser.link_arguments("data.init_args.image_size", "model.init_args.image_size", apply_on="parse")
-        # What the data is, from the instantiated data module (classes are only known once it has
-        # read its folders). jsonargparse skips a link whose attribute the data module lacks (the
-        # model keeps its value: for predict on plain images, the checkpoint's) or whose argument
-        # the task lacks (palette: segmentation only). A model value the config or the checkpoint
-        # gives is checked against the data's after instantiation (check_description).
-        for key in DESCRIBED_BY_DATA:
+        # The model class is only known once parsed: every option that some task declares is
+        # linked. The data's init arguments (Role.DATA_ARGUMENT: the input size, e.g. the
+        # classification crop, the detector input side) at parse, so that the two never disagree;
+        # skipped where the data module or the task has no such argument.
+        for key in options_of_any_task(Role.DATA_ARGUMENT):
+            parser.link_arguments(f"data.init_args.{key}", f"model.init_args.{key}", apply_on="parse")
+        # What the data is (Role.DATA), from the instantiated data module (classes are only known
+        # once it has read its folders). jsonargparse skips a link whose attribute the data module
+        # lacks (the model keeps its value: for predict on plain images, the checkpoint's) or whose
+        # argument the task lacks (palette: segmentation only). A model value the config or the
+        # checkpoint gives is checked against the data's after instantiation
+        # (refuse_data_contradictions).
+        for key in options_of_any_task(Role.DATA):
             parser.link_arguments(
                 f"data.{key}", f"model.init_args.{key}", compute_fn=config_value, apply_on="instantiate"
             )
@@ -173,7 +192,7 @@ class RefvisionCLI(LightningCLI):
             super()._parse_ckpt_path()
         if ckpt_path and subcommand in EVALUATING_COMMANDS:
             merged = self.config[subcommand]["model"]["init_args"]
-            for key in RUN_OPTIONS:
+            for key in import_class(model_class).options(Role.RUN):
                 if key in init_args and key in merged:
                     merged[key] = init_args[key]
 
@@ -224,7 +243,7 @@ def check_weights_given(subcommand: str, ckpt_path: str | None, model_class: str
         )
     if ckpt_path:
         return
-    options = ("init_from", *import_class(model_class).download_options)
+    options = import_class(model_class).options(Role.WEIGHTS)
     if any(init_args.get(key) for key in options):
         return
     warnings.warn(
@@ -264,24 +283,28 @@ def check_model_options(
     value that differs from the checkpoint's was given if it differs from the task's default too, or
     if its key is in ``mentioned`` (:func:`mentioned_model_keys`): the run stops, naming the key and
     both values. A deploy checkpoint also takes the config of the training form it was made from
-    (``conv.kind: refconv`` for a re-parameterized RefConv model). Not compared: ``init_from`` and the
-    named weights (cleared in every checkpoint: its weights replace them), ``image_size`` (the
-    data's, linked at parse), and outside ``fit`` :data:`RUN_OPTIONS` (the config's are used) and
-    :data:`UNUSED_IN_EVALUATION`.
+    (``conv.kind: refconv`` for a re-parameterized RefConv model). Not compared: the task's
+    :attr:`Role.WEIGHTS <refvision.tasks.options.Role.WEIGHTS>` options (cleared in every checkpoint:
+    its weights replace them) and ``Role.DATA_ARGUMENT`` ones (the data's, linked at parse), and
+    outside ``fit`` its ``Role.RUN`` options (the config's are used) and ``Role.TRAINING`` ones.
     """
     cls = import_class(model_class)
     saved = checkpoint.get("hyper_parameters") or {}
     deployed = cls.deploy_hparams(init_args) if checkpoint_form(checkpoint) == "deploy" else {}
-    skipped = {"init_from", "image_size", *cls.download_options}
+    skipped = {*cls.options(Role.WEIGHTS, Role.DATA_ARGUMENT)}
     if subcommand in EVALUATING_COMMANDS:
-        skipped |= {*RUN_OPTIONS, *UNUSED_IN_EVALUATION}
+        skipped |= {*cls.options(Role.RUN, Role.TRAINING)}
+
+    def comparable(key: str, value: Any) -> Any:
+        return config_value(cls.filled_option(key, value))
+
     for key, value in init_args.items():
         if key in skipped or key.startswith("_") or key not in saved:
             continue
-        given, theirs = _comparable(key, value), _comparable(key, saved[key])
-        if given == theirs or (key not in mentioned and given == _comparable(key, _default(cls, key))):
+        given, theirs = comparable(key, value), comparable(key, saved[key])
+        if given == theirs or (key not in mentioned and given == comparable(key, _default(cls, key))):
             continue
-        if key in deployed and _comparable(key, deployed[key]) == theirs:
+        if key in deployed and comparable(key, deployed[key]) == theirs:
             continue
         fix = (
             "to start a new training from these weights use --model.init_from"
@@ -306,7 +329,7 @@ def mentioned_model_keys(args: Sequence[str]) -> set[str]:
             keys.add(option.removeprefix("--model.").removeprefix("init_args.").partition(".")[0])
         elif option in ("-c", "--config"):
             text = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-            model = _yaml_mapping(text).get("model")
+            model = yaml_mapping(text).get("model")
             if isinstance(model, dict):
                 init_args = model.get("init_args")
                 keys.update(init_args if isinstance(init_args, dict) else ())
@@ -314,24 +337,13 @@ def mentioned_model_keys(args: Sequence[str]) -> set[str]:
     return keys
 
 
-def _yaml_mapping(text: str) -> dict:
+def yaml_mapping(text: str) -> dict:
     """The mapping in config file ``text`` (or in ``text`` itself, inline YAML); empty if it holds none."""
     try:
         content = yaml.safe_load(Path(text).read_text() if os.path.isfile(text) else text)
     except (OSError, yaml.YAMLError):
         return {}
     return content if isinstance(content, dict) else {}
-
-
-def _comparable(key: str, value: Any) -> Any:
-    """``value`` of model option ``key`` in the form that compares by meaning (the defaults a task fills in
-    for a partial ``optim``; ``conv`` of kind ``none`` is no conversion whatever else it says)."""
-    if key == "conv":
-        conv = {"kind": "none", **(value or {})}
-        return {"kind": "none"} if conv["kind"] == "none" else config_value(conv)
-    if key == "optim":
-        return config_value({**OPTIM_DEFAULTS, **(value or {})})
-    return config_value(value)
 
 
 def fresh_folder(root: str, name: str) -> str:
@@ -342,19 +354,21 @@ def fresh_folder(root: str, name: str) -> str:
     return os.path.join(root, f"{name}_{n}")
 
 
-def given_description(model_class: str, init_args: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`DESCRIBED_BY_DATA` values of a model config (its own, or merged from
+def given_data_options(task: type[RefvisionTask], init_args: dict[str, Any]) -> dict[str, Any]:
+    """The values of ``task``'s ``Role.DATA`` options in a model config (its own, or merged from
     ``--ckpt_path``'s hyper-parameters) that differ from the task's defaults: the ones given."""
-    cls = import_class(model_class)
     return {
         key: init_args[key]
-        for key in DESCRIBED_BY_DATA
-        if init_args.get(key) is not None and config_value(init_args[key]) != config_value(_default(cls, key))
+        for key in task.options(Role.DATA)
+        if init_args.get(key) is not None and config_value(init_args[key]) != config_value(_default(task, key))
     }
 
 
-def check_description(given: dict[str, Any], datamodule: LightningDataModule, num_classes_note: str = "") -> None:
-    """Refuse a given model value (:func:`given_description`) that the data module describes otherwise.
+def refuse_data_contradictions(
+    task: type[RefvisionTask], given: dict[str, Any], datamodule: LightningDataModule
+) -> None:
+    """Refuse a given value of a ``task`` option (:func:`given_data_options`) that the data module describes
+    otherwise.
 
     The data module's value has been linked into the model; a different one in the config (or in
     the checkpoint being tested) means the model and the data disagree, so the run stops here,
@@ -365,7 +379,7 @@ def check_description(given: dict[str, Any], datamodule: LightningDataModule, nu
             continue
         described = getattr(datamodule, key)
         if config_value(described) != config_value(value):
-            note = num_classes_note if key == "num_classes" else ""
+            note = task.value_note(key)
             raise ConfigError(
                 f"model.{key}={config_value(value)}{note} but the data ({type(datamodule).__name__}) has {key}="
                 f"{config_value(described)}{note}: the data module sets model.{key}; leave it out of the config "
@@ -422,6 +436,13 @@ def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Refvis
             subclass_mode_data=True,
             args=args,
             run=run,
-            parser_kwargs={"epilog": EXTRA_COMMANDS_HELP},
+            parser_kwargs={
+                "epilog": EXTRA_COMMANDS_HELP + "\n" + roles_help(),
+                "formatter_class": HelpFormatter,
+                **{
+                    command: {"epilog": roles_help(), "formatter_class": HelpFormatter}
+                    for command in ("fit", *EVALUATING_COMMANDS)
+                },
+            },
             save_config_kwargs={"overwrite": True},
         )

@@ -8,7 +8,6 @@ its ``state_dict`` loads with ``strict=True`` into the vanilla model class.
 
 import dataclasses
 import importlib
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,10 @@ import torch
 
 from refvision.checkpoints.loading import (
     CheckpointError,
+    class_path,
     describe_checkpoint,
     read_checkpoint,
+    refvision_stamp,
     resolve_source,
     state_differences,
     task_of,
@@ -27,6 +28,7 @@ from refvision.checkpoints.loading import (
 from refvision.lifecycle.divergence import non_finite_tensors
 from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import ModelProfile, profile
+from refvision.tasks.base import RefvisionTask
 from refvision.utils.atomic_file import check_writable, save_atomically
 from refvision.utils.text_table import render_table
 
@@ -45,19 +47,28 @@ class DeployReport:
     max_abs_diff: float
 
     def __str__(self) -> str:
-        rows = [
-            ("params total", f"{self.train.params_total:,}", f"{self.deploy.params_total:,}"),
-            ("params trainable", f"{self.train.params_trainable:,}", f"{self.deploy.params_trainable:,}"),
-            ("params training-only", f"{self.train.params_training_only:,}", f"{self.deploy.params_training_only:,}"),
-            ("FLOPs (mult-adds)", f"{self.train.flops:,}", f"{self.deploy.flops:,}"),
-        ]
-        lines = [render_table(("", "train form", "deploy form"), rows)]
+        lines = [forms_table(self.train, self.deploy)]
         lines.append(f"max |output(train) - output(deploy)| = {self.max_abs_diff:.3e}")
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)
 
 
-def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+def forms_table(train: ModelProfile, deploy: ModelProfile, *more_rows: tuple[str, str, str]) -> str:
+    """The parameter counts and FLOPs of a model's train and deploy forms side by side, then ``more_rows``
+    (label, train value, deploy value)."""
+    rows = [
+        (label, *(f"{getattr(form, field):,}" for form in (train, deploy)))
+        for label, field in (
+            ("params total", "params_total"),
+            ("params trainable", "params_trainable"),
+            ("params training-only", "params_training_only"),
+            ("FLOPs (mult-adds)", "flops"),
+        )
+    ]
+    return render_table(("", "train form", "deploy form"), [*rows, *more_rows])
+
+
+def load_task_checkpoint(path: str | os.PathLike) -> tuple[RefvisionTask, dict[str, Any]]:
     """Rebuild the task saved in local file ``path`` with its weights (read by :func:`read_checkpoint`).
 
     Returns ``(task, hparams)``; nothing is downloaded or loaded besides the checkpoint itself.
@@ -74,24 +85,25 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
             f"--ckpt {path}: not a Lightning checkpoint (no 'state_dict'); it holds {describe_checkpoint(checkpoint)}"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    class_path = task_of(checkpoint)
-    if not class_path:
+    task_path = task_of(checkpoint)
+    if not task_path:
         raise CheckpointError(
             f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
             f"it holds {describe_checkpoint(checkpoint)}"
         )
     try:
-        task_cls = import_class(class_path)
+        task_cls = import_class(task_path)
     except (ImportError, AttributeError, ValueError):
+        task_cls = None
+    if not (isinstance(task_cls, type) and issubclass(task_cls, RefvisionTask)):
         raise CheckpointError(
-            f"--ckpt {path}: written by task {class_path!r}, which this refvision does not "
+            f"--ckpt {path}: written by task {task_path!r}, which this refvision does not "
             "have (a checkpoint of another refvision version?); expected a refvision task "
             "class"
-        ) from None
-    hparams = {k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS}
-    hparams = {**hparams, "init_from": None, **{k: None for k in task_cls.download_options if k in hparams}}
-    accepted = _init_arguments(task_cls)
-    unknown = sorted(set(hparams) - accepted) if accepted is not None else []
+        )
+    hparams = task_cls.without_weight_sources({k: v for k, v in hparams.items() if k not in _PRIVATE_KEYS})
+    accepted = task_cls.options()
+    unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise CheckpointError(
             f"--ckpt {path}: ckpt['hyper_parameters'] holds {', '.join(map(repr, unknown))}, which "
@@ -112,7 +124,9 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     return task.eval(), hparams
 
 
-def load_task_to_write(source: Path, output: str | os.PathLike, overwrite: bool) -> tuple[Any, dict[str, Any]]:
+def load_task_to_write(
+    source: Path, output: str | os.PathLike, overwrite: bool
+) -> tuple[RefvisionTask, dict[str, Any]]:
     """Check that ``output`` may be written from checkpoint ``source``, then load the task from it.
 
     Raises (the path checks before the checkpoint is read, all before anything is written):
@@ -172,18 +186,9 @@ def reparameterize_checkpoint(
     )
     checkpoint = {
         "state_dict": deploy_task.state_dict(),
-        "hyper_parameters": {
-            **deploy_hparams,
-            "_class_path": f"{task_cls.__module__}.{task_cls.__qualname__}",
-            "_instantiator": _INSTANTIATOR,
-        },
+        "hyper_parameters": {**deploy_hparams, "_class_path": class_path(task_cls), "_instantiator": _INSTANTIATOR},
         "pytorch-lightning_version": lightning.__version__,
-        "refvision": {
-            "task": f"{task_cls.__module__}.{task_cls.__qualname__}",
-            "form": "deploy",
-            "source": str(source),
-            "max_abs_diff": report.max_abs_diff,
-        },
+        "refvision": refvision_stamp(task_cls, "deploy", source=str(source), max_abs_diff=report.max_abs_diff),
     }
     save_atomically(checkpoint, output)
     return report
@@ -198,19 +203,6 @@ def same_file(a: Path, b: Path) -> bool:
 
 def _profile(task: Any, inputs: Any) -> ModelProfile:
     return profile(task.profile_module(), inputs=inputs)
-
-
-def _init_arguments(cls: type) -> set[str] | None:
-    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up the MRO (None: any)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
-        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names
-    return None
 
 
 def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) -> str:

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import sys
 import urllib.parse
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from refvision.models.weights import explain_download_failure, external_state_dict, map_keys
+from refvision.tasks.options import Role, option_roles
 
 log = logging.getLogger("refvision")
 
@@ -161,19 +163,48 @@ def _needs_pickle_message(name: str, path: Path, err: BaseException) -> str:
 
 
 def describe_checkpoint(checkpoint: Any) -> str:
-    """A one-line account of what a loaded checkpoint holds (task, format, tensor count, top-level keys)."""
+    """A one-line account of what a loaded checkpoint holds: a refvision checkpoint's task and the architecture
+    and data options it gives as a name or number; otherwise its format, tensor count and top-level keys."""
     if not isinstance(checkpoint, dict):
         return f"a {type(checkpoint).__name__}, not a dict"
     task = task_of(checkpoint)
     keys = ", ".join(map(str, list(checkpoint)[:6])) + (" ..." if len(checkpoint) > 6 else "")
     if task:
         hp = checkpoint.get("hyper_parameters") or {}
-        details = ", ".join(f"{k}={hp[k]}" for k in ("backbone", "detector", "encoder", "num_classes") if k in hp)
-        return f"a refvision {task.rpartition('.')[2]} checkpoint ({details})"
+        named = [
+            k for k in _identity_options(task) if isinstance(hp.get(k), (str, int)) and not isinstance(hp[k], bool)
+        ]
+        details = f" ({', '.join(f'{k}={hp[k]}' for k in named)})" if named else ""
+        return f"a refvision {task.rpartition('.')[2]} checkpoint{details}"
     tensors = sum(isinstance(v, torch.Tensor) for v in checkpoint.values())
     if tensors == len(checkpoint):
         return f"a plain state dict of {tensors} tensors (first keys: {keys})"
     return f"a dict with keys {keys}"
+
+
+def _identity_options(task: str) -> tuple[str, ...]:
+    """The architecture and data options (:class:`~refvision.tasks.options.Role`) of the task of class path
+    ``task``, in declaration order; none if no such class is loaded (a checkpoint's word imports nothing)."""
+    module, _, name = task.rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    if not isinstance(cls, type):
+        return ()
+    try:
+        roles = option_roles(cls)
+    except TypeError:
+        return ()
+    return tuple(key for key, role in roles.items() if role in (Role.ARCHITECTURE, Role.DATA))
+
+
+def class_path(cls: type) -> str:
+    """``package.module.Name``: how configs and checkpoints name a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def refvision_stamp(task_cls: type, form: str, **details: Any) -> dict[str, Any]:
+    """The ``refvision`` entry of a checkpoint: the class path of the task that wrote it (:func:`task_of`),
+    the ``form`` of the model it holds, ``train`` or ``deploy`` (:func:`checkpoint_form`), and ``details``."""
+    return {"task": class_path(task_cls), "form": form, **details}
 
 
 def task_of(checkpoint: Any) -> str | None:

@@ -19,7 +19,7 @@ PNG, all in the trainer's ``log_dir`` (rank 0 writes), and the figures go to Ten
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypedDict
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, TypedDict
 
 import torch
 from lightning import Callback, LightningModule
@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from refvision.checkpoints.loading import load_init_from
+from refvision.checkpoints.loading import load_init_from, refvision_stamp
 from refvision.lifecycle.divergence import DivergenceGuard
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
@@ -41,6 +41,7 @@ from refvision.outputs.figures import figure_to_rgb, save_figure
 from refvision.outputs.tables import PerClassTable
 from refvision.surgery.convert import convert, reparameterize
 from refvision.surgery.trainable import TrainableMode, freeze_norm_statistics, set_trainable
+from refvision.tasks.options import Role, option_roles
 
 
 class ConvConfig(TypedDict, total=False):
@@ -96,6 +97,14 @@ OPTIM_DEFAULTS: OptimConfig = {
 _OPTION_SHORTHANDS = ("map_k", "map_groups", "init", "regions", "residual")
 
 
+class InitialWeights(NamedTuple):
+    """``model.init_from``, ``init_prefix`` and ``init_strict``: what :func:`load_init_from` loads at build."""
+
+    source: str | None
+    prefix: str | None
+    strict: bool
+
+
 class RefvisionTask(LightningModule):
     """Base class of the tasks; see the module docstring.
 
@@ -114,12 +123,14 @@ class RefvisionTask(LightningModule):
             the data module; default ImageNet's, which pretrained weights expect); null: the
             network takes the [0, 1] input as it is (detection: normalises with its own values).
         std: per-channel RGB standard deviation, as ``mean``.
+
+    Every init option, here and in each subclass, declares its :class:`~refvision.tasks.options.Role`
+    in its annotation (``Annotated[<type>, Role.<role>]``); a subclass with an undeclared option is
+    refused when it is defined. :meth:`options` lists them by role.
     """
 
     default_conv_include: ClassVar[list[str] | None] = None
     """Module-name patterns converted when ``conv.include`` is not given (e.g. the backbone)."""
-    download_options: ClassVar[tuple[str, ...]] = ()
-    """Init arguments that name weights to download; cleared in saved checkpoints."""
     monitor: ClassVar[str] = "val/loss"
     monitor_mode: ClassVar[str] = "min"
     """The validation metric that picks ``best.ckpt`` (and so the deploy checkpoint)."""
@@ -129,22 +140,22 @@ class RefvisionTask(LightningModule):
 
     def __init__(
         self,
-        conv: ConvConfig | None = None,
-        init_from: str | None = None,
-        init_prefix: str | None = None,
-        init_strict: bool = True,
-        trainable: TrainableMode = "all",
-        optim: OptimConfig | None = None,
-        deploy: bool = False,
-        class_names: list[str] | None = None,
-        mean: tuple[float, float, float] | None = IMAGENET_MEAN,
-        std: tuple[float, float, float] | None = IMAGENET_STD,
+        conv: Annotated[ConvConfig | None, Role.ARCHITECTURE] = None,
+        init_from: Annotated[str | None, Role.WEIGHTS] = None,
+        init_prefix: Annotated[str | None, Role.TRAINING] = None,
+        init_strict: Annotated[bool, Role.TRAINING] = True,
+        trainable: Annotated[TrainableMode, Role.TRAINING] = "all",
+        optim: Annotated[OptimConfig | None, Role.TRAINING] = None,
+        deploy: Annotated[bool, Role.ARCHITECTURE] = False,
+        class_names: Annotated[list[str] | None, Role.DATA] = None,
+        mean: Annotated[tuple[float, float, float] | None, Role.DATA] = IMAGENET_MEAN,
+        std: Annotated[tuple[float, float, float] | None, Role.DATA] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         self.conv_config: ConvConfig = {"kind": "none", **(conv or {})}
         self.optim_config: OptimConfig = {**OPTIM_DEFAULTS, **(optim or {})}
         self.trainable = trainable
-        self._init = (init_from, init_prefix, init_strict)
+        self.initial_weights = InitialWeights(init_from, init_prefix, init_strict)
         self.deploy = deploy
         self.class_names = list(class_names) if class_names is not None else None
         if (mean is None) != (std is None):
@@ -152,6 +163,38 @@ class RefvisionTask(LightningModule):
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
         self.normalize: nn.Module = Normalize(mean, std) if mean is not None and std is not None else nn.Identity()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        option_roles(cls)  # refuses an option without a declared role here, not in the middle of a command
+
+    @classmethod
+    def options(cls, *roles: Role) -> tuple[str, ...]:
+        """The init options of this task that declare one of ``roles`` (none given: all), base class's first."""
+        return tuple(name for name, role in option_roles(cls).items() if not roles or role in roles)
+
+    @classmethod
+    def without_weight_sources(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """``hparams`` with its :attr:`~refvision.tasks.options.Role.WEIGHTS` options set to None: the
+        hyper-parameters of a checkpoint, whose own weights replace those it was built from."""
+        return {**hparams, **{key: None for key in cls.options(Role.WEIGHTS) if key in hparams}}
+
+    @classmethod
+    def filled_option(cls, key: str, value: Any) -> Any:
+        """``value`` of option ``key`` with what this task fills in, so that equal meanings compare equal:
+        :data:`OPTIM_DEFAULTS` in a partial ``optim``; a ``conv`` of kind ``none`` is no conversion whatever
+        else it says."""
+        if key == "conv":
+            conv = {"kind": "none", **(value or {})}
+            return {"kind": "none"} if conv["kind"] == "none" else conv
+        if key == "optim":
+            return {**OPTIM_DEFAULTS, **(value or {})}
+        return value
+
+    @classmethod
+    def value_note(cls, key: str) -> str:
+        """What messages quote after a value of option ``key``: how this task counts ``num_classes``."""
+        return cls.num_classes_note if key == "num_classes" else ""
 
     def build_model(self) -> nn.Module:
         """Build the network (pretrained weights by name allowed)."""
@@ -184,9 +227,9 @@ class RefvisionTask(LightningModule):
                 f"{self.num_classes}{self.num_classes_note}"
             )
         model = self.build_model()
-        init_from, init_prefix, init_strict = self._init
-        if init_from:
-            load_init_from(model, init_from, prefix=init_prefix, strict=init_strict)
+        weights = self.initial_weights
+        if weights.source:
+            load_init_from(model, weights.source, prefix=weights.prefix, strict=weights.strict)
         kind = self.conv_config["kind"]
         if kind != "none":
             try:
@@ -243,13 +286,8 @@ class RefvisionTask(LightningModule):
         # A checkpoint carries its weights: rebuilding it must not re-load or download others.
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None:
-            for key in ("init_from", *self.download_options):
-                if key in hparams:
-                    hparams[key] = None
-        checkpoint["refvision"] = {
-            "task": f"{type(self).__module__}.{type(self).__qualname__}",
-            "form": "deploy" if self.deploy else "train",
-        }
+            hparams.update(self.without_weight_sources(hparams))
+        checkpoint["refvision"] = refvision_stamp(type(self), "deploy" if self.deploy else "train")
 
     @classmethod
     def deploy_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -259,10 +297,7 @@ class RefvisionTask(LightningModule):
         (``conv.kind: none``); any other (DRConv) keeps its conversion and is built in its
         inference form (``deploy: true``).
         """
-        out = {**hparams, "init_from": None}
-        for key in cls.download_options:
-            if key in out:
-                out[key] = None
+        out = cls.without_weight_sources(hparams)
         kind = (out.get("conv") or {}).get("kind", "none")
         if kind != "none":
             if get_method(kind).folds_to_conv:

@@ -1,6 +1,6 @@
 """Image classification: a torchvision or timm classifier, cross-entropy, top-1 / top-5."""
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from refvision.models.classification import build_classifier
 from refvision.outputs.figures import confusion_matrix
 from refvision.outputs.tables import PerClassTable, confusion_table
 from refvision.tasks.base import RefvisionTask
+from refvision.tasks.options import Role
 
 
 class ClassificationTask(RefvisionTask):
@@ -29,17 +30,16 @@ class ClassificationTask(RefvisionTask):
             ``class_names``, ``mean``, ``std``).
     """
 
-    download_options = ("weights",)
     monitor, monitor_mode = "val/top1", "max"
     logged_metrics = {"val": ("top1", "top5"), "test": ("top1", "top5")}
 
     def __init__(
         self,
-        backbone: str = "mobilenet_v2",
-        num_classes: int = 1000,
-        weights: str | None = None,
-        label_smoothing: float = 0.1,
-        image_size: int = 224,
+        backbone: Annotated[str, Role.ARCHITECTURE] = "mobilenet_v2",
+        num_classes: Annotated[int, Role.DATA] = 1000,
+        weights: Annotated[str | None, Role.WEIGHTS] = None,
+        label_smoothing: Annotated[float, Role.TRAINING] = 0.1,
+        image_size: Annotated[int, Role.DATA_ARGUMENT] = 224,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

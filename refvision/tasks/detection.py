@@ -9,7 +9,7 @@ and normalizes internally and maps its detections back to each input image's pix
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from matplotlib.figure import Figure
@@ -20,6 +20,7 @@ from refvision.models.detection import SSDRawOutputs, build_detector, ssd_raw_ou
 from refvision.outputs.figures import per_class_bars, precision_recall_curves
 from refvision.outputs.tables import PerClassTable, per_class_table
 from refvision.tasks.base import RefvisionTask
+from refvision.tasks.options import Role
 
 Detection = dict[str, Any]
 """One image's detections: ``boxes`` ``(D, 4)`` xyxy in input pixels, ``scores`` ``(D,)``,
@@ -52,7 +53,6 @@ class DetectionTask(RefvisionTask):
     ``[backbone.*]`` adds the extra layers, ``[head.*]`` the prediction heads).
     """
 
-    download_options = ("weights_backbone",)
     num_classes_note = " (background included)"
     default_conv_include = ["backbone.features.*"]
     monitor, monitor_mode = "val/map", "max"
@@ -60,14 +60,14 @@ class DetectionTask(RefvisionTask):
 
     def __init__(
         self,
-        detector: str = "ssdlite320_mobilenet_v3_large",
-        num_classes: int = 21,
-        weights_backbone: str | None = None,
-        image_size: int | None = None,
-        eval_mode: Literal["11points", "area"] = "11points",
-        norm_momentum: float | None = None,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        detector: Annotated[str, Role.ARCHITECTURE] = "ssdlite320_mobilenet_v3_large",
+        num_classes: Annotated[int, Role.DATA] = 21,
+        weights_backbone: Annotated[str | None, Role.WEIGHTS] = None,
+        image_size: Annotated[int | None, Role.DATA_ARGUMENT] = None,
+        eval_mode: Annotated[Literal["11points", "area"], Role.RUN] = "11points",
+        norm_momentum: Annotated[float | None, Role.TRAINING] = None,
+        mean: Annotated[tuple[float, float, float] | None, Role.DATA] = None,
+        std: Annotated[tuple[float, float, float] | None, Role.DATA] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(mean=mean, std=std, **kwargs)

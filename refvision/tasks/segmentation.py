@@ -6,7 +6,7 @@ averaged where they overlap), optionally with horizontal-flip and multi-scale te
 augmentation. ``refvision.outputs.writers.SegmentationPredictionWriter`` writes the predictions as PNGs.
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from refvision.models.segmentation_inference import segment, whole_inference
 from refvision.outputs.figures import confusion_matrix, per_class_bars, segmentation_grid
 from refvision.outputs.tables import PerClassTable, confusion_table
 from refvision.tasks.base import RefvisionTask
+from refvision.tasks.options import Role
 from refvision.utils.colors import label_color
 
 OHEM_THRESH = 0.7
@@ -61,7 +62,6 @@ class SegmentationTask(RefvisionTask):
             ``class_names``, ``mean``, ``std``).
     """
 
-    download_options = ("encoder_weights",)
     default_conv_include = ["encoder.*"]
     monitor, monitor_mode = "val/miou", "max"
     logged_metrics = {"val": ("miou", "pixel_accuracy"), "test": ("miou", "pixel_accuracy", "mean_accuracy")}
@@ -70,19 +70,19 @@ class SegmentationTask(RefvisionTask):
 
     def __init__(
         self,
-        encoder: str = "mobilenet_v2",
-        num_classes: int = 19,
-        encoder_weights: str | None = None,
-        output_stride: int = 8,
-        ignore_index: int = 255,
-        ohem: bool = False,
-        inference: InferenceMode = "whole",
-        slide_crop: tuple[int, int] = (512, 1024),
-        slide_stride: tuple[int, int] = (341, 683),
-        flip: bool = False,
-        scales: tuple[float, ...] = (1.0,),
-        example_size: tuple[int, int] = (512, 1024),
-        palette: list[tuple[int, int, int]] | None = None,
+        encoder: Annotated[str, Role.ARCHITECTURE] = "mobilenet_v2",
+        num_classes: Annotated[int, Role.DATA] = 19,
+        encoder_weights: Annotated[str | None, Role.WEIGHTS] = None,
+        output_stride: Annotated[int, Role.ARCHITECTURE] = 8,
+        ignore_index: Annotated[int, Role.DATA] = 255,
+        ohem: Annotated[bool, Role.TRAINING] = False,
+        inference: Annotated[InferenceMode, Role.RUN] = "whole",
+        slide_crop: Annotated[tuple[int, int], Role.RUN] = (512, 1024),
+        slide_stride: Annotated[tuple[int, int], Role.RUN] = (341, 683),
+        flip: Annotated[bool, Role.RUN] = False,
+        scales: Annotated[tuple[float, ...], Role.RUN] = (1.0,),
+        example_size: Annotated[tuple[int, int], Role.TRAINING] = (512, 1024),
+        palette: Annotated[list[tuple[int, int, int]] | None, Role.DATA] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
