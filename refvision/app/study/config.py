@@ -117,7 +117,9 @@ def make_study(values: Mapping[str, Any]) -> Study:
         arms=arms,
         reference=values["reference"],
         checkpoint=checkpoint,
-        baseline=Arm(tuple(baseline.get("configs") or ()), dict(baseline.get("overrides") or {})) if baseline else None,
+        baseline=None
+        if baseline is None
+        else Arm(tuple(baseline.get("configs") or ()), dict(baseline.get("overrides") or {})),
     )
     check_study(study)
     return study
