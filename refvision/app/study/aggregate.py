@@ -54,7 +54,7 @@ the paired differences (``diff_*``, arm - reference) with the paired t-test and 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """A finished run: its final ``value`` of the study's metric, its step-0 metric ``start`` (NaN where the
-    fit logged none: the baseline) and its validation ``curve`` ``{step: value}`` (step 0: ``start``)."""
+    fit logged none: the baseline) and its validation ``curve`` ``{optimizer steps done: value}`` (0: ``start``)."""
 
     arm: str
     seed: int
@@ -76,7 +76,8 @@ class ArmRow:
 
 
 def read_logs(folder: Path, val_metric: str, start_metric: str) -> tuple[float, dict[int, float]]:
-    """``(step-0 value, {step: val_metric})`` from the CSV logs under ``folder``, versions in order."""
+    """``(step-0 value, {steps done: val_metric})`` from the CSV logs under ``folder``, versions in order;
+    the step-0 value is the curve's point 0."""
     start, curve = math.nan, {}
     versions = sorted(
         (int(m.group(1)), p / "metrics.csv")
@@ -88,8 +89,8 @@ def read_logs(folder: Path, val_metric: str, start_metric: str) -> tuple[float, 
             for row in csv.DictReader(file):
                 if row.get(start_metric):
                     start = float(row[start_metric])
-                if row.get(val_metric):
-                    curve[int(row["step"])] = float(row[val_metric])
+                if row.get(val_metric):  # logged at the index of the last step done, counting from 0
+                    curve[int(row["step"]) + 1] = float(row[val_metric])
     if not math.isnan(start):
         curve[0] = start
     return start, dict(sorted(curve.items()))

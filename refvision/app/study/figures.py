@@ -71,11 +71,11 @@ def curves_figure(
         ax.legend(fontsize=8, loc="best")
         if arms == [baseline]:
             ax.set_title(f"{baseline} (the start)", fontsize=10)
-            ax.set_xlabel("training step")
+            ax.set_xlabel("training steps done")
         else:
             ax.axvline(0, color="grey", linewidth=0.8, linestyle=":")
             ax.set_title("arms, from the start", fontsize=10)
-            ax.set_xlabel(f"training step (step 0: {start_metric}, before the first step)")
+            ax.set_xlabel(f"training steps done (0: {start_metric}, before the first step)")
     axes[0].set_ylabel(metric)
     fig.suptitle(f"{metric} during training: mean over seeds, band +-1 std")
     return fig
