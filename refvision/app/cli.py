@@ -1,7 +1,8 @@
 """The ``refvision`` command: dispatches to the workflow subcommands or to LightningCLI.
 
 ``refvision fit|validate|test|predict`` is LightningCLI (:mod:`refvision.app.lightning_cli`);
-``reparameterize``, ``profile``, ``export`` and ``demo`` (:mod:`refvision.app.commands`) are
+``reparameterize``, ``profile``, ``export``, ``demo`` (:mod:`refvision.app.commands`) and ``study``
+(:mod:`refvision.app.study`) are
 handled before LightningCLI parses, so one entry point serves all.
 """
 
@@ -10,11 +11,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from refvision.app.commands import EXTRA_COMMANDS
+from refvision.app.commands import EXTRA_COMMANDS as WORKFLOW_COMMANDS
 from refvision.app.lightning_cli import ConfigError, lightning_cli
+from refvision.app.study.command import study_command
 from refvision.checkpoints.loading import CheckpointError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+EXTRA_COMMANDS = {**WORKFLOW_COMMANDS, "study": study_command}
 
 
 def enforce_weights_only() -> None:

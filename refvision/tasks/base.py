@@ -35,6 +35,7 @@ from refvision.lifecycle.divergence import DivergenceGuard
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
 from refvision.lifecycle.run_state import RandomStateCheckpoint
+from refvision.lifecycle.start_validation import StartValidation
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from refvision.nn import get_method
 from refvision.outputs.figures import figure_to_rgb, save_figure
@@ -259,12 +260,15 @@ class RefvisionTask(LightningModule):
         return self
 
     def configure_callbacks(self) -> list[Callback]:
-        """The reliability callbacks, and ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation.
+        """The reliability callbacks, :class:`~refvision.lifecycle.start_validation.StartValidation` when
+        ``init_from`` is given, and ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation.
 
         A ``ModelCheckpoint`` configured by the user (``trainer.callbacks``) wins: it is kept as
         configured and :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint` is not added (logged).
         """
         callbacks: list[Callback] = [RandomStateCheckpoint(), DivergenceGuard(), StopOnSignal(), AtomicCheckpoints()]
+        if self._init[0]:  # trained weights: validate at step 0, so the switch shows (val_start/*)
+            callbacks.append(StartValidation())
         configured = [
             c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint) and not _is_lightning_default(c)
         ]

@@ -1,0 +1,1 @@
+"""``refvision study``: method comparisons as arms x seeds, resumable, summarised with paired statistics."""
