@@ -2,6 +2,7 @@
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import refvision
@@ -25,6 +26,8 @@ LAYERS: dict[str, int] = {
     "refvision.app": 3,
 }
 PURE_TORCH = ("refvision.nn", "refvision.surgery")
+LAYER_MAP = REPO / "docs" / "architecture.md"
+"""The one layer map for people: its table must list exactly the rooms of :data:`LAYERS`, on their floors."""
 
 
 def _sources() -> dict[str, Path]:
@@ -126,3 +129,35 @@ def test_root_functions_are_the_surgery_functions() -> None:
     assert refvision.profile is profile_module.profile and refvision.surgery.profile is profile_module.profile
     assert refvision.convert is importlib.import_module("refvision.surgery.convert").convert
     assert callable(refvision.reparameterize)
+
+
+def _mapped_rooms(markdown: str) -> dict[str, int]:
+    """Room -> floor of the ``| floor | room | what lives there |`` table of a markdown text."""
+    lines = markdown.splitlines()
+    header = next(i for i, line in enumerate(lines) if re.fullmatch(r"\|\s*floor\s*\|\s*room\s*\|.*\|", line.strip()))
+    rooms = {}
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        floor, room = (cell.strip() for cell in line.strip().strip("|").split("|")[:2])
+        path = re.fullmatch(r"`(refvision(?:/\w+)+)/`", room)
+        assert path is not None, f"{LAYER_MAP.name}: room {room!r} is not a `refvision/<room>/` folder"
+        rooms[path.group(1).replace("/", ".")] = int(floor)
+    return rooms
+
+
+def test_the_layer_map_lists_exactly_the_enforced_rooms_on_their_floors() -> None:
+    assert _mapped_rooms(LAYER_MAP.read_text()) == LAYERS
+
+
+def test_the_layer_map_check_sees_a_missing_room_and_a_wrong_floor() -> None:
+    text = LAYER_MAP.read_text()
+    without_export = "\n".join(line for line in text.splitlines() if "`refvision/export/`" not in line)
+    assert "refvision.export" not in _mapped_rooms(without_export)
+    moved = text.replace("| 1 | `refvision/metrics/`", "| 2 | `refvision/metrics/`")
+    assert _mapped_rooms(moved)["refvision.metrics"] == 2 != LAYERS["refvision.metrics"]
+
+
+def test_every_package_folder_is_a_room_of_the_map() -> None:
+    folders = {f"refvision.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders == set(LAYERS)

@@ -12,12 +12,16 @@ import os
 import shutil
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from refvision.app.cli import lightning_cli, main
 from refvision.app.demo.data import write_cityscapes
+from refvision.data import presets
+from refvision.tasks.segmentation import SegmentationTask
 
 OFFICIAL_TRAINID_TO_ID = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
 """cityscapesScripts ``helpers/labels.py``: label id of train ids 0..18 (road ... bicycle); these are
@@ -170,3 +174,63 @@ def test_train_id_to_label_id_table_is_the_official_one() -> None:
     from refvision.data.cityscapes_labels import TRAINID_TO_ID
 
     assert TRAINID_TO_ID.tolist() == OFFICIAL_TRAINID_TO_ID
+
+
+def _predict_cityscapes(tmp_path: Path, task: SegmentationTask) -> Path:
+    """Predict with ``task`` (as a checkpoint) on two Cityscapes-named images in Cityscapes mode."""
+    images = tmp_path / "leftImg8bit"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for frame in ("000000", "000001"):
+        pixels = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"aachen_{frame}_000019_leftImg8bit.png")
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(task)
+    trainer.save_checkpoint(tmp_path / "seg.ckpt")
+    checkpoint = torch.load(tmp_path / "seg.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["_class_path"] = "refvision.tasks.segmentation.SegmentationTask"
+    torch.save(checkpoint, tmp_path / "seg.ckpt")
+    out = tmp_path / "out"
+    main(
+        [
+            "predict",
+            "-c",
+            "configs/demo/segmentation.yaml",
+            "-c",
+            "configs/predict/segmentation.yaml",
+            "--data.root",
+            str(images),
+            "--ckpt_path",
+            str(tmp_path / "seg.ckpt"),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks.output_dir",
+            str(out),
+            "--trainer.callbacks.cityscapes",
+            "true",
+        ]
+    )
+    return out
+
+
+def test_label_ids_are_those_of_the_class_names_the_model_has(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    task = SegmentationTask(num_classes=3, output_stride=16, example_size=(32, 48), class_names=["sky", "car", "road"])
+    out = _predict_cityscapes(tmp_path, task.eval())
+    official = {"sky": 23, "car": 26, "road": 7}  # cityscapesScripts helpers/labels.py
+    expected_ids = torch.tensor([official[name] for name in task.class_names], dtype=torch.uint8)
+    for image in sorted((tmp_path / "leftImg8bit").iterdir()):
+        pixels = torch.from_numpy(np.asarray(Image.open(image)).copy()).permute(2, 0, 1)
+        with torch.no_grad():
+            classes = task(presets.segmentation_eval()(pixels)[None]).argmax(1)[0]
+        written = torch.from_numpy(np.asarray(Image.open(out / "labels" / image.name)).copy())
+        assert torch.equal(written, expected_ids[classes])
+
+
+def test_a_model_without_class_names_is_refused_in_cityscapes_mode(tmp_path: Path) -> None:
+    task = SegmentationTask(num_classes=19, output_stride=16, example_size=(32, 48))
+    with pytest.raises(ValueError, match=r"cityscapes: true needs a model with class_names.*--data.class_names"):
+        _predict_cityscapes(tmp_path, task)
+    assert not (tmp_path / "out").exists()

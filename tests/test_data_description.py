@@ -14,8 +14,9 @@ from refvision.app.demo.data import write_cityscapes, write_imagefolder, write_v
 from refvision.app.lightning_cli import ConfigError, lightning_cli
 from refvision.checkpoints.deploy import reparameterize_checkpoint
 from refvision.data.cityscapes_labels import IGNORE_INDEX, PALETTE, TRAIN_CLASSES
-from refvision.data.voc_format import VOC_CLASSES
-from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
+from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD, DataDescription, Statistics
+from refvision.data.predict import PredictImagesDataModule
+from refvision.data.voc_format import VOC_CLASSES, VOC_LABELS
 from refvision.tasks.classification import ClassificationTask
 from refvision.tasks.detection import DetectionTask
 from refvision.tasks.segmentation import SegmentationTask
@@ -204,3 +205,53 @@ def test_a_checkpoint_carries_the_data_description(tmp_path: Path, folders: Path
     reparameterize_checkpoint(best, tmp_path / "deploy.ckpt")
     deploy = torch.load(tmp_path / "deploy.ckpt", weights_only=True)["hyper_parameters"]
     assert deploy["class_names"] == ["circle", "square", "stripes"] and list(deploy["mean"]) == list(MEAN)
+
+
+def test_plain_images_state_only_the_classes_they_are_given(tmp_path: Path) -> None:
+    bare = PredictImagesDataModule(str(tmp_path), preset="segmentation")
+    assert bare.description.stated() == {}
+    assert not any(hasattr(bare, key) for key in ("num_classes", "class_names", "mean", "std", "palette"))
+    named = PredictImagesDataModule(str(tmp_path), preset="segmentation", class_names="cityscapes")
+    assert named.description.stated() == {
+        "num_classes": 19,
+        "class_names": TRAIN_CLASSES,
+        "palette": PALETTE,
+    }
+    assert not hasattr(named, "mean") and named.palette == list(PALETTE)
+    voc = PredictImagesDataModule(str(tmp_path), preset="detection", class_names="voc")
+    assert voc.class_names == list(VOC_LABELS) and not hasattr(voc, "palette")
+
+
+def test_a_description_states_its_statistics_even_when_they_are_the_models_own() -> None:
+    own = DataDescription(VOC_LABELS, Statistics(None, None))
+    assert own.stated() == {"num_classes": 21, "class_names": VOC_LABELS, "mean": None, "std": None}
+    given = DataDescription(("a", "b"), Statistics([0.5, 0.5, 0.5], [1, 1, 1]))
+    assert given.stated()["mean"] == (0.5, 0.5, 0.5) and given.stated()["std"] == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: Statistics((0.5, 0.5, 0.5), None),
+            r"data.mean=\(0.5, 0.5, 0.5\), data.std=None: give both or neither",
+        ),
+        (lambda: Statistics((0.5, 0.5), (1.0, 1.0)), r"data.mean=\[0.5, 0.5\]: expected 3 values"),
+        (lambda: DataDescription(("a", "b"), palette=((0, 0, 0),)), "palette has 1 colours but the data has 2 classes"),
+        (
+            lambda: DataDescription(("a", "b"), ignore_index=1),
+            "ignore_index=1 is a class id; expected a value outside 0..1",
+        ),
+    ],
+    ids=["half-statistics", "two-channels", "short-palette", "ignore-index-a-class"],
+)
+def test_an_inconsistent_description_is_refused(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_model_mean_for_voc_which_leaves_the_detector_its_own_is_refused(tmp_path: Path) -> None:
+    voc = write_vocdevkit(tmp_path / "VOCdevkit", num_train=2, num_test=2, size=(48, 64))
+    with pytest.raises(ConfigError) as error:
+        _cli("-c", "configs/demo/detection.yaml", "--data.root", str(voc), "--model.mean", str(list(MEAN)))
+    assert f"model.mean={list(MEAN)} but the data (VOCDataModule) has mean=None" in str(error.value)

@@ -22,8 +22,8 @@ from torchvision.transforms.v2.functional import normalize
 import refvision.export.formats
 from refvision.app.cli import main
 from refvision.checkpoints.deploy import load_task_checkpoint, reparameterize_checkpoint
+from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD
 from refvision.export.formats import export_checkpoint
-from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 from refvision.nn import DRConv, RefConv
 from refvision.tasks.base import RefvisionTask
 from refvision.tasks.classification import ClassificationTask

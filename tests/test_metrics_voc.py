@@ -442,14 +442,21 @@ def test_bad_arguments() -> None:
 
 
 def test_format_table_lists_every_class_and_the_mean() -> None:
-    metric = VOCMeanAveragePrecision(coco=False)
+    metric = VOCMeanAveragePrecision(class_names=VOC_CLASSES, coco=False)
     pred, target = one_image([(HIT, 0.9), (MISS, 0.8)], [GT], label=15)
     metric.update([pred], [target])
     table = format_table(metric.compute(), metric.class_names)
     lines = table.splitlines()
-    assert metric.class_names == VOC_CLASSES
     assert len(lines) == 2 + 20 + 2
     assert lines[16].split() == ["person", "100.00"]
     assert lines[2].split() == ["aeroplane", "-"]
     assert lines[-1].split() == ["mAP", "100.00"]
     assert len({len(line) for line in lines}) == 1
+
+
+def test_twenty_classes_are_not_taken_for_voc_unless_named() -> None:
+    metric = VOCMeanAveragePrecision(coco=False)
+    pred, target = one_image([(HIT, 0.9)], [GT], label=15)
+    metric.update([pred], [target])
+    assert metric.class_names is None
+    assert format_table(metric.compute(), metric.class_names).splitlines()[16].split() == ["class", "14", "100.00"]

@@ -35,6 +35,7 @@ from refvision.checkpoints.loading import (
     evaluating,
     safe_checkpoint_globals,
 )
+from refvision.data.description import DescribedDataModule
 from refvision.lifecycle.deploy_callback import DeployCheckpoint
 from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
 from refvision.models.weights import WeightsUnavailableError
@@ -374,10 +375,11 @@ def refuse_data_contradictions(
     the checkpoint being tested) means the model and the data disagree, so the run stops here,
     naming the key, instead of failing later on a shape or silently using the data's value.
     """
+    stated = datamodule.description.stated() if isinstance(datamodule, DescribedDataModule) else {}
     for key, value in given.items():
-        if not hasattr(datamodule, key):
+        if key not in stated:
             continue
-        described = getattr(datamodule, key)
+        described = stated[key]
         if config_value(described) != config_value(value):
             note = task.value_note(key)
             raise ConfigError(

@@ -30,6 +30,7 @@ from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import ModelProfile, profile
 from refvision.tasks.base import RefvisionTask
 from refvision.utils.atomic_file import check_writable, save_atomically
+from refvision.utils.listing import first_and_more
 from refvision.utils.text_table import render_table
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -213,8 +214,7 @@ def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) 
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", resized)):
         if keys:
-            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-            parts.append(f"{len(keys)} key(s) {label}: {', '.join(keys[:5])}{more}")
+            parts.append(f"{len(keys)} key(s) {label}: {first_and_more(keys, 5)}")
     found = "; ".join(parts) or str(err).strip().splitlines()[0]
     return (
         f"its state_dict does not fit the {type(task).__name__} its hyper_parameters build ({found}); "

@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from refvision.utils.listing import first_and_more
+
 logger = logging.getLogger("refvision")
 
 OnBadSample = Literal["raise", "skip"]
@@ -48,9 +50,7 @@ class BadSample:
 
 def describe(skipped: Sequence[tuple[str, str]]) -> str:
     """``"path: reason; path: reason; ... and N more"`` for an error or a log line."""
-    listed = "; ".join(f"{path}: {reason}" if reason else path for path, reason in skipped[:LISTED])
-    more = len(skipped) - LISTED
-    return listed + (f"; ... and {more} more" if more > 0 else "")
+    return first_and_more([f"{path}: {reason}" if reason else path for path, reason in skipped], LISTED, "; ")
 
 
 def read_files(
@@ -84,9 +84,7 @@ def read_files(
         missing = all(isinstance(error, FileNotFoundError) for _, error in failed)
         raise (FileNotFoundError if missing else ValueError)(
             f"{len(bad)} {'missing' if missing else 'bad'} file(s) in {what} "
-            "(set on_bad_sample: skip to leave them out): "
-            + "; ".join(error for _, error in bad[:LISTED])
-            + (f"; ... and {len(bad) - LISTED} more" if len(bad) > LISTED else "")
+            "(set on_bad_sample: skip to leave them out): " + first_and_more([error for _, error in bad], LISTED, "; ")
         )
     for path, error in bad:
         logger.warning("skipping %s: %s", path, error)

@@ -25,8 +25,8 @@ from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_policy, describe, read_files
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, IGNORE_INDEX, LABEL_IDS, PALETTE, TRAIN_CLASSES, TRAIN_IDS
 from refvision.data.decode import BadImageError, decode, read_header
+from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD, DataDescription, Statistics
 from refvision.data.loader import SplitDataModule
-from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("refvision")
 
@@ -212,10 +212,7 @@ class CityscapesDataModule(SplitDataModule):
         self.label_source: LabelSource = label_source
         self.train_transform = presets.segmentation_train(crop_size, scale_range)
         self.eval_transform = presets.segmentation_eval(eval_size)
-        self.class_names = list(TRAIN_CLASSES)
-        self.num_classes = len(TRAIN_CLASSES)
-        self.palette = list(PALETTE)
-        self.ignore_index = IGNORE_INDEX
+        self.description = DataDescription(TRAIN_CLASSES, Statistics(mean, std), PALETTE, IGNORE_INDEX)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers

@@ -5,9 +5,11 @@ The table is cityscapesScripts' ``helpers/labels.py``: 34 label ids (0..33) as s
 Training uses the 19 classes with ``train_id`` 0..18; every other id maps to 255 (ignored).
 """
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 
 class Label(NamedTuple):
@@ -88,6 +90,20 @@ ID_TO_TRAINID = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8)
 ids. Entries outside :data:`LABEL_IDS` are 255 too, so validate against ``LABEL_IDS`` first."""
 ID_TO_TRAINID[list(LABEL_BY_ID)] = torch.tensor([label.train_id for label in LABEL_BY_ID.values()], dtype=torch.uint8)
 
-TRAINID_TO_ID = torch.tensor([label.id for label in _TRAIN_LABELS], dtype=torch.uint8)
+LABEL_BY_NAME: dict[str, Label] = {label.name: label for label in LABEL_BY_ID.values()}
+"""The name of a label (as cityscapesScripts spells it, ``traffic light``) -> its row."""
+
+
+def label_ids(class_names: Sequence[str]) -> Tensor:
+    """Lookup table ``(len(class_names),) uint8``: ``label_ids(names)[classes]`` gives the official
+    label ids (those of ``*_gtFine_labelIds.png`` and the evaluator) of class ids whose names are
+    ``class_names``. A name that is not a Cityscapes label is a ``ValueError`` naming it."""
+    unknown = [name for name in class_names if name not in LABEL_BY_NAME]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not Cityscapes labels; expected names from {list(LABEL_BY_NAME)}")
+    return torch.tensor([LABEL_BY_NAME[name].id for name in class_names], dtype=torch.uint8)
+
+
+TRAINID_TO_ID = label_ids(TRAIN_CLASSES)
 """Lookup table ``(19,) uint8``: ``TRAINID_TO_ID[train_ids]`` gives the label ids that
 ``*_gtFine_labelIds.png`` files and the official evaluator use."""

@@ -12,8 +12,8 @@ from torchvision.datasets import ImageFolder
 from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy, describe
 from refvision.data.decode import READABLE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, BadImageError, decode, read_header
+from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD, DataDescription, Statistics
 from refvision.data.loader import SplitDataModule
-from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("refvision")
 
@@ -190,15 +190,14 @@ class ImageFolderDataModule(SplitDataModule):
         self.on_bad_sample = on_bad_sample
         self.root = Path(root)
         self.test_split = "test" if (self.root / "test").is_dir() else "val"
-        self.class_names = _class_names(self.root / "train")
+        class_names = _class_names(self.root / "train")
         for split in dict.fromkeys(("val", self.test_split)):
             names = _class_names(self.root / split)
-            if names != self.class_names:
+            if names != class_names:
                 raise ValueError(
-                    f"class folders differ: {self.root / 'train'} has {self.class_names}, "
-                    f"{self.root / split} has {names}"
+                    f"class folders differ: {self.root / 'train'} has {class_names}, {self.root / split} has {names}"
                 )
-        self.num_classes = len(self.class_names)
+        self.description = DataDescription(class_names=tuple(class_names), statistics=Statistics(mean, std))
         self.train_transform = presets.classification_train(
             image_size, interpolation, auto_augment, random_erase, crop_scale, self.mean
         )

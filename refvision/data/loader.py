@@ -1,12 +1,12 @@
 """The one place that decides how the data modules build their data loaders."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from refvision.data.bad_samples import DropBadSamples, SkippingDataLoader
+from refvision.data.description import DescribedDataModule
 
 
 def make_loader(
@@ -38,13 +38,13 @@ def make_loader(
     )
 
 
-class SplitDataModule(L.LightningDataModule):
+class SplitDataModule(DescribedDataModule):
     """Base of the data modules: the train / val / test / predict loaders over their datasets.
 
-    Subclasses take ``mean`` and ``std`` init arguments and save their hyper-parameters (read by
-    :attr:`mean`, :attr:`std`: the very values Lightning logs for the data module, which it
-    compares with the model's), set ``batch_size``, ``num_workers`` and ``pin_memory`` in ``__init__`` and
-    ``train_set`` / ``val_set`` / ``test_set`` in ``setup`` (``test_set`` also serves predict).
+    Subclasses set ``description`` (see :class:`~refvision.data.description.DescribedDataModule`;
+    its statistics are their ``mean`` / ``std`` init arguments, which they save as
+    hyper-parameters, as the model does), ``batch_size``, ``num_workers`` and ``pin_memory`` in
+    ``__init__`` and ``train_set`` / ``val_set`` / ``test_set`` in ``setup`` (``test_set`` also serves predict).
     :attr:`eval_batch_size` sizes the val / test / predict loaders, :attr:`collate_fn` batches
     the samples (``None``: PyTorch's default collate).
     """
@@ -56,17 +56,6 @@ class SplitDataModule(L.LightningDataModule):
     train_set: Dataset
     val_set: Dataset
     test_set: Dataset
-
-    @property
-    def mean(self) -> Sequence[float] | None:
-        """Per-channel RGB mean the model normalises this data with: the ``mean`` init argument
-        (``None``: the model's own), carried to ``model.mean`` by the command."""
-        return self.hparams["mean"]
-
-    @property
-    def std(self) -> Sequence[float] | None:
-        """Per-channel RGB standard deviation, as :attr:`mean`."""
-        return self.hparams["std"]
 
     @property
     def eval_batch_size(self) -> int:

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NamedTuple
 
-import lightning as L
 import torch
 from PIL import Image
 from torch import Tensor
@@ -25,17 +24,15 @@ from torchvision.transforms.v2 import functional as F
 from refvision.data import presets
 from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
 from refvision.data.decode import PILLOW_ERRORS, decode, describe_pillow_error
+from refvision.data.description import DataDescription, DescribedDataModule
 from refvision.data.loader import make_loader
 from refvision.data.voc import detection_collate
-from refvision.data.voc_format import VOC_CLASSES
+from refvision.data.voc_format import VOC_LABELS
 
 logger = logging.getLogger("refvision")
 
 Preset = Literal["classification", "detection", "segmentation"]
-NAMED_CLASS_LISTS: dict[str, tuple[str, ...]] = {
-    "voc": ("__background__", *VOC_CLASSES),
-    "cityscapes": TRAIN_CLASSES,
-}
+NAMED_CLASS_LISTS: dict[str, tuple[str, ...]] = {"voc": VOC_LABELS, "cityscapes": TRAIN_CLASSES}
 """Class lists that ``class_names`` may name instead of listing them."""
 NAMED_PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {"cityscapes": PALETTE}
 """The colours of the named class lists that have their own."""
@@ -134,7 +131,7 @@ def _collate_stacked(batch: Sequence[tuple[Tensor, dict[str, str]]]) -> tuple[Te
     return torch.stack([image.as_subclass(Tensor) for image, _ in batch]), [info for _, info in batch]
 
 
-class PredictImagesDataModule(L.LightningDataModule):
+class PredictImagesDataModule(DescribedDataModule):
     """``predict`` on a plain folder of images, for every refvision task.
 
     ``preset`` applies the evaluation preprocessing of that task (use the values the model was
@@ -150,11 +147,11 @@ class PredictImagesDataModule(L.LightningDataModule):
     ``infos[i]`` is ``{"file": path relative to root}``.
 
     The images alone do not say what the classes are: the checkpoint predicted with does (its
-    ``class_names``, ``mean`` / ``std``, palette), and this module leaves them to it. It has no
-    ``mean`` / ``std`` attributes, and ``class_names`` / ``num_classes`` (and for ``cityscapes``
-    the ``palette``) only when ``class_names`` is given (``voc``, ``cityscapes`` or a list;
-    background first for detection): the command carries only the attributes a data module has
-    to the model, and refuses names that differ from the checkpoint's.
+    ``class_names``, ``mean`` / ``std``, palette), and this module leaves them to it. Its
+    ``description`` states no statistics, and class names (and for ``cityscapes`` the
+    ``palette``) only when ``class_names`` is given (``voc``, ``cityscapes`` or a list;
+    background first for detection): the command carries only what a description states to the
+    model, and refuses names that differ from the checkpoint's.
     """
 
     def __init__(
@@ -177,17 +174,18 @@ class PredictImagesDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["class_names", *([] if preset == "classification" else resizing)])
         if preset not in ("classification", "detection", "segmentation"):
             raise ValueError(f"data.preset={preset!r}; allowed: classification, detection, segmentation")
+        palette = None
         if isinstance(class_names, str):
             if class_names not in NAMED_CLASS_LISTS:
                 raise ValueError(
                     f"data.class_names={class_names!r}; expected a list or one of {sorted(NAMED_CLASS_LISTS)}"
                 )
-            if class_names in NAMED_PALETTES and preset == "segmentation":
-                self.palette = list(NAMED_PALETTES[class_names])
-            class_names = list(NAMED_CLASS_LISTS[class_names])
-        if class_names is not None:
-            self.class_names = class_names
-            self.num_classes = len(class_names)
+            if preset == "segmentation":
+                palette = NAMED_PALETTES.get(class_names)
+            class_names = NAMED_CLASS_LISTS[class_names]
+        self.description = DataDescription(
+            class_names=tuple(class_names) if class_names is not None else None, palette=palette
+        )
         self.root, self.preset = root, preset
         if preset == "classification":
             self.transform: v2.Transform = presets.classification_eval(image_size or 224, resize_size, interpolation)

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from refvision.data.cityscapes_labels import IGNORE_INDEX
-from refvision.models.normalize import IMAGENET_MEAN
+from refvision.data.description import IMAGENET_MEAN
 
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
 """Accepted ``auto_augment`` names, as in torchvision's classification reference."""

@@ -27,8 +27,9 @@ from torchvision import tv_tensors
 from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_policy, read_files
 from refvision.data.decode import decode, read_header
+from refvision.data.description import DataDescription, Statistics
 from refvision.data.loader import SplitDataModule
-from refvision.data.voc_format import VOC_CLASSES, voc_to_xyxy
+from refvision.data.voc_format import VOC_CLASSES, VOC_LABELS, voc_to_xyxy
 
 LAYOUT = "VOCdevkit/VOC<year>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
 _IMAGE_SET = re.compile(r"(\d{4})-(\w+)")
@@ -316,7 +317,7 @@ class VOCDataModule(SplitDataModule):
     Batches come from :func:`detection_collate`. Train samples go through
     :func:`presets.detection_train` (``"ssd"`` or ``"ssdlite"``), others only become float.
     ``num_classes`` counts the background (21), as torchvision detectors do, and
-    ``class_names[label]`` is the name of a label (``class_names[0] == "__background__"``).
+    ``class_names[label]`` is the name of a label (:data:`~refvision.data.voc_format.VOC_LABELS`).
     ``predict`` uses the test sets. ``train_difficult=False`` (default) leaves objects marked
     difficult out of the training targets, as MMDetection's VOC configs and ssd.pytorch do;
     ``True`` trains on them too, as the original Caffe SSD (``train_on_diff_gt``). Val / test
@@ -359,8 +360,7 @@ class VOCDataModule(SplitDataModule):
         self.image_sets = {"train": list(train_sets), "val": list(val_sets), "test": list(test_sets)}
         self.train_transform = presets.detection_train(preset)
         self.eval_transform = presets.detection_eval()
-        self.class_names = ["__background__", *VOC_CLASSES]
-        self.num_classes = len(self.class_names)
+        self.description = DataDescription(VOC_LABELS, Statistics(mean, std))
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory

@@ -1,4 +1,4 @@
-"""Pascal VOC facts decided once: the class list and the box convention.
+"""Pascal VOC facts decided once: the class list, the detection labels and the box convention.
 
 VOC annotations store boxes as 1-based, inclusive pixel indices ``(xmin, ymin, xmax, ymax)``:
 a box covering exactly the first pixel is ``(1, 1, 1, 1)``. refvision models (torchvision's
@@ -33,6 +33,9 @@ VOC_CLASSES: tuple[str, ...] = (
     "tvmonitor",
 )
 """The 20 VOC classes; detection label ``i + 1`` is ``VOC_CLASSES[i]`` (0 is background)."""
+
+VOC_LABELS: tuple[str, ...] = ("__background__", *VOC_CLASSES)
+"""The names of the 21 detection labels, background first: label ``i`` is ``VOC_LABELS[i]``."""
 
 
 def voc_to_xyxy(boxes: Tensor) -> Tensor:

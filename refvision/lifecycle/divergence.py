@@ -7,6 +7,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from refvision.utils.listing import first_and_more
+
 
 class TrainingDiverged(RuntimeError):
     """The training loss or the weights stopped being finite."""
@@ -22,7 +24,7 @@ def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
 
 
 def _listed(keys: list[str]) -> str:
-    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    return first_and_more(keys, 5)
 
 
 class DivergenceGuard(Callback):

@@ -50,7 +50,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from refvision.data.voc_format import VOC_CLASSES, xyxy_to_voc
+from refvision.data.voc_format import xyxy_to_voc
 
 EVAL_MODES = ("11points", "area")
 
@@ -64,8 +64,8 @@ class VOCMeanAveragePrecision(Metric):
     Args:
         num_classes: number of foreground classes; labels run ``1..num_classes`` (0 is
             background, as in torchvision detectors).
-        class_names: one name per foreground class; defaults to
-            :data:`~refvision.data.voc_format.VOC_CLASSES` when ``num_classes == 20``.
+        class_names: one name per foreground class (the data's, passed in by the caller), kept
+            for per-class tables; ``None``: the classes are known by their labels only.
         eval_mode: ``"11points"`` (VOC2007, as in the SSD paper) or ``"area"`` (VOC2010+
             all-points interpolation).
         iou_threshold: a detection matches a ground truth box only if IoU is strictly above it.
@@ -101,8 +101,6 @@ class VOCMeanAveragePrecision(Metric):
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes}")
-        if class_names is None and num_classes == len(VOC_CLASSES):
-            class_names = VOC_CLASSES
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names: expected {num_classes} names, got {len(class_names)}")
         if eval_mode not in EVAL_MODES:

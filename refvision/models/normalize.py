@@ -5,10 +5,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-"""The per-channel statistics torchvision's, timm's and smp's ImageNet weights expect."""
-
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel on ``(B, 3, H, W)`` (or ``(3, H, W)``) RGB in [0, 1].

@@ -31,12 +31,13 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from refvision.checkpoints.loading import load_init_from, refvision_stamp
+from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD
 from refvision.lifecycle.divergence import DivergenceGuard
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
 from refvision.lifecycle.run_state import RandomStateCheckpoint
 from refvision.lifecycle.start_validation import StartValidation
-from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from refvision.models.normalize import Normalize
 from refvision.nn import get_method
 from refvision.outputs.figures import figure_to_rgb, save_figure
 from refvision.outputs.tables import PerClassTable

@@ -11,9 +11,10 @@ from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_segmentation_masks
 
-from refvision.data.cityscapes_labels import TRAIN_CLASSES, TRAINID_TO_ID
+from refvision.data.cityscapes_labels import label_ids
 from refvision.data.predict import Source, read_rgb
 from refvision.outputs.writers.base import FileWriter
+from refvision.outputs.writers.classification import class_names_of
 
 CITYSCAPES_NAME = re.compile(r"[^_]+_\d{6}_\d{6}")
 """``<city>_<seq>_<frame>``: what cityscapesScripts' evaluator looks for at the start of a file name."""
@@ -27,7 +28,8 @@ class SegmentationPredictionWriter(FileWriter):
     ``<city>/<city>_<seq>_<frame>_leftImg8bit``):
 
     - ``labels/<name>.png``: one ``uint8`` channel, the predicted class ids (train ids), or with
-      ``cityscapes: true`` the official label ids (``TRAINID_TO_ID``: road 7, ..., bicycle 33);
+      ``cityscapes: true`` the official label ids of the classes the model names (its
+      ``class_names``, the data module's: road 7, ..., bicycle 33);
     - ``color/<name>.png``: the classes in the model's palette (``model.palette``: the data module's,
       Cityscapes colours for Cityscapes);
     - ``overlay/<name>.png``: the input image with the coloured classes blended in at ``alpha``.
@@ -50,6 +52,7 @@ class SegmentationPredictionWriter(FileWriter):
                     raise ValueError(
                         f"cityscapes: true needs input files named <city>_<seq>_<frame>*, got {source.file}"
                     )
+            self._label_ids(class_names_of(trainer, None))
         return [self.output_dir / folder / f"{source.name}.png" for source in sources for folder in FOLDERS]
 
     def write_on_batch_end(
@@ -72,20 +75,25 @@ class SegmentationPredictionWriter(FileWriter):
             image = read_rgb(source.file)
             labels = pred
             if self.cityscapes:
-                if len(colors) != len(TRAIN_CLASSES):
-                    raise ValueError(
-                        f"cityscapes: true needs a 19-class model (Cityscapes train ids), this one has {len(colors)}"
-                    )
                 if pred.shape != image.shape[-2:]:
                     raise ValueError(
                         f"prediction for {source.file} is {tuple(pred.shape)} (H, W) but the image is "
                         f"{tuple(image.shape[-2:])}; the Cityscapes evaluator needs full resolution "
                         f"(drop data.eval_size)"
                     )
-                labels = TRAINID_TO_ID[pred.long()]
+                labels = self._label_ids(class_names_of(trainer, None))[pred.long()]
             self._write(labels.unsqueeze(0), "labels", source)
             self._write(colors[pred.long()].permute(2, 0, 1).contiguous(), "color", source)
             self._write(self.overlay(image, pred, colors), "overlay", source)
+
+    def _label_ids(self, class_names: Sequence[str] | None) -> Tensor:
+        """``(num_classes,) uint8``: the official Cityscapes label id of each class the model names."""
+        if class_names is None:
+            raise ValueError(
+                "cityscapes: true needs a model with class_names (Cityscapes label names, which the Cityscapes "
+                "data module gives it); this one has none: predict with --data.class_names cityscapes"
+            )
+        return label_ids(class_names)
 
     def _write(self, image: Tensor, folder: str, source: Source) -> None:
         path = self.output_dir / folder / f"{source.name}.png"
