@@ -7,7 +7,6 @@ its ``state_dict`` loads with ``strict=True`` into the vanilla model class.
 """
 
 import dataclasses
-import importlib
 import inspect
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from refvision.lifecycle.divergence import non_finite_tensors
 from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import ModelProfile, profile
 from refvision.utils.atomic_file import check_writable, save_atomically
+from refvision.utils.class_path import import_class
 from refvision.utils.text_table import render_table
 
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -232,9 +232,3 @@ def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) 
 
 def _shape(value: Any) -> str:
     return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def import_class(class_path: str) -> type:
-    """The class named by ``class_path`` (``package.module.Name``), as configs and checkpoints name tasks."""
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
