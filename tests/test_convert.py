@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from refvision import DRConv, RefConv, convert, reparameterize
+from refvision.nn import registered_methods
 from refvision.surgery.convert import Replacement, conversion_report, format_report
 
 
@@ -195,14 +196,29 @@ def test_nothing_matched_names_the_selection(mobilenet_v2):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(kind="repvgg"), ValueError, "conv kind 'repvgg' is unknown; registered: acconv, drconv, refconv"),
+        (
+            dict(kind="repvgg"),
+            ValueError,
+            f"conv kind 'repvgg' is unknown; registered: {', '.join(sorted(registered_methods()))},",
+        ),
         (
             dict(kind="refconv", select="3x3"),
             ValueError,
             "unknown select '3x3'; allowed: depthwise, kxk, pointwise, all",
         ),
-        (dict(kind="refconv", map_size=3), TypeError, "unknown option.* map_size; allowed: map_k, map_groups, init"),
-        (dict(kind="drconv", map_k=3), TypeError, "unknown option.* map_k; allowed: regions"),
+        (
+            dict(kind="refconv", map_size=3),
+            TypeError,
+            "convert\\(kind='refconv'\\): map_size: conv kind 'refconv' has no option 'map_size'; its options: "
+            "map_k: int = 3, map_groups: int \\| None = None, init: 'default' \\| 'zeros' = 'default'$",
+        ),
+        (
+            dict(kind="drconv", map_k=3),
+            TypeError,
+            "map_k: conv kind 'drconv' has no option 'map_k'; its options: regions: int = 8, residual: bool = True$",
+        ),
+        (dict(kind="drconv", regions="8"), TypeError, "regions: conv kind 'drconv' expects int, got '8'"),
+        (dict(kind="refconv", init="ones"), ValueError, "init: conv kind 'refconv' expects 'default' \\| 'zeros'"),
     ],
 )
 def test_argument_errors(kwargs, error, match):

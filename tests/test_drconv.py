@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from drconv_reference import dense_drconv, softmax_rule
 from torch import Tensor, nn
 
-import refvision.nn.drconv as drconv_module
-from refvision.nn.drconv import DRConv, DRConvDeploy, drconv2d
+from refvision.nn.drconv import DRConv, DRConvDeploy, drconv2d, eager, function
+from refvision.nn.drconv.layouts import TiledLayout
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +64,9 @@ def use_layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """Run the region conv one way: ``grouped`` (eager CPU's default), ``grouped-chunked`` (one
     sample per chunk, in the layer and in the layout), ``tiled`` (CUDA's and exported graphs')."""
     if layout == "tiled":
-        monkeypatch.setattr(drconv_module, "_region_layout", drconv_module._TiledLayout)
+        monkeypatch.setattr(function, "region_layout", TiledLayout)
     elif layout == "grouped-chunked":
-        monkeypatch.setattr(drconv_module, "_CHUNK_BYTES", 1)
+        monkeypatch.setattr(eager, "CHUNK_BYTES", 1)
     else:
         assert layout == "grouped"
 
@@ -405,7 +405,7 @@ def test_inference_path_computes_one_conv_of_rows() -> None:
     B * (tiles * T) rows, at most m * T padding rows per sample (region_conv_macs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from refvision.nn.drconv import _tile_rows, region_conv_macs
+    from refvision.nn.drconv import region_conv_macs, tile_rows
 
     torch.manual_seed(12)
     conv = randomized_drconv(8, 8, 3, regions=8, dtype=torch.float32, padding=1).eval()
@@ -424,7 +424,7 @@ def test_inference_path_computes_one_conv_of_rows() -> None:
     with FlopCounterMode(display=False) as counter:
         tiled = deploy(x)
     bmm = counter.get_flop_counts()["Global"][torch.ops.aten.bmm] // 2 - generator
-    padding_bound = 2 * 8 * _tile_rows(16 * 16, 8) * 8 * 72
+    padding_bound = 2 * 8 * tile_rows(16 * 16, 8) * 8 * 72
     assert bmm == region_conv_macs(2, 8, (16, 16), 8, 72)
     assert one_conv <= bmm <= one_conv + padding_bound < 8 * one_conv
     torch.testing.assert_close(tiled, eager, rtol=1e-5, atol=1e-5)

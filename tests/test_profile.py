@@ -85,14 +85,14 @@ def test_table():
 
 def test_drconv_counts_its_real_work_in_both_forms():
     """Two 1x1 8->8 convs at 16x16, both DRConv (m = 4), counted by hand."""
-    from refvision.nn.drconv import _tile_rows
+    from refvision.nn.drconv import tile_rows
 
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 1, bias=False))
     pixels, m, c = 16 * 16, 4, 8
     assert profile(plain, (1, c, 16, 16)).flops == 2 * pixels * c * c
     model = convert(plain, "drconv", select="all", regions=4)
-    tile = _tile_rows(pixels, m)
+    tile = tile_rows(pixels, m)
     tiles = -(-pixels // tile) + m  # tiles per sample
     region_gemm = tiles * tile * c * c  # one conv's rows plus tile padding
     guide = pixels * m * c  # 1x1 conv 8 -> m

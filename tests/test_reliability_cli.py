@@ -10,6 +10,7 @@ import torch
 from refvision.app.cli import enforce_weights_only, main
 from refvision.app.demo.data import write_imagefolder
 from refvision.app.lightning_cli import lightning_cli
+from refvision.nn import registered_methods
 
 CONFIG = "configs/demo/classification.yaml"
 
@@ -53,7 +54,7 @@ def _fit_args(images: Path, root: Path, *extra: str) -> list[str]:
         (
             ["--model.conv.kind", "refocus"],
             "refvision fit: error: model.conv.kind: conv kind 'refocus' is unknown; "
-            "registered: acconv, drconv, refconv",
+            f"registered: {', '.join(sorted(registered_methods()))},",
         ),
         (
             ["--data.root", "/no/such/folder"],

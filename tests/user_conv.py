@@ -26,23 +26,12 @@ class RepBranchConv(ConvMethod):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, scale: float = 0.0) -> RepBranchConv:
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
+        layer = cls.replacing(conv)
+        point_shape = (conv.out_channels, conv.in_channels // conv.groups, 1, 1)
+        layer.point_weight = nn.Parameter(
+            torch.full(point_shape, scale, device=conv.weight.device, dtype=conv.weight.dtype)
         )
-        layer.point_weight = nn.Parameter(torch.full((conv.out_channels, conv.in_channels // conv.groups, 1, 1), scale))
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer.train(conv.training)
+        return layer
 
     def kernel(self) -> Tensor:
         k = self.kernel_size[0] // 2

@@ -27,7 +27,6 @@ import refvision.data  # noqa: F401  (registers the data modules for short class
 import refvision.tasks.classification  # noqa: F401  (registers the tasks for short class names)
 import refvision.tasks.detection  # noqa: F401
 import refvision.tasks.segmentation  # noqa: F401
-from refvision.checkpoints.deploy import import_class
 from refvision.checkpoints.loading import (
     CheckpointError,
     check_task_checkpoint,
@@ -41,6 +40,7 @@ from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
 from refvision.models.weights import WeightsUnavailableError
 from refvision.tasks.base import RefvisionTask
 from refvision.tasks.options import Role
+from refvision.utils.class_path import import_class
 
 EVALUATING_COMMANDS = ("validate", "test", "predict")
 """The subcommands that train nothing: they need trained weights, and write into a fresh folder."""

@@ -7,7 +7,6 @@ its ``state_dict`` loads with ``strict=True`` into the vanilla model class.
 """
 
 import dataclasses
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from refvision.surgery.convert import reparameterize
 from refvision.surgery.profile import ModelProfile, profile
 from refvision.tasks.base import RefvisionTask
 from refvision.utils.atomic_file import check_writable, save_atomically
+from refvision.utils.class_path import import_class
 from refvision.utils.listing import first_and_more
 from refvision.utils.text_table import render_table
 
@@ -224,9 +224,3 @@ def _weights_mismatch(task: Any, state_dict: dict[str, Any], err: RuntimeError) 
 
 def _shape(value: Any) -> str:
     return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def import_class(class_path: str) -> type:
-    """The class named by ``class_path`` (``package.module.Name``), as configs and checkpoints name tasks."""
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)

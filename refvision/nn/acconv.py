@@ -48,19 +48,7 @@ class ACConv(ConvMethod):
             raise ValueError(f"ACConv needs odd kernel sides > 1, got kernel_size={tuple(conv.kernel_size)}")
         if init not in ("zeros", "default"):
             raise ValueError(f"ACConv init must be 'zeros' or 'default', got {init!r}")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
+        layer = cls.replacing(conv)
         out_ch, in_ch, kh, kw = conv.weight.shape
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         layer.hor_weight = nn.Parameter(torch.zeros(out_ch, in_ch, 1, kw, **factory))
@@ -68,12 +56,7 @@ class ACConv(ConvMethod):
         if init == "default":
             for branch in (layer.hor_weight, layer.ver_weight):
                 nn.init.kaiming_uniform_(branch, a=math.sqrt(5))
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
-        return layer.train(conv.training)
+        return layer
 
     def composed_weight(self) -> Tensor:
         """``weight`` plus the branch kernels on its centre row and column; shape of ``weight``."""

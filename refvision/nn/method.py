@@ -12,12 +12,36 @@ folds refvision models as well.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator
+import inspect
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+from refvision.utils.class_path import import_class
+from refvision.utils.type_check import check_value, type_text
+
+FlopHandle = Callable[[list[Any], list[Any]], int]
+"""A FLOP count for one traced op: ``(inputs, outputs) -> multiply-adds``, both lists of the op's
+``torch._C.Value``; the handle form of ``fvcore`` / ``mmengine``'s ``FlopAnalyzer.set_op_handle``."""
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One option a method declares: a typed keyword-only parameter of its ``from_conv``."""
+
+    name: str
+    type: Any
+    """The resolved annotation (``int``, ``int | None``, ``Literal["a", "b"]``, ...)."""
+    default: Any
+    """The default value, or ``inspect.Parameter.empty`` for a required option."""
+
+    def __str__(self) -> str:
+        text = f"{self.name}: {type_text(self.type)}"
+        return text if self.default is inspect.Parameter.empty else f"{text} = {self.default!r}"
 
 
 class ConvMethod(nn.Conv2d):
@@ -41,11 +65,102 @@ class ConvMethod(nn.Conv2d):
         """Whether this method can replace ``conv`` (a plain ``nn.Conv2d``); ``convert`` skips others."""
         return True
 
+    flop_handles: ClassVar[Mapping[str, FlopHandle]] = {}
+    """FLOP counts of the ops of the method's own that a tracer cannot look into (a custom autograd
+    Function traces as ``prim::PythonOp.<Function name>``), by traced op name; ``profile`` registers
+    them for every method in the model."""
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **options: Any) -> ConvMethod:
         """The replacement of ``conv``: same geometry, device, dtype and train/eval mode, ``weight`` /
-        ``bias`` copied from it. Raises ``ValueError`` for a conv it cannot take."""
+        ``bias`` copied from it (:meth:`replacing` does that part). Raises ``ValueError`` for a conv
+        it cannot take.
+
+        Its keyword-only parameters are the method's options (:meth:`options`): each one typed, so
+        that configs are checked against them (``int``, ``float``, ``bool``, ``str``, ``None``,
+        ``Literal[...]`` and unions of those are checked by value).
+        """
         raise NotImplementedError
+
+    @classmethod
+    def replacing(cls: type[_Layer], conv: nn.Conv2d, **init_options: Any) -> _Layer:
+        """``cls(...)`` with ``conv``'s geometry and state: what every :meth:`from_conv` starts with.
+
+        Copies from ``conv``: channels, kernel size, stride, padding (including the padding a
+        non-zero padding mode applies, fixed at construction), dilation, groups, padding mode,
+        device, dtype, train / eval mode; ``bias`` (values and ``requires_grad``), and ``weight``
+        where the new layer has one (values, and ``requires_grad`` where it is a parameter, not a
+        buffer). ``init_options`` go to ``cls.__init__`` after the ``nn.Conv2d`` arguments.
+        Parameters the method adds are left as its ``__init__`` made them.
+        """
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **init_options,
+        )
+        with torch.no_grad():
+            if layer.weight is not None:
+                layer.weight.copy_(conv.weight)
+                if isinstance(layer.weight, nn.Parameter):
+                    layer.weight.requires_grad_(conv.weight.requires_grad)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+                layer.bias.requires_grad_(conv.bias.requires_grad)
+        layer._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
+        return layer.train(conv.training)
+
+    @classmethod
+    def options(cls) -> dict[str, MethodOption]:
+        """The method's options by name: the keyword-only parameters of :meth:`from_conv`, in order.
+
+        Raises:
+            TypeError: an option without a type annotation.
+        """
+        hints = typing.get_type_hints(cls.from_conv)
+        declared = {}
+        for param in inspect.signature(cls.from_conv).parameters.values():
+            if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if param.name not in hints:
+                raise TypeError(
+                    f"{cls.__module__}.{cls.__qualname__}.from_conv: option {param.name!r} has no type "
+                    "annotation; a conv method declares the type of each option"
+                )
+            declared[param.name] = MethodOption(param.name, hints[param.name], param.default)
+        return declared
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` as a dict, checked against :meth:`options`: names, types, ``Literal`` values.
+
+        Values a type cannot express (RefConv's ``map_k >= 1``) are checked by :meth:`from_conv`.
+
+        Raises:
+            TypeError: an option the method does not declare, or a value of another type; the
+                message names the option, the method and its options with their types and defaults.
+            ValueError: a value outside the option's ``Literal`` choices (named the same way).
+        """
+        declared = cls.options()
+        allowed = ", ".join(map(str, declared.values())) or "none"
+        owner = f"conv kind {method_name(cls)!r}"
+        for name, value in options.items():
+            option = declared.get(name)
+            if option is None:
+                raise TypeError(f"{name}: {owner} has no option {name!r}; its options: {allowed}")
+            try:
+                check_value(name, value, option.type, owner)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{err}; its options: {allowed}") from None
+        return dict(options)
 
     def fuse(self) -> nn.Module:
         """The inference module computing the same function (eval outputs equal up to rounding).
@@ -100,6 +215,8 @@ class ConvMethod(nn.Conv2d):
 
 _CONV_TENSORS = ("weight", "bias")
 
+_Layer = TypeVar("_Layer", bound=ConvMethod)
+
 M = TypeVar("M", bound=type[ConvMethod])
 
 _METHODS: dict[str, type[ConvMethod]] = {}
@@ -138,11 +255,12 @@ def get_method(kind: str) -> type[ConvMethod]:
             f"conv kind {kind!r} is unknown; registered: {', '.join(sorted(_METHODS))}, "
             "or give a class path such as 'mypackage.layers.MyConv'"
         )
-    module_name, _, name = kind.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
+        cls = import_class(kind)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"conv kind {kind!r}: cannot import it ({err})") from None
+    except ValueError:
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, ConvMethod)):
         raise ValueError(f"conv kind {kind!r} is not a refvision.nn.ConvMethod subclass")
     return cls

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +130,7 @@ class RefConv(ConvMethod):
         *,
         map_k: int = 3,
         map_groups: int | None = None,
-        init: str = "default",
+        init: Literal["default", "zeros"] = "default",
     ) -> RefConv:
         """A RefConv whose basis is ``conv``'s weight (copied) and bias ``conv``'s bias.
 
@@ -146,29 +147,7 @@ class RefConv(ConvMethod):
                 "Refocusing needs a trained basis: load pretrained or baseline weights "
                 "into the model before converting."
             )
-        ref = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            map_k=map_k,
-            map_groups=map_groups,
-            init=init,
-        )
-        with torch.no_grad():
-            ref.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                ref.bias.copy_(conv.bias)
-                ref.bias.requires_grad_(conv.bias.requires_grad)
-        ref._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
-        return ref.train(conv.training)
+        return cls.replacing(conv, map_k=map_k, map_groups=map_groups, init=init)
 
     def refocused_weight(self) -> Tensor:
         """``Wt = Wb + T(Wb)``, shape and dtype of ``weight``; differentiable in ``refocus_weight``.

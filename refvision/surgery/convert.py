@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -70,8 +69,8 @@ def convert(
             side > 1, any groups), ``"pointwise"`` (1x1, ``groups == 1``) or ``"all"``.
         include: glob pattern(s) on qualified names (``"features.3.conv.*"``); keep only matches.
         exclude: glob pattern(s); drop matches.
-        options: keyword options of ``from_conv`` (refconv: ``map_k``, ``map_groups``,
-            ``init``; drconv: ``regions``; acconv: ``init``).
+        options: the method's options (``cls.options()``: the typed keyword-only parameters of
+            its ``from_conv``), checked against their declared types.
 
     Candidates are convs of exactly type ``nn.Conv2d`` that the method ``accepts`` (DRConv:
     ``groups == 1``): subclasses (already converted layers, ``timm``'s ``Conv2dSame`` /
@@ -86,8 +85,9 @@ def convert(
     Raises:
         ValueError: unknown ``kind`` / ``select``, nothing matched (a second ``convert``
             with the same selection matches nothing new and raises), or a selected conv the
-            method cannot take (non-finite or, for RefConv, all-zero kernel; named in the message).
-        TypeError: an option ``from_conv`` of that kind does not take.
+            method cannot take (non-finite or, for RefConv, all-zero kernel; named in the message),
+            or an option value outside its declared choices.
+        TypeError: an option the method does not declare, or a value of another type.
     """
     cls = kind if isinstance(kind, type) else get_method(kind)
     if not issubclass(cls, ConvMethod):
@@ -95,14 +95,10 @@ def convert(
     kind = method_name(cls)
     if select not in SELECTIONS:
         raise ValueError(f"convert: unknown select {select!r}; allowed: {', '.join(SELECTIONS)}")
-    allowed = [
-        p.name for p in inspect.signature(cls.from_conv).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(
-            f"convert(kind={kind!r}): unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}"
-        )
+    try:
+        options = cls.check_options(options)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"convert(kind={kind!r}): {err}") from None
     includes, excludes = _patterns(include), _patterns(exclude)
 
     def wanted(name: str, conv: nn.Conv2d) -> bool:

@@ -16,7 +16,6 @@ from mmengine.analysis import FlopAnalyzer
 from torch import nn
 
 from refvision.nn import ConvMethod
-from refvision.nn.drconv import region_conv_macs
 from refvision.utils.text_table import render_table
 
 
@@ -36,11 +35,10 @@ class ModelProfile:
       matmuls, its own estimates for normalization and pooling, 0 for ops it has no
       handler for (elementwise adds, activations, padding). For a RefConv model this
       includes computing each refocused kernel, which every training step does and
-      the deployed model does not. DRConv's region conv (an autograd Function the tracer
-      cannot look into) is counted by its own handle: the multiply-adds of its batched GEMM
-      (one conv's plus the tile padding, :func:`refvision.nn.drconv.region_conv_macs`); its
-      guide conv and filter generator are ordinary ops, counted as such. The deploy form's
-      GEMM is traced as ``bmm`` and counts the same.
+      the deployed model does not. An op of a conv method's own that the tracer cannot look
+      into (an autograd Function) is counted by the handle the method declares
+      (``ConvMethod.flop_handles``; DRConv's region conv: the multiply-adds of its batched GEMM,
+      one conv's plus the tile padding); the method's other ops are ordinary ops, counted as such.
     """
 
     params_total: int
@@ -88,22 +86,15 @@ def profile(model: nn.Module, input_shape: Sequence[int] | None = None, *, input
 
 def _count_flops(model: nn.Module, inputs: Any) -> int:
     probe = copy.deepcopy(model).eval()
+    handles: dict[str, Any] = {}
+    for method in {type(m) for m in probe.modules() if isinstance(m, ConvMethod)}:
+        handles.update(method.flop_handles)
     with torch.no_grad():
         analyzer = (
             FlopAnalyzer(probe, inputs)
             .unsupported_ops_warnings(False)  # one log line per op type it does not count
             .uncalled_modules_warnings(False)
             .tracer_warnings("none")
-            .set_op_handle(_DRCONV_FUNCTION, _region_conv_flops)
+            .set_op_handle(**handles)
         )
         return int(analyzer.total())
-
-
-_DRCONV_FUNCTION = "prim::PythonOp._RegionConvFunction"
-
-
-def _region_conv_flops(inputs: list[Any], outputs: list[Any]) -> int:
-    """FlopAnalyzer handle: tensor inputs ``x, filters (B, m, Cout, Cin, kh, kw), [bias,] guide (B, m, Ho, Wo)``."""
-    filters, guide = (value.type().sizes() for value in (inputs[1], inputs[-1]))
-    batch, regions, cout, cin, kh, kw = filters
-    return region_conv_macs(batch, regions, (guide[2], guide[3]), cout, cin * kh * kw)
