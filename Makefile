@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNS ?= runs
 
-.PHONY: venv test test-fast demo lint lock clean
+.PHONY: venv test test-fast demo lint lock clean gpu-check
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/refvision demo --root $(RUNS)/demo
+
+# The GPU check (benchmarks/gpu_check.py): the CUDA tests, then the benchmarks, everything written to
+# $(OUT) (default $(RUNS)/gpu-check); about 8 minutes on one H100, one line and exit 1 without a CUDA
+# device. On a machine whose Python already holds the dependencies: make gpu-check PY=python3
+gpu-check: $(if $(filter command line,$(origin PY)),,$(STAMP))
+	@$(PY) benchmarks/gpu_check.py --out "$(or $(OUT),$(RUNS)/gpu-check)"
 
 # ruff (lint + format, configured in pyproject.toml) over the whole tree, hadolint over the Dockerfile.
 lint: $(STAMP)

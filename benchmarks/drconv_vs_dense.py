@@ -12,7 +12,9 @@ allocator's peak; CPU: the live storages every op leaves, tracked by a dispatch 
 against the plain conv.
 
     python benchmarks/drconv_vs_dense.py [--reps 7] [--device cpu|cuda|all] [--threads N]
-                                         [--form residual|paper]
+                                         [--form residual|paper] [--dry-run]
+
+``--dry-run``: one tiny shape, one repetition (walks the script on CPU).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ SHAPES = [
     ("1x1 128->128 @28x28", 8, 128, 128, 1, 0, 28),
     ("1x1 232->232 @14x14", 32, 232, 232, 1, 0, 14),
 ]
+TINY_SHAPES = [("3x3 8->8 @12x12", 2, 8, 8, 3, 1, 12)]
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -185,7 +188,11 @@ def main() -> None:
         default="residual",
         help="residual: the function-preserving residual variant; paper: the paper's layer",
     )
+    parser.add_argument("--dry-run", action="store_true", help="one tiny shape, one repetition")
     args = parser.parse_args()
+    shapes = TINY_SHAPES if args.dry_run else SHAPES
+    if args.dry_run:
+        args.reps = 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -202,7 +209,7 @@ def main() -> None:
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
         )
         print(f"# {name}")
-        for shape in SHAPES:
+        for shape in shapes:
             r = _bench_shape(shape, device, args.reps, args.form == "residual")
             t, saved, peak = r["time"], r["saved"], r["peak"]
             conv_train, conv_eval = t["train/conv"], t["eval/conv"]

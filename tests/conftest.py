@@ -7,6 +7,7 @@ never compete for the same core.
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,24 @@ def image_folder_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tree(image_folder_template: Path, tmp_path: Path) -> Path:
     """A fresh copy of :func:`image_folder_template` that the test may damage."""
     return Path(shutil.copytree(image_folder_template, tmp_path / "tree"))
+
+
+CUDA_SKIP = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA_SKIP)])
+def device(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The device a test runs on: ``cpu``, and ``cuda`` where a CUDA device is present (skipped
+    with the reason elsewhere). On CUDA, float32 convs and matmuls run in IEEE float32 for the
+    test (PyTorch lets cuDNN convs use TF32 by default, 10 mantissa bits), so float32 tolerances
+    mean the same on both devices."""
+    if request.param == "cpu":
+        yield "cpu"
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield "cuda"
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved

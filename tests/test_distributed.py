@@ -1,4 +1,5 @@
-"""Lightning DDP on CPU (gloo, 2 processes): metrics reduce to the single-process values."""
+"""Lightning DDP on CPU (gloo, 2 processes) and on 2 CUDA devices (NCCL): metrics reduce to the
+single-process values."""
 
 import csv
 import os
@@ -66,7 +67,9 @@ def _test_on_two_and_one(tmp_path: Path, common: list[str], deploy: Path, key: s
 
 
 @pytest.mark.slow
-def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
+def test_ddp_fit_and_test_match_single_process(tmp_path: Path, device: str) -> None:
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip(f"NCCL DDP needs 2 CUDA devices, found {torch.cuda.device_count()}")
     # 4 classes x 4 val images, batch 4: each of the 2 ranks sees 2 whole batches, no padding.
     data = write_imagefolder(tmp_path / "images", train_per_class=4, val_per_class=4, size=32)
     common = [
@@ -89,7 +92,7 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path) -> None:
         "--trainer.enable_progress_bar",
         "false",
         "--trainer.accelerator",
-        "cpu",
+        "gpu" if device == "cuda" else "cpu",
     ]
     baseline = tmp_path / "baseline"
     _run(

@@ -19,8 +19,8 @@ def reference_refocus(basis: torch.Tensor, refocus: torch.Tensor, map_groups: in
     per_group = n_kernels // map_groups
     mh, mw = refocus.shape[2:]
     top, left = (mh - 1) // 2, (mw - 1) // 2
-    b = basis.detach().double().numpy().reshape(n_kernels, kh, kw)
-    r = refocus.detach().double().numpy()
+    b = basis.detach().cpu().double().numpy().reshape(n_kernels, kh, kw)
+    r = refocus.detach().cpu().double().numpy()
     out = b.copy()
     for n, y, x in itertools.product(range(n_kernels), range(kh), range(kw)):
         start = (n // per_group) * per_group
@@ -92,10 +92,10 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_refocused_weight_and_forward_match_reference(name):
+def test_refocused_weight_and_forward_match_reference(name, device):
     conv_kwargs, ref_kwargs, map_groups, map_kernel = CONFIGS[name]
     torch.manual_seed(0)
-    layer = RefConv(**conv_kwargs, **ref_kwargs, dtype=torch.float64)
+    layer = RefConv(**conv_kwargs, **ref_kwargs, dtype=torch.float64, device=device)
     with torch.no_grad():
         layer.refocus_weight.normal_(std=0.3)
         if layer.bias is not None:
@@ -105,12 +105,12 @@ def test_refocused_weight_and_forward_match_reference(name):
     n = layer.weight.shape[0] * layer.weight.shape[1]
     assert layer.refocus_weight.shape[:2] == (n, n // map_groups)
 
-    expected_wt = reference_refocus(layer.weight, layer.refocus_weight, map_groups)
+    expected_wt = reference_refocus(layer.weight, layer.refocus_weight, map_groups).to(device)
     assert layer.refocused_weight().shape == layer.weight.shape
     torch.testing.assert_close(layer.refocused_weight(), expected_wt, rtol=1e-12, atol=1e-12)
 
-    x = torch.randn(2, conv_kwargs["in_channels"], 11, 12, dtype=torch.float64)
-    plain = nn.Conv2d(**conv_kwargs, dtype=torch.float64)
+    x = torch.randn(2, conv_kwargs["in_channels"], 11, 12, dtype=torch.float64, device=device)
+    plain = nn.Conv2d(**conv_kwargs, dtype=torch.float64, device=device)
     expected = reference_forward(layer, x, expected_wt)
     y = layer(x)
     assert y.shape == plain(x).shape == expected.shape
@@ -126,10 +126,10 @@ def test_refocused_weight_and_forward_match_reference(name):
         dict(in_channels=2, out_channels=2, kernel_size=2, groups=2),
     ],
 )
-def test_gradcheck_input_and_refocus_weight(conv_kwargs):
+def test_gradcheck_input_and_refocus_weight(conv_kwargs, device):
     torch.manual_seed(0)
-    layer = RefConv(**conv_kwargs, dtype=torch.float64)
-    x = torch.randn(1, conv_kwargs["in_channels"], 5, 5, dtype=torch.float64, requires_grad=True)
+    layer = RefConv(**conv_kwargs, dtype=torch.float64, device=device)
+    x = torch.randn(1, conv_kwargs["in_channels"], 5, 5, dtype=torch.float64, device=device, requires_grad=True)
     r = layer.refocus_weight.detach().clone().requires_grad_(True)
 
     def run(x, r):
@@ -171,11 +171,11 @@ def test_basis_is_a_frozen_buffer():
     assert not torch.equal(layer.bias, bias)
 
 
-def test_zero_init_reproduces_the_original_conv_exactly():
+def test_zero_init_reproduces_the_original_conv_exactly(device):
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)
+    conv = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, device=device)
     layer = RefConv.from_conv(conv, init="zeros")
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8, device=device)
     assert torch.equal(layer(x), conv(x))
 
 
@@ -223,11 +223,11 @@ def test_invalid_options(kwargs, match):
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_autocast_runs_the_transform_in_weight_dtype(amp_dtype: torch.dtype):
+def test_autocast_runs_the_transform_in_weight_dtype(amp_dtype: torch.dtype, device: str):
     torch.manual_seed(0)
-    layer = RefConv(4, 4, 3, padding=1, groups=4)
-    x = torch.randn(2, 4, 8, 8)
-    with torch.autocast("cpu", dtype=amp_dtype):
+    layer = RefConv(4, 4, 3, padding=1, groups=4, device=device)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    with torch.autocast(device, dtype=amp_dtype):
         wt = layer.refocused_weight()
         y = layer(x)
     assert wt.dtype == torch.float32 and torch.equal(wt, layer.refocused_weight())

@@ -27,6 +27,7 @@ from lightning import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -172,6 +173,13 @@ class RefvisionTask(LightningModule):
             the data module; default ImageNet's, which pretrained weights expect); null: the
             network takes the [0, 1] input as it is (detection: normalises with its own values).
         std: per-channel RGB standard deviation, as ``mean``.
+        channels_last: run the network in channels-last memory order (its 4-D weights and the
+            4-D image batches); cuDNN's fast kernels for convs, bf16 / fp16 above all, want it.
+        compile: ``torch.compile`` the network (``nn.Module.compile``: checkpoint keys unchanged).
+
+    ``channels_last`` and ``compile`` change float rounding, not the function, and are off by default;
+    they apply when a Trainer runs the task (:meth:`apply_speed_options`). cuDNN's autotuner for
+    fixed input sizes is Lightning's ``--trainer.benchmark true``.
 
     Every init option, here and in each subclass, declares its :class:`~refvision.tasks.options.Role`
     in its annotation (``Annotated[<type>, Role.<role>]``); a subclass with an undeclared option is
@@ -199,6 +207,8 @@ class RefvisionTask(LightningModule):
         class_names: Annotated[list[str] | None, Role.DATA] = None,
         mean: Annotated[tuple[float, float, float] | None, Role.DATA] = IMAGENET_MEAN,
         std: Annotated[tuple[float, float, float] | None, Role.DATA] = IMAGENET_STD,
+        channels_last: Annotated[bool, Role.RUN] = False,
+        compile: Annotated[bool, Role.RUN] = False,
     ) -> None:
         super().__init__()
         self.conv_config: ConvConfig = {"kind": "none", **(conv or {})}
@@ -212,6 +222,8 @@ class RefvisionTask(LightningModule):
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
         self.normalize: nn.Module = Normalize(mean, std) if mean is not None and std is not None else nn.Identity()
+        self.channels_last, self.compile_network = channels_last, compile
+        self._compiled = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -294,6 +306,27 @@ class RefvisionTask(LightningModule):
             model = reparameterize(model, inplace=True)
         set_trainable(model, self.trainable)
         self.model = model
+
+    def setup(self, stage: str) -> None:
+        self.apply_speed_options()
+
+    def apply_speed_options(self) -> None:
+        """Apply ``channels_last`` and ``compile`` to the network; idempotent. Lightning calls it
+        (:meth:`setup`) before every fit / validate / test / predict, so the modules that
+        ``profile``, ``export`` and the deploy checkpoint build stay eager and contiguous."""
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.compile_network and not self._compiled:
+            self.model.compile()
+            self._compiled = True
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``channels_last``, the 4-D tensors of ``batch`` (the images) in channels-last order."""
+        if not self.channels_last:
+            return batch
+        return apply_to_collection(
+            batch, Tensor, lambda t: t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+        )
 
     def train(self, mode: bool = True) -> "RefvisionTask":
         super().train(mode)
