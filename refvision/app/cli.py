@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from refvision.app.commands import EXTRA_COMMANDS
 from refvision.app.lightning_cli import ConfigError, lightning_cli
 from refvision.checkpoints.loading import CheckpointError
+from refvision.outputs.writers.base import OutputExistsError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -46,7 +47,7 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     try:
         lightning_cli(argv)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, OutputExistsError) as err:
         print(f"refvision {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
