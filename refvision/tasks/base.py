@@ -34,6 +34,7 @@ from refvision.checkpoints.loading import load_init_from
 from refvision.lifecycle.divergence import DivergenceGuard
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
+from refvision.lifecycle.run_logging import run_logging_callbacks
 from refvision.lifecycle.run_state import RandomStateCheckpoint
 from refvision.models.normalize import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from refvision.nn import get_method
@@ -216,7 +217,8 @@ class RefvisionTask(LightningModule):
         return self
 
     def configure_callbacks(self) -> list[Callback]:
-        """The reliability callbacks, and ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation.
+        """The reliability callbacks, ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation, and
+        with a logger the learning rate and the HParams (see ``refvision.lifecycle.run_logging``).
 
         A ``ModelCheckpoint`` configured by the user (``trainer.callbacks``) wins: it is kept as
         configured and :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint` is not added (logged).
@@ -237,6 +239,7 @@ class RefvisionTask(LightningModule):
             )
         else:
             callbacks.append(RunCheckpoint(monitor=self.monitor, mode=self.monitor_mode))
+        callbacks += run_logging_callbacks(self.trainer, self.monitor)  # LR and HParams, where there is a logger
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
