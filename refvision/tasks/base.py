@@ -32,6 +32,7 @@ from torchmetrics import Metric
 
 from refvision.checkpoints.loading import load_init_from
 from refvision.lifecycle.divergence import DivergenceGuard
+from refvision.lifecycle.ema import WeightEMA
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
 from refvision.lifecycle.run_logging import run_logging_callbacks
@@ -115,6 +116,9 @@ class RefvisionTask(LightningModule):
             the data module; default ImageNet's, which pretrained weights expect); null: the
             network takes the [0, 1] input as it is (detection: normalises with its own values).
         std: per-channel RGB standard deviation, as ``mean``.
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.9998),
+            validated, checkpointed and deployed instead of the trained weights
+            (:class:`~refvision.lifecycle.ema.WeightEMA`); null: off.
     """
 
     default_conv_include: ClassVar[list[str] | None] = None
@@ -140,6 +144,7 @@ class RefvisionTask(LightningModule):
         class_names: list[str] | None = None,
         mean: tuple[float, float, float] | None = IMAGENET_MEAN,
         std: tuple[float, float, float] | None = IMAGENET_STD,
+        ema_decay: float | None = None,  # training-only: the checkpoints hold the averaged weights
     ) -> None:
         super().__init__()
         self.conv_config: ConvConfig = {"kind": "none", **(conv or {})}
@@ -153,6 +158,9 @@ class RefvisionTask(LightningModule):
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
         self.normalize: nn.Module = Normalize(mean, std) if mean is not None and std is not None else nn.Identity()
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"model.ema_decay={ema_decay}: expected a value in (0, 1), e.g. 0.9998, or null (off)")
+        self.ema_decay = ema_decay
 
     def build_model(self) -> nn.Module:
         """Build the network (pretrained weights by name allowed)."""
@@ -240,6 +248,8 @@ class RefvisionTask(LightningModule):
         else:
             callbacks.append(RunCheckpoint(monitor=self.monitor, mode=self.monitor_mode))
         callbacks += run_logging_callbacks(self.trainer, self.monitor)  # LR and HParams, where there is a logger
+        if self.ema_decay is not None and self.trainer.state.fn == "fit":
+            callbacks.append(WeightEMA(self.ema_decay))
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
