@@ -179,7 +179,7 @@ def test_head_of_another_size_needs_init_strict_false(tmp_path: Path, images: Pa
     source = torchvision.models.resnet18(weights=None, num_classes=10)
     path = tmp_path / "ten.pth"
     torch.save(source.state_dict(), path)
-    with pytest.raises(ValueError, match=r"(?s)2 shape mismatches.*fc\.weight: file \[10, 512\] vs model \[4, 512\]"):
+    with pytest.raises(ValueError, match=r"has another head: fc has 10 classes in the file and 4 in the model"):
         _classifier(images, "resnet18", path)
     model = _classifier(images, "resnet18", path, "--model.init_strict", "false")
     expected = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}

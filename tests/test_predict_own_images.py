@@ -252,7 +252,9 @@ def test_segmentation_any_size_with_slide_flip_and_scales(tmp_path: Path, images
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task_name", ["classification", "segmentation"])
-def test_writers_refuse_existing_outputs_unless_overwrite(tmp_path: Path, images: Path, task_name: str) -> None:
+def test_writers_refuse_existing_outputs_unless_overwrite(
+    tmp_path: Path, images: Path, task_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.manual_seed(0)
     if task_name == "classification":
         task, probe = ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), "predictions.csv"
@@ -262,22 +264,31 @@ def test_writers_refuse_existing_outputs_unless_overwrite(tmp_path: Path, images
     out = tmp_path / "out"
     (out / probe).parent.mkdir(parents=True)
     (out / probe).write_bytes(b"earlier result")  # the one file of a run that is already there
-    with pytest.raises(FileExistsError, match=rf"{out} already holds 1 of the files .*\({out / probe}\).*overwrite"):
+    with pytest.raises(SystemExit) as refused:
         _predict(task_name, images, ckpt, out, tmp_path / "run")
+    assert refused.value.code == 2
+    # One line, no traceback: the command, the folder, the file found and both ways out.
+    assert re.fullmatch(
+        rf"refvision predict: error: output_dir {out} already holds 1 of the files .*\({out / probe}\); "
+        r"choose another folder \(--trainer.callbacks.output_dir\) or pass --trainer.callbacks.overwrite true .*\n",
+        capsys.readouterr().err.splitlines(keepends=True)[-1],
+    )
     assert (out / probe).read_bytes() == b"earlier result"  # refused before writing anything
     assert [p for p in out.rglob("*") if p.is_file()] == [out / probe]
     _predict(task_name, images, ckpt, out, tmp_path / "run", "--trainer.callbacks.overwrite", "true")
     assert (out / probe).read_bytes() != b"earlier result"
 
 
-def test_detection_writer_refuses_an_existing_devkit_file(tmp_path: Path, images: Path) -> None:
+def test_detection_writer_refuses_an_existing_devkit_file(
+    tmp_path: Path, images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = _checkpoint(
         DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "det.ckpt"
     )
     taken = tmp_path / "out" / "results" / "VOC2007" / "Main" / "comp4_det_test_car.txt"
     taken.parent.mkdir(parents=True)
     taken.write_text("000001 0.9 1 1 5 5\n")
-    with pytest.raises(FileExistsError, match="comp4_det_test_car.txt"):
+    with pytest.raises(SystemExit):
         _predict(
             "detection",
             images,
@@ -289,6 +300,7 @@ def test_detection_writer_refuses_an_existing_devkit_file(tmp_path: Path, images
             "--trainer.callbacks.voc_set",
             "2007-test",
         )
+    assert "comp4_det_test_car.txt" in capsys.readouterr().err
     assert taken.read_text() == "000001 0.9 1 1 5 5\n"
     assert not (tmp_path / "out" / "detections.json").exists()
 

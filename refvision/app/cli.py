@@ -15,6 +15,7 @@ from refvision.app.commands import EXTRA_COMMANDS as WORKFLOW_COMMANDS
 from refvision.app.lightning_cli import ConfigError, lightning_cli
 from refvision.app.study.command import study_command
 from refvision.checkpoints.loading import CheckpointError
+from refvision.outputs.writers.base import OutputExistsError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 EXTRA_COMMANDS = {**WORKFLOW_COMMANDS, "study": study_command}
@@ -49,7 +50,7 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     try:
         lightning_cli(argv)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, OutputExistsError) as err:
         print(f"refvision {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -12,6 +12,7 @@ from refvision.app.lightning_cli import yaml_mapping
 from refvision.checkpoints.deploy import forms_table, load_task_checkpoint, reparameterize_checkpoint
 from refvision.export.formats import FORMATS, export_checkpoint
 from refvision.surgery.convert import reparameterize
+from refvision.surgery.latency import describe_latency_setup, measure_latencies
 from refvision.surgery.profile import profile
 from refvision.tasks.base import RefvisionTask
 
@@ -52,7 +53,15 @@ def profile_command(argv: Sequence[str]) -> None:
         default=None,
         help="input height and width, e.g. [512, 1024] (default: the task's example input)",
     )
-    parser.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timed forward passes per form")
+    parser.add_argument(
+        "--min_run_time", type=float, default=1.0, help="seconds of timed forward passes at least (all forms)"
+    )
+    parser.add_argument(
+        "--max_run_time", type=float, default=20.0, help="seconds at most: a spread still wider is reported as noisy"
+    )
+    parser.add_argument(
+        "--spread", type=float, default=0.05, help="target IQR of the latency as a fraction of its median"
+    )
     cfg = parser.parse_args(list(argv))
     if not cfg.config and not cfg.ckpt:
         parser.error("give -c CONFIG or --ckpt CKPT")
@@ -63,9 +72,15 @@ def profile_command(argv: Sequence[str]) -> None:
         )
     if cfg.input_size is not None and (len(cfg.input_size) != 2 or min(cfg.input_size) < 1):
         raise ValueError(f"--input_size {cfg.input_size}: expected [height, width], two positive integers")
+    if not 0 < cfg.min_run_time <= cfg.max_run_time or cfg.spread <= 0:
+        raise ValueError(
+            f"--min_run_time {cfg.min_run_time}, --max_run_time {cfg.max_run_time}, --spread {cfg.spread}: expected "
+            "0 < min_run_time <= max_run_time and a positive spread"
+        )
     device = usable_device(cfg.device)
     task = load_task_checkpoint(cfg.ckpt)[0] if cfg.ckpt else build_task_from_configs(cfg.config)
-    print(profile_table(task, cfg.min_run_time, device=device, input_size=cfg.input_size))
+    timing = {"min_run_time": cfg.min_run_time, "max_run_time": cfg.max_run_time, "spread": cfg.spread}
+    print(profile_table(task, device=device, input_size=cfg.input_size, **timing))
 
 
 def usable_device(name: str) -> torch.device:
@@ -103,8 +118,12 @@ def profile_table(
     device: str | torch.device = "cpu",
     input_size: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
+    max_run_time: float = 20.0,
+    spread: float = 0.05,
 ) -> str:
-    """Params / FLOPs / median latency (ms, batch of ``example_inputs``) of both forms on ``device``.
+    """Params / FLOPs / latency (median and IQR, ms, batch of ``example_inputs``) of both forms on
+    ``device``, then a line saying the input, batch, threads, device and whether the latency is noisy
+    (:func:`~refvision.surgery.latency.measure_latencies` with ``min_run_time``, ``max_run_time``, ``spread``).
 
     ``input_size`` ``(H, W)`` replaces the example input's spatial size. ``progress`` (default: a
     line on stderr) is told what runs, since a large model takes minutes on a CPU.
@@ -122,8 +141,15 @@ def profile_table(
     for name, module in (("train", train_module), ("deploy", deploy_module)):
         say(f"counting FLOPs of the {name} form")
         profiles.append(profile(module, inputs=inputs))
-    train_ms, deploy_ms = _latencies({"train": train_module, "deploy": deploy_module}, inputs, min_run_time, say)
-    return forms_table(*profiles, (f"latency ms (median, {device.type})", f"{train_ms:.2f}", f"{deploy_ms:.2f}"))
+    forms = {"train": train_module, "deploy": deploy_module}
+    timing = {"spread": spread, "min_run_time": min_run_time, "max_run_time": max_run_time}
+    latency = measure_latencies(forms, inputs, progress=say, **timing)
+    table = forms_table(
+        *profiles,
+        (f"latency ms (median, {device.type})", *(f"{latency[f].median_ms:.2f}" for f in forms)),
+        ("latency ms (IQR)", *(f"{latency[f].iqr_ms:.2f}" for f in forms)),
+    )
+    return f"{table}\n{describe_latency_setup(inputs, device, latency, spread)}"
 
 
 def _resized(inputs: Any, size: Sequence[int] | None) -> Any:
@@ -137,29 +163,6 @@ def _resized(inputs: Any, size: Sequence[int] | None) -> Any:
 
 def _to_device(inputs: Any, device: torch.device) -> Any:
     return inputs.to(device) if isinstance(inputs, torch.Tensor) else [t.to(device) for t in inputs]
-
-
-def _latencies(
-    modules: dict[str, torch.nn.Module], inputs: Any, min_run_time: float, progress: Callable[[str], None]
-) -> list[float]:
-    """Median forward time (ms) of each module on its device, with ``torch.utils.benchmark.Timer``.
-
-    Each module is warmed up (two calls), then timed in blocks for at least ``min_run_time`` s
-    (``blocked_autorange``: CUDA is synchronised around every block) under ``inference_mode``.
-    """
-    from torch.utils import benchmark
-
-    medians = []
-    with torch.inference_mode():
-        for name, module in modules.items():
-            progress(f"timing the {name} form (warm-up, then {min_run_time:g} s)")
-            for _ in range(2):
-                module(inputs)
-            timer = benchmark.Timer(
-                stmt="module(inputs)", globals={"module": module, "inputs": inputs}, num_threads=torch.get_num_threads()
-            )
-            medians.append(1000 * timer.blocked_autorange(min_run_time=min_run_time).median)
-    return medians
 
 
 def demo_command(argv: Sequence[str]) -> None:

@@ -414,7 +414,8 @@ def default_loggers(root_dir: str) -> list[Logger]:
 
     ``--trainer.logger`` left unset (or ``true``) means these; any other value is used as given.
     """
-    board = TensorBoardLogger(root_dir, version=SLURMEnvironment.job_id())
+    # No constant hp_metric: HParamsWithMetrics logs the run's real metrics with its hyper-parameters.
+    board = TensorBoardLogger(root_dir, version=SLURMEnvironment.job_id(), default_hp_metric=False)
     table = CSVLogger(root_dir, version=board.version)
     # Open the CSV log (rank 0) before TensorBoard writes into the shared folder, which the CSV
     # logger would otherwise take for a stale run and warn about.

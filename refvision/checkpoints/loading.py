@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
@@ -292,18 +293,31 @@ class LoadReport:
     unexpected: list[str]
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
 
+    def counts(self) -> str:
+        """``N tensors loaded, N missing, N unexpected, N shape mismatches``."""
+        return (
+            f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} shape mismatches"
+        )
+
+    def details(self) -> list[str]:
+        """The keys behind the counts (the first 8 of each kind): ``missing: a, b ...``, ``shape of k: file
+        [..] vs model [..]``. BatchNorm's ``num_batches_tracked`` counters are counted but not listed:
+        every BatchNorm has one, and they say nothing about which layers differ."""
+        lines = []
+        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            named = [k for k in keys if not k.endswith("num_batches_tracked")] or keys
+            if named:
+                lines.append(f"{label}: {', '.join(named[:8])}{' ...' if len(named) > 8 else ''}")
+        lines += [
+            f"shape of {key}: file {list(theirs)} vs model {list(ours)}" for key, theirs, ours in self.mismatched[:8]
+        ]
+        return lines
+
     def __str__(self) -> str:
         where = f"model.{self.target}" if self.target else "the model"
-        lines = [
-            f"init_from {self.source} ({self.format}) into {where}: {len(self.loaded)} tensors loaded, "
-            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"
-        ]
-        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
-            if keys:
-                lines.append(f"  {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        for key, theirs, ours in self.mismatched[:8]:
-            lines.append(f"  shape of {key}: file {list(theirs)} vs model {list(ours)}")
-        return "\n".join(lines)
+        header = f"init_from {self.source} ({self.format}) into {where}: {self.counts()}"
+        return "\n".join([header, *(f"  {line}" for line in self.details())])
 
 
 def load_init_from(model: nn.Module, source: str, prefix: str | None = None, strict: bool = True) -> LoadReport:
@@ -358,17 +372,94 @@ def load_init_from(model: nn.Module, source: str, prefix: str | None = None, str
             )
         else:
             hint = (
-                "Use model.init_prefix to pick a sub-tree of the checkpoint, or model.init_strict=false to "
-                "load the tensors that fit and skip the others (reported)."
+                "use --model.init_prefix to pick a sub-tree of the checkpoint, or --model.init_strict false to "
+                "load the tensors that fit and skip the others (reported)"
             )
-        raise ValueError(
-            f"model.init_from={source!r} does not fit {type(model).__name__}; the file holds "
-            f"{describe_checkpoint(checkpoint)}.\n{report}\n{hint}"
-        )
+        raise ValueError(_misfit_message(model, source, checkpoint, state, report, hint, fits_but_head=command is None))
     target = model.get_submodule(report.target) if report.target else model
     target.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     log.log(logging.WARNING if report.missing or report.unexpected or report.mismatched else logging.INFO, "%s", report)
     return report
+
+
+def _misfit_message(
+    model: nn.Module,
+    source: str,
+    checkpoint: Any,
+    state: Mapping[str, torch.Tensor],
+    report: LoadReport,
+    hint: str,
+    fits_but_head: bool,
+) -> str:
+    """The one-line error of an ``init_from`` that does not fit: what differs, in the terms that lead to
+    the fix (a new head; timm weights for a torchvision model), then the keys, then ``hint``.
+
+    ``fits_but_head``: a file that differs only in the head is reported as such, with
+    ``--model.init_strict false`` as the fix (not while evaluating: nothing would train the head).
+    """
+    target = model.get_submodule(report.target) if report.target else model
+    head = _new_head(target, report)
+    if head is not None and fits_but_head:
+        name, theirs, ours = head
+        unit = "classes" if isinstance(target.get_submodule(name), nn.Linear) else "outputs"
+        return (
+            f"model.init_from={source!r} has another head: {report.target + '.' if report.target else ''}{name} has "
+            f"{theirs} {unit} in the file and {ours} in the model (the data's); the other {len(report.loaded)} "
+            f"tensors fit. To train a new {name} from these weights pass --model.init_strict false (the "
+            f"{len(report.loaded)} tensors are loaded, {name} keeps its initialisation)"
+        )
+    timm_name = None if report.loaded else _matching_timm_model(target, state)
+    if timm_name is not None:
+        return (
+            f"model.init_from={source!r} holds timm's {timm_name} weights (keys {_listed(state)}), which fit "
+            f"none of this {type(target).__name__}'s tensors (keys {_listed(target.state_dict())}; "
+            f"{report.counts()}); pass --model.backbone timm:{timm_name} to build the model they are for"
+        )
+    return (
+        f"model.init_from={source!r} does not fit {type(target).__name__}: "
+        f"{'; '.join([report.counts(), *report.details()])}; the file holds {describe_checkpoint(checkpoint)}. {hint}"
+    )
+
+
+def _listed(state: Mapping[str, Any], count: int = 3) -> str:
+    """The first ``count`` keys of ``state`` that hold weights (no BatchNorm statistics or counters)."""
+    keys = [k for k in state if not k.endswith(("num_batches_tracked", "running_mean", "running_var"))]
+    return ", ".join(keys[:count]) + (" ..." if len(keys) > count else "")
+
+
+def _new_head(model: nn.Module, report: LoadReport) -> tuple[str, int, int] | None:
+    """``(module name, outputs in the file, outputs in the model)`` when the only difference is the
+    output count of ``model``'s last module with parameters (a classifier for another number of classes)."""
+    if not report.loaded or report.missing or report.unexpected or not report.mismatched:
+        return None
+    names = {key.rpartition(".")[0] for key, _, _ in report.mismatched}
+    last = [name for name, module in model.named_modules() if next(module.parameters(recurse=False), None) is not None]
+    if len(names) != 1 or not last or last[-1] not in names:
+        return None
+    if any(theirs[1:] != ours[1:] for _, theirs, ours in report.mismatched):
+        return None
+    _, theirs, ours = report.mismatched[0]
+    return last[-1], theirs[0], ours[0]
+
+
+TIMM_CANDIDATES = 12
+"""At most this many timm architectures of the model's family are built (on the meta device) to name the one
+whose weights a file holds."""
+
+
+def _matching_timm_model(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """The timm architecture whose state dict has ``state``'s keys and shapes (the classifier's output
+    count aside), searched among the models named like ``model``'s class (``MobileNetV2`` ->
+    ``mobilenetv2*``); None if none of them does."""
+    family = type(model).__name__.lower()
+    for name in timm.list_models(f"{family}*")[:TIMM_CANDIDATES]:
+        with torch.device("meta"):
+            candidate = timm.create_model(name, pretrained=False)
+        classifier = f"{candidate.pretrained_cfg.get('classifier', '')}."
+        own = candidate.state_dict()
+        if own.keys() == state.keys() and all(own[k].shape == state[k].shape or k.startswith(classifier) for k in own):
+            return name
+    return None
 
 
 def state_differences(own: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:

@@ -35,8 +35,10 @@ from torchmetrics import Metric
 from refvision.checkpoints.loading import load_init_from, refvision_stamp
 from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD
 from refvision.lifecycle.divergence import DivergenceGuard
+from refvision.lifecycle.ema import WeightEMA
 from refvision.lifecycle.graceful_stop import StopOnSignal
 from refvision.lifecycle.run_checkpoint import AtomicCheckpoints, RunCheckpoint
+from refvision.lifecycle.run_logging import run_logging_callbacks
 from refvision.lifecycle.run_state import RandomStateCheckpoint
 from refvision.lifecycle.start_validation import StartValidation
 from refvision.models.normalize import Normalize
@@ -176,6 +178,9 @@ class RefvisionTask(LightningModule):
         channels_last: run the network in channels-last memory order (its 4-D weights and the
             4-D image batches); cuDNN's fast kernels for convs, bf16 / fp16 above all, want it.
         compile: ``torch.compile`` the network (``nn.Module.compile``: checkpoint keys unchanged).
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.9998),
+            validated, checkpointed and deployed instead of the trained weights
+            (:class:`~refvision.lifecycle.ema.WeightEMA`); null: off.
 
     ``channels_last`` and ``compile`` change float rounding, not the function, and are off by default;
     they apply when a Trainer runs the task (:meth:`apply_speed_options`). cuDNN's autotuner for
@@ -209,6 +214,7 @@ class RefvisionTask(LightningModule):
         std: Annotated[tuple[float, float, float] | None, Role.DATA] = IMAGENET_STD,
         channels_last: Annotated[bool, Role.RUN] = False,
         compile: Annotated[bool, Role.RUN] = False,
+        ema_decay: Annotated[float | None, Role.TRAINING] = None,
     ) -> None:
         super().__init__()
         self.conv_config: ConvConfig = {"kind": "none", **(conv or {})}
@@ -222,6 +228,9 @@ class RefvisionTask(LightningModule):
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
         self.normalize: nn.Module = Normalize(mean, std) if mean is not None and std is not None else nn.Identity()
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(f"model.ema_decay={ema_decay}: expected a value in (0, 1), e.g. 0.9998, or null (off)")
+        self.ema_decay = ema_decay
         self.channels_last, self.compile_network = channels_last, compile
         self._compiled = False
 
@@ -336,7 +345,8 @@ class RefvisionTask(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """The reliability callbacks, :class:`~refvision.lifecycle.start_validation.StartValidation` when
-        ``init_from`` is given, and ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation.
+        ``init_from`` is given, ``best.ckpt`` by :attr:`monitor` + ``last.ckpt`` every validation, and
+        with a logger the learning rate and the HParams (see ``refvision.lifecycle.run_logging``).
 
         A ``ModelCheckpoint`` configured by the user (``trainer.callbacks``) wins: it is kept as
         configured and :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint` is not added (logged).
@@ -359,6 +369,9 @@ class RefvisionTask(LightningModule):
             )
         else:
             callbacks.append(RunCheckpoint(monitor=self.monitor, mode=self.monitor_mode))
+        callbacks += run_logging_callbacks(self.trainer, self.monitor)  # LR and HParams, where there is a logger
+        if self.ema_decay is not None and self.trainer.state.fn == "fit":
+            callbacks.append(WeightEMA(self.ema_decay))
         return callbacks
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchvision.transforms import v2
 
 from refvision.models.classification import build_classifier
 from refvision.outputs.figures import confusion_matrix
@@ -25,6 +26,10 @@ class ClassificationTask(RefvisionTask):
         weights: pretrained weight name to download (``DEFAULT``, ``IMAGENET1K_V1``...), or null.
         label_smoothing: cross-entropy label smoothing.
         image_size: side of the example input used for profiling.
+        mixup_alpha: MixUp's Beta(alpha, alpha) on training batches (``torchvision.transforms.v2.MixUp``); 0: off.
+        cutmix_alpha: CutMix's alpha on training batches (``v2.CutMix``); 0: off. With both, each batch takes
+            one of the two at random (``v2.RandomChoice``), as torchvision's reference scripts do; the loss is
+            cross-entropy on the mixed soft targets, with ``label_smoothing`` applied on top of them.
         **kwargs: the shared options of :class:`~refvision.tasks.base.RefvisionTask`
             (``conv``, ``init_from``, ``init_prefix``, ``init_strict``, ``trainable``, ``optim``, ``deploy``,
             ``class_names``, ``mean``, ``std``).
@@ -40,12 +45,15 @@ class ClassificationTask(RefvisionTask):
         weights: Annotated[str | None, Role.WEIGHTS] = None,
         label_smoothing: Annotated[float, Role.TRAINING] = 0.1,
         image_size: Annotated[int, Role.DATA_ARGUMENT] = 224,
+        mixup_alpha: Annotated[float, Role.TRAINING] = 0.0,
+        cutmix_alpha: Annotated[float, Role.TRAINING] = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.backbone, self.num_classes, self.weights = backbone, num_classes, weights
         self.label_smoothing, self.image_size = label_smoothing, image_size
+        self.batch_mixing = batch_mixing(mixup_alpha, cutmix_alpha, num_classes)
         self.configure_model_pipeline()
         self.configure_metrics()
 
@@ -61,7 +69,10 @@ class ClassificationTask(RefvisionTask):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels, label_smoothing=self.label_smoothing)
+        targets: Tensor = labels
+        if self.batch_mixing is not None:
+            images, targets = self.batch_mixing(images, labels)  # targets: (B, C) class probabilities
+        loss = F.cross_entropy(self(images), targets, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
@@ -108,3 +119,18 @@ class ClassificationTask(RefvisionTask):
         probable classes by descending softmax probability; no labels needed."""
         probs, classes = self(self.inputs_of(batch)).softmax(dim=1).topk(min(5, self.num_classes), dim=1)
         return {"classes": classes, "probs": probs}
+
+
+def batch_mixing(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+    """``(images (B, 3, H, W), labels (B,)) -> (mixed images, (B, num_classes) soft targets)``: MixUp,
+    CutMix or a random choice of the two for the alphas above 0; None when both are 0."""
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"model.mixup_alpha={mixup_alpha}, model.cutmix_alpha={cutmix_alpha}: expected >= 0 (0: off)")
+    mixers: list[v2.Transform] = []
+    if mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

@@ -15,11 +15,15 @@ MAX_LISTED = 5
 """Existing files named in an overwrite refusal (the count is always given)."""
 
 
+class OutputExistsError(FileExistsError):
+    """A prediction would overwrite files of an earlier one; the message names the folder and the fix."""
+
+
 class FileWriter(BasePredictionWriter):
     """Base of the writers: resolves each sample's :class:`Source` and refuses to overwrite.
 
     Before the first batch it lists every file the run would write (:meth:`planned_files`) and
-    raises ``FileExistsError`` if any exists, unless ``overwrite``; the check runs before any
+    raises :class:`OutputExistsError` if any exists, unless ``overwrite``; the check runs before any
     prediction, so a refused run loses nothing. Two inputs that would give the same output name
     (``a.jpg`` and ``a.png``) are an error naming both. Per-image files are written as batches
     finish; files that collect all images (:meth:`write_collected`) are written once by rank 0
@@ -56,10 +60,10 @@ class FileWriter(BasePredictionWriter):
         existing = [path for path in self.planned_files(trainer, every) if path.exists()]
         if existing and not self.overwrite:
             listed = ", ".join(str(p) for p in existing[:MAX_LISTED])
-            raise FileExistsError(
-                f"{self.output_dir} already holds {len(existing)} of the files this prediction would write "
-                f"({listed}{', ...' if len(existing) > MAX_LISTED else ''}); choose another output_dir or set "
-                f"overwrite: true (--trainer.callbacks.overwrite true) to replace them"
+            raise OutputExistsError(
+                f"output_dir {self.output_dir} already holds {len(existing)} of the files this prediction would "
+                f"write ({listed}{', ...' if len(existing) > MAX_LISTED else ''}); choose another folder "
+                "(--trainer.callbacks.output_dir) or pass --trainer.callbacks.overwrite true to replace them"
             )
         trainer.strategy.barrier("prediction writer checked its output folder")
 
