@@ -51,6 +51,7 @@ workflow subcommands:
   profile         -c CONFIG [-c ...] | --ckpt CKPT      params / FLOPs / latency, train vs deploy form
   demo            [--root DIR]                           the whole refocus workflow on generated data
   export          --ckpt IN --output OUT --format FMT    ONNX / TorchScript / ExportedProgram of the deploy form
+  study           -c STUDY [--index N | --jobs N | --list | aggregate]   arms x seeds with paired statistics
 """
 
 
