@@ -23,6 +23,7 @@ from refvision.export.formats import export_checkpoint
 from refvision.nn import ACConv, ConvMethod, get_method, register_method, registered_methods
 from refvision.surgery.convert import converted_layers
 from refvision.surgery.trainable import set_trainable
+from refvision.tasks.base import conv_method
 
 
 def _perturb(model: nn.Module) -> None:
@@ -211,3 +212,100 @@ def test_cli_fit_deploy_checkpoint_and_export(tmp_path: Path, images: Path, base
     report = export_checkpoint(str(best), tmp_path / "model.pt", "torchscript")
     assert report.fold_max_abs_diff is not None and report.fold_max_abs_diff < 1e-4
     assert (tmp_path / "model.pt").is_file()
+
+
+EVERY_METHOD = [*sorted(registered_methods()), "user_conv.RepBranchConv"]
+
+
+@pytest.mark.parametrize("kind", EVERY_METHOD)
+def test_from_conv_copies_all_of_the_conv(kind: str) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, padding_mode="reflect", dtype=torch.float64).eval()
+    # A padding patched after construction: reflect padding still applies the one fixed at construction.
+    conv.padding = (2, 2)
+    conv.weight.requires_grad_(False)
+    conv.bias.requires_grad_(False)
+    layer = get_method(kind).from_conv(conv)
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+        assert getattr(layer, attr) == getattr(conv, attr), attr
+    assert layer.padding_mode == "reflect" and not layer.training
+    assert list(layer._reversed_padding_repeated_twice) == list(conv._reversed_padding_repeated_twice) == [1] * 4
+    assert torch.equal(layer.bias, conv.bias) and not layer.bias.requires_grad
+    assert torch.equal(layer.weight, conv.weight)
+    assert not layer.weight.requires_grad
+    assert all(t.dtype == torch.float64 for t in (*layer.parameters(), *layer.buffers()))
+
+
+class _Untyped(ConvMethod):
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, size=3) -> ConvMethod:  # noqa: ANN001
+        return cls.replacing(conv)
+
+
+class _Clashing(ConvMethod):
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, select: int = 3) -> ConvMethod:
+        return cls.replacing(conv)
+
+
+def test_model_conv_options_are_the_methods_declared_options() -> None:
+    user = "user_conv.RepBranchConv"
+    assert conv_method({"kind": "refconv", "select": "kxk", "map_k": 3, "init": "default"}) == (
+        get_method("refconv"),
+        {"map_k": 3, "init": "default"},
+    )
+    assert conv_method({"kind": user, "scale": 0.5}) == (RepBranchConv, {"scale": 0.5})
+    assert conv_method({"kind": user, "options": {"scale": 1}}) == (RepBranchConv, {"scale": 1})
+    refconv_options = "map_k: int = 3, map_groups: int | None = None, init: 'default' | 'zeros' = 'default'"
+    cases = [
+        (
+            {"kind": "refconv", "regions": 8},
+            f"model.conv.regions: conv kind 'refconv' has no option 'regions'; its options: {refconv_options}",
+        ),
+        (
+            {"kind": "drconv", "regions": "8"},
+            "model.conv.regions: conv kind 'drconv' expects int, got '8'; its options: regions: int = 8, "
+            "residual: bool = True",
+        ),
+        (
+            {"kind": "acconv", "init": "ones"},
+            "model.conv.init: conv kind 'acconv' expects 'zeros' | 'default', got 'ones'; its options: "
+            "init: 'zeros' | 'default' = 'zeros'",
+        ),
+        (
+            {"kind": user, "scale": True},
+            "model.conv.scale: conv kind 'user_conv.RepBranchConv' expects float, got True; its options: "
+            "scale: float = 0.0",
+        ),
+        (
+            {"kind": user, "scale": 1.0, "options": {"scale": 2.0}},
+            "model.conv: scale given both beside kind and under options; give each once",
+        ),
+        (
+            {"kind": "refconv", "select": 3},
+            "model.conv.select: the conv selection expects 'depthwise' | 'kxk' | 'pointwise' | 'all', got 3",
+        ),
+        (
+            {"kind": f"{__name__}._Untyped"},
+            f"model.conv.kind: {__name__}._Untyped.from_conv: option 'size' has no type annotation",
+        ),
+        (
+            {"kind": f"{__name__}._Clashing"},
+            f"model.conv.kind: '{__name__}._Clashing' declares option(s) select, which model.conv uses itself",
+        ),
+    ]
+    for conv, message in cases:
+        with pytest.raises(ValueError) as err:
+            conv_method(conv)
+        assert str(err.value).startswith(message), (conv, str(err.value))
+
+
+def test_the_options_table_in_docs_matches_the_declarations() -> None:
+    rows = {}
+    for line in (Path(__file__).parents[1] / "docs" / "methods.md").read_text().splitlines():
+        if line.startswith("| `") and line.count("` |") >= 1:
+            kind, _, options = line.strip("| ").partition(" | ")
+            rows[kind.strip("`")] = options.replace("\\|", "|")
+    assert rows and set(rows) <= set(registered_methods())
+    for kind, options in rows.items():
+        assert options == ", ".join(f"`{option}`" for option in get_method(kind).options().values()), kind
