@@ -34,7 +34,6 @@ from refvision.checkpoints.loading import (
     evaluating,
     safe_checkpoint_globals,
 )
-from refvision.data.description import DescribedDataModule
 from refvision.lifecycle.deploy_callback import DeployCheckpoint
 from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
 from refvision.models.weights import WeightsUnavailableError
@@ -376,11 +375,13 @@ def refuse_data_contradictions(
     the checkpoint being tested) means the model and the data disagree, so the run stops here,
     naming the key, instead of failing later on a shape or silently using the data's value.
     """
-    stated = datamodule.description.stated() if isinstance(datamodule, DescribedDataModule) else {}
+    # What each link took: a refvision data module's property reads its description (one it does not
+    # state raises AttributeError, as the link saw); any other data module's attribute of that name.
+    unstated = object()
     for key, value in given.items():
-        if key not in stated:
+        described = getattr(datamodule, key, unstated)
+        if described is unstated:
             continue
-        described = stated[key]
         if config_value(described) != config_value(value):
             note = task.value_note(key)
             raise ConfigError(

@@ -352,7 +352,7 @@ class RefvisionTask(LightningModule):
         configured and :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint` is not added (logged).
         """
         callbacks: list[Callback] = [RandomStateCheckpoint(), DivergenceGuard(), StopOnSignal(), AtomicCheckpoints()]
-        if self._init[0]:  # trained weights: validate at step 0, so the switch shows (val_start/*)
+        if self.initial_weights.source:  # trained weights: validate at step 0, so the switch shows (val_start/*)
             callbacks.append(StartValidation())
         configured = [
             c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint) and not _is_lightning_default(c)
