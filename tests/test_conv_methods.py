@@ -23,7 +23,7 @@ from refvision.export.formats import export_checkpoint
 from refvision.nn import ACConv, ConvMethod, get_method, register_method, registered_methods
 from refvision.surgery.convert import converted_layers
 from refvision.surgery.trainable import set_trainable
-from refvision.tasks.base import conv_method
+from refvision.tasks.conv_config import conv_method
 
 
 def _perturb(model: nn.Module) -> None:

@@ -12,91 +12,25 @@ import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from refvision.app.demo.canvas import (
+    MANIFEST,
+    Array,
+    background,
+    claim,
+    contrasting,
+    grid,
+    paint_region,
+    save_image,
+    to_uint8,
+)
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, LABEL_BY_ID
 from refvision.data.voc_format import VOC_CLASSES
 
 DEMO_VOC_VAL_IMAGES = 24
 """Size of the demo VOCdevkit's val set (train 96, test 32: the writer's defaults)."""
-FORMAT_VERSION = 2  # 2: separate val and test splits in every dataset
-MANIFEST = ".refvision-demo.json"
-Array = np.ndarray
-
-
-def _claim(root: Path, kind: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest to write once ``root`` is filled, or ``None`` if the same dataset is there."""
-    record = json.loads(json.dumps({"kind": kind, "version": FORMAT_VERSION, "params": params}))
-    manifest = root / MANIFEST
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        if found == record:
-            return None
-        raise ValueError(
-            f"{root} already holds a different demo dataset ({found}); requested {record}. "
-            "Remove it or choose another root."
-        )
-    if root.exists() and any(root.iterdir()):
-        raise ValueError(
-            f"{root} is not empty and holds no {MANIFEST}; refusing to write a demo dataset into it "
-            "(if an earlier write was interrupted, remove the folder)"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    return record
-
-
-def _save(array: Array, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = Image.fromarray(array)
-    if path.suffix == ".jpg":
-        image.save(path, quality=92)
-    else:
-        image.save(path)
-
-
-def _to_uint8(image: Array) -> Array:
-    return np.clip(image, 0, 255).round().astype(np.uint8)
-
-
-def _grid(height: int, width: int) -> tuple[Array, Array]:
-    """Pixel-center coordinates ``(yy, xx)``, each ``(height, width)``."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
-    return yy + 0.5, xx + 0.5
-
-
-def _background(rng: np.random.Generator, height: int, width: int) -> Array:
-    """``(H, W, 3)`` float: a two-color gradient in a random direction, soft blotches, noise."""
-    yy, xx = _grid(height, width)
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.cos(angle) * xx + np.sin(angle) * yy
-    t = (t - t.min()) / (np.ptp(t) + 1e-6)
-    low, high = rng.uniform(30, 225, (2, 3))
-    image = low + t[..., None] * (high - low)
-    for _ in range(rng.integers(2, 5)):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        sigma = rng.uniform(0.1, 0.3) * max(height, width)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
-        image += blob[..., None] * rng.uniform(-50, 50, 3)
-    return image + rng.normal(0, rng.uniform(3, 12), image.shape)
-
-
-def _paint(image: Array, mask: Array, color: Array, rng: np.random.Generator, noise: float = 8.0) -> None:
-    image[mask] = color + rng.normal(0, noise, (int(mask.sum()), 3))
-
-
-def _contrasting(rng: np.random.Generator, other: Array) -> Array:
-    """A random RGB color at least 80 away (L2) from ``other``, so the drawn thing stands out."""
-    for _ in range(20):
-        color = rng.uniform(0, 255, 3)
-        if np.linalg.norm(color - other) >= 80:
-            return color
-    return 255 - other
-
-
-# ---------------------------------------------------------------- image folder
 
 
 def _pattern(kind: str, rng: np.random.Generator, yy: Array, xx: Array, y0: float, x0: float) -> Array:
@@ -110,17 +44,17 @@ def _pattern(kind: str, rng: np.random.Generator, yy: Array, xx: Array, y0: floa
 def _draw_class(kind: str, rng: np.random.Generator, size: int) -> Array:
     """One ``(size, size, 3) uint8`` image: 2-4 non-overlapping shapes ("circle", "square") or
     one textured patch ("stripes", "checker"), random color, scale and position, on a background."""
-    image = _background(rng, size, size)
-    yy, xx = _grid(size, size)
+    image = background(rng, size, size)
+    yy, xx = grid(size, size)
     if kind in ("stripes", "checker"):
         side = rng.uniform(0.6, 1.0) * size
         y0, x0 = rng.uniform(0, size - side, 2)
         mask = (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)
-        color = _contrasting(rng, image[mask].mean(axis=0))
+        color = contrasting(rng, image[mask].mean(axis=0))
         on = _pattern(kind, rng, yy, xx, y0, x0)
-        _paint(image, mask & on, color, rng)
-        _paint(image, mask & ~on, _contrasting(rng, color), rng)
-        return _to_uint8(image)
+        paint_region(image, mask & on, color, rng)
+        paint_region(image, mask & ~on, contrasting(rng, color), rng)
+        return to_uint8(image)
     taken = np.zeros((size, size), bool)
     for _ in range(rng.integers(2, 5)):
         for _attempt in range(10):  # look for a free spot; without one, draw no more shapes
@@ -134,9 +68,9 @@ def _draw_class(kind: str, rng: np.random.Generator, size: int) -> Array:
                 break
         else:
             break
-        _paint(image, mask, _contrasting(rng, image[mask].mean(axis=0)), rng)
+        paint_region(image, mask, contrasting(rng, image[mask].mean(axis=0)), rng)
         taken |= mask
-    return _to_uint8(image)
+    return to_uint8(image)
 
 
 IMAGEFOLDER_CLASSES = ("circle", "square", "stripes", "checker")
@@ -170,7 +104,7 @@ def write_imagefolder(
         size=size,
         seed=seed,
     )
-    record = _claim(root, "imagefolder", params)
+    record = claim(root, "imagefolder", params)
     if record is None:
         return root
     splits = (("train", train_per_class), ("val", val_per_class), ("test", test_per_class))
@@ -179,7 +113,7 @@ def write_imagefolder(
             for i in range(count):
                 rng = np.random.default_rng([seed, split_index, class_index, i])
                 suffix = ".jpg" if i % 2 == 0 else ".png"
-                _save(_draw_class(name, rng, size), root / split / name / f"{name}_{i:04d}{suffix}")
+                save_image(_draw_class(name, rng, size), root / split / name / f"{name}_{i:04d}{suffix}")
     (root / MANIFEST).write_text(json.dumps(record, indent=2))
     return root
 
@@ -230,8 +164,8 @@ def _voc_image(rng: np.random.Generator, height: int, width: int, num_classes: i
     VOC boxes are 1-based inclusive pixel indices of the visible shape. Objects smaller than
     a fifth of the image side are marked difficult; objects cut by the border, truncated.
     """
-    image = _background(rng, height, width)
-    yy, xx = _grid(height, width)
+    image = background(rng, height, width)
+    yy, xx = grid(height, width)
     objects = []
     count = rng.integers(1, 4)
     while len(objects) < count:
@@ -245,13 +179,13 @@ def _voc_image(rng: np.random.Generator, height: int, width: int, num_classes: i
         rows, cols = np.nonzero(mask)
         if len(rows) < 30:
             continue
-        _paint(image, mask, np.clip(np.asarray(color) + rng.normal(0, 25, 3), 0, 255), rng)
+        paint_region(image, mask, np.clip(np.asarray(color) + rng.normal(0, 25, 3), 0, 255), rng)
         box = (int(cols.min()) + 1, int(rows.min()) + 1, int(cols.max()) + 1, int(rows.max()) + 1)
         crosses = x0 < 0 or y0 < 0 or x0 + box_w > width or y0 + box_h > height
         touches = box[0] == 1 or box[1] == 1 or box[2] == width or box[3] == height
         difficult = max(box[2] - box[0], box[3] - box[1]) + 1 < 0.2 * min(height, width)
         objects.append((class_index, box, difficult, crosses and touches))
-    return _to_uint8(image), objects
+    return to_uint8(image), objects
 
 
 def _voc_xml(
@@ -318,7 +252,7 @@ def write_vocdevkit(
         classes=list(classes),
         seed=seed,
     )
-    record = _claim(root, "vocdevkit", params)
+    record = claim(root, "vocdevkit", params)
     if record is None:
         return root
     for year in years:
@@ -330,7 +264,7 @@ def write_vocdevkit(
             rng = np.random.default_rng([seed, int(year), index])
             height, width = (int(round(s * rng.uniform(0.8, 1.2))) for s in size)
             image, objects = _voc_image(rng, height, width, len(classes))
-            _save(image, year_dir / "JPEGImages" / f"{image_id}.jpg")
+            save_image(image, year_dir / "JPEGImages" / f"{image_id}.jpg")
             xml = _voc_xml(year, f"{image_id}.jpg", height, width, objects, classes)
             (year_dir / "Annotations").mkdir(parents=True, exist_ok=True)
             ET.ElementTree(xml).write(year_dir / "Annotations" / f"{image_id}.xml", encoding="unicode")
@@ -369,7 +303,7 @@ def _city_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Arra
     bottom; poles, cars on the road, people on the sidewalk; sometimes an ego-vehicle hood and
     unlabeled specks. Instance ids follow Cityscapes: ``id * 1000 + k`` for cars and people.
     """
-    yy, xx = _grid(height, width)
+    yy, xx = grid(height, width)
     image = np.zeros((height, width, 3))
     labels = np.zeros((height, width), np.uint8)
     instances = np.zeros((height, width), np.uint16)
@@ -382,7 +316,7 @@ def _city_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Arra
         instance: int | None = None,
     ) -> None:
         base = _CITY_COLORS[label_id] if color is None else color
-        _paint(image, mask, np.clip(np.asarray(base) + rng.normal(0, 15, 3), 0, 255), rng, noise)
+        paint_region(image, mask, np.clip(np.asarray(base) + rng.normal(0, 15, 3), 0, 255), rng, noise)
         labels[mask] = label_id
         instances[mask] = label_id if instance is None else label_id * 1000 + instance
 
@@ -436,7 +370,7 @@ def _city_scene(rng: np.random.Generator, height: int, width: int) -> tuple[Arra
         sy, sx = rng.uniform(0, height), rng.uniform(0, width)
         paint((np.abs(yy - sy) < 2) & (np.abs(xx - sx) < 3), 0)
     image *= rng.uniform(0.8, 1.2)
-    return _to_uint8(image + rng.normal(0, 3, image.shape)), labels, instances
+    return to_uint8(image + rng.normal(0, 3, image.shape)), labels, instances
 
 
 def write_cityscapes(
@@ -470,7 +404,7 @@ def write_cityscapes(
         seed=seed,
         with_train_ids=with_train_ids,
     )
-    record = _claim(root, "cityscapes", params)
+    record = claim(root, "cityscapes", params)
     if record is None:
         return root
     colors = np.zeros((256, 3), np.uint8)
@@ -482,13 +416,13 @@ def write_cityscapes(
             city = cities[i % len(cities)]
             name = f"{city}_{i // len(cities):06d}_000019"
             image, labels, instances = _city_scene(np.random.default_rng([seed, split_index, i]), *size)
-            _save(image, root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png")
+            save_image(image, root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png")
             gt = root / "gtFine" / split / city / f"{name}_gtFine"
-            _save(labels, Path(f"{gt}_labelIds.png"))
-            _save(colors[labels], Path(f"{gt}_color.png"))
-            _save(instances, Path(f"{gt}_instanceIds.png"))
+            save_image(labels, Path(f"{gt}_labelIds.png"))
+            save_image(colors[labels], Path(f"{gt}_color.png"))
+            save_image(instances, Path(f"{gt}_instanceIds.png"))
             if with_train_ids:
-                _save(ID_TO_TRAINID.numpy()[labels], Path(f"{gt}_labelTrainIds.png"))
+                save_image(ID_TO_TRAINID.numpy()[labels], Path(f"{gt}_labelTrainIds.png"))
     (root / MANIFEST).write_text(json.dumps(record, indent=2))
     return root
 
