@@ -214,15 +214,14 @@ def test_bad_annotations_fail_at_construction(devkit: Path, corrupt, error, mess
     assert str(devkit / "VOC2007" / culprit) in str(raised.value)
 
 
-def test_bad_images_fail_when_loaded(devkit: Path) -> None:
+def test_bad_image_headers_and_sizes_fail_at_setup(devkit: Path) -> None:
     jpeg = devkit / "VOC2007" / "JPEGImages" / "000001.jpg"
-    jpeg.write_bytes(b"\xff\xd8\xff garbage")
+    jpeg.write_bytes(b"\xff\xd8\xff garbage")  # no frame header: its size cannot be read
     _edit(_xml(devkit, "000002"), "<width>", "<width>1")  # 1xx px wider than the JPEG
-    dataset = VOCDetection(str(devkit), ["2007-trainval"])
-    with pytest.raises(ValueError, match=re.escape(str(jpeg))):
-        dataset[0]
-    with pytest.raises(ValueError, match="000002.jpg.*000002.xml <size>"):
-        dataset[1]
+    with pytest.raises(ValueError, match="2 bad file") as error:
+        VOCDetection(str(devkit), ["2007-trainval"])
+    assert f"{jpeg}: JPEG ends or breaks off before its frame header" in str(error.value)
+    assert re.search(r"000002\.jpg is \d+ x \d+ \(W x H\) but .*000002\.xml <size> says 1", str(error.value))
 
 
 def test_image_set_file_problems(devkit: Path) -> None:

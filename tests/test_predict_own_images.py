@@ -7,6 +7,7 @@ names (and the palette) come from the checkpoint, as ``refvision fit`` stores th
 
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -305,14 +306,75 @@ def test_detection_writer_refuses_an_existing_devkit_file(
     assert not (tmp_path / "out" / "detections.json").exists()
 
 
-def test_two_inputs_with_one_output_name_are_refused(tmp_path: Path) -> None:
+def _classifier(tmp_path: Path) -> Path:
+    return _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
+
+
+def test_duplicate_stems_are_refused_only_where_outputs_collide_and_all_at_once(tmp_path: Path) -> None:
     root = tmp_path / "images"
-    root.mkdir()
-    for name in ("same.jpg", "same.png"):
+    (root / "sub").mkdir(parents=True)
+    names = ["same.jpg", "same.png", "sub/other.bmp", "sub/other.png", "sub/other.tif", "unique.jpg"]
+    for name in names:
         Image.new("RGB", (16, 16)).save(root / name)
-    ckpt = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
-    with pytest.raises(ValueError, match=r"same\.jpg and .*same\.png would both write outputs named 'same'"):
-        _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
+    _predict("classification", root, _classifier(tmp_path), tmp_path / "out", tmp_path / "run")
+    assert sorted(row[0] for row in _top5_rows(tmp_path / "out")[1:]) == names  # the CSV keeps full names
+    detector = _checkpoint(DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "d")
+    with pytest.raises(ValueError, match="2 output name") as error:  # boxes/<name>.png, COCO image ids
+        _predict("detection", root, detector, tmp_path / "det", tmp_path / "run")
+    groups = f"'same': {root / 'same.jpg'}, {root / 'same.png'}; 'sub/other': " + ", ".join(
+        str(root / f"sub/other.{suffix}") for suffix in ("bmp", "png", "tif")
+    )
+    assert groups in str(error.value)
+    assert not (tmp_path / "det").exists()
+
+
+def test_bad_images_under_skip_are_left_out_and_the_rest_keep_their_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 255, (40 + index, 48, 3), dtype=np.uint8)).save(
+            root / f"{index}.jpg", quality=95
+        )
+    (root / "sub" / "text.jpg").write_text("not a jpeg")  # found at setup, from its first bytes
+    (root / "sub" / "empty.png").write_bytes(b"")
+    truncated = root / "2.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:300])  # its header is intact: found when decoded
+    (root / "notes.txt").write_text("shot on a phone")
+    (root / "sub" / "list.csv").write_text("a,b")
+    torch.manual_seed(0)
+    task = ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64).eval()
+    ckpt, out = _checkpoint(task, tmp_path / "cls.ckpt"), tmp_path / "out"
+    with pytest.raises(ValueError, match="2 bad file") as error:
+        _predict("classification", root, ckpt, out, tmp_path / "run")
+    assert f"{root / 'sub' / 'empty.png'}: the file is empty" in str(error.value)
+    assert str(root / "sub" / "text.jpg") in str(error.value)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="refvision"):
+        _predict(
+            "classification",
+            root,
+            ckpt,
+            out,
+            tmp_path / "run",
+            "--data.on_bad_sample",
+            "skip",
+            "--data.batch_size",
+            "2",
+        )
+    rows = _top5_rows(out)[1:]
+    assert [row[0] for row in rows] == ["0.jpg", "1.jpg", "3.jpg", "4.jpg", "5.jpg"]
+    transform = presets.classification_eval(64, 64)
+    for row in rows:  # each row holds its own file's prediction, though a sample left its batch
+        with torch.no_grad():
+            top = task(transform(_read(root, row[0]))[None]).softmax(1)[0].topk(5)
+        assert row[1::2] == [CLASS_NAMES[i] for i in top.indices.tolist()], row
+        np.testing.assert_allclose([float(p) for p in row[2::2]], top.values.numpy(), atol=2e-6)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("2 file(s) are not images (.csv, .txt)" in m for m in messages) == 1
+    assert any("skipped 1 bad sample(s)" in m and str(truncated) in m for m in messages)
 
 
 def test_undecodable_and_missing_images_name_the_file(tmp_path: Path) -> None:
@@ -320,8 +382,8 @@ def test_undecodable_and_missing_images_name_the_file(tmp_path: Path) -> None:
     (root / "sub").mkdir(parents=True)
     Image.new("RGB", (16, 16)).save(root / "good.png")
     (root / "sub" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    ckpt = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
-    with pytest.raises(ValueError, match=r"cannot read image .*sub/broken\.jpg"):
+    ckpt = _classifier(tmp_path)
+    with pytest.raises(ValueError, match=r"sub/broken\.jpg: cannot read image"):
         _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
     (root / "sub" / "broken.jpg").unlink()
     (root / "good.png").unlink()

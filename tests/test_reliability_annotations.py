@@ -268,3 +268,31 @@ def test_dataset_emptied_at_setup_is_an_error(tmp_path: Path, train: bool) -> No
     ) as error:
         make_loader(dataset, batch_size=2, train=train, num_workers=0, pin_memory=False)
     assert all(path in str(error.value) for path, _ in dataset.skipped)
+
+
+def test_voc_size_that_disagrees_with_the_image_is_named_at_setup(
+    devkit: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    image_id = _ids(devkit)[1]
+    xml, jpeg = _xml(devkit, image_id), _jpeg(devkit, image_id)
+    with Image.open(jpeg) as image:
+        width, height = image.size
+    assert (width, height) != (400, 400)
+    text = xml.read_text()
+    size = re.search(r"<size>.*?</size>", text, flags=re.S).group(0)
+    declared = re.sub(
+        r"<width>\d+</width>", "<width>400</width>", re.sub(r"<height>\d+</height>", "<height>400</height>", size)
+    )
+    xml.write_text(text.replace(size, declared))
+    for obj in re.findall(
+        r"<bndbox>.*?</bndbox>", text, flags=re.S
+    ):  # boxes are within 400 x 400: only the size is wrong
+        assert obj in xml.read_text()
+    expected = f"{jpeg} is {width} x {height} (W x H) but {xml} <size> says 400 x 400"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        VOCDetection(str(devkit), ["2007-trainval"])  # setup alone: no image is decoded
+    with caplog.at_level(logging.WARNING, logger="refvision"):
+        dataset = VOCDetection(str(devkit), ["2007-trainval"], on_bad_sample="skip")
+    assert len(dataset) == len(_ids(devkit)) - 1
+    assert dataset.skipped == [(str(xml), expected + "; its boxes may be on another image")]
+    assert [message for message in _warnings(caplog) if expected in message]

@@ -7,16 +7,26 @@ torchvision's decoder does not read (``.bmp``, ``.tif``, animated ``.gif``) made
 """
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fit_process import REPO, fit_args
 from PIL import Image
 
 from refvision.app.demo.data import write_cityscapes, write_vocdevkit
-from refvision.data import CityscapesSegmentation, ImageFolderDataModule, VOCDataModule
+from refvision.data import (
+    CityscapesDataModule,
+    CityscapesSegmentation,
+    ImageFolderDataModule,
+    PredictImagesDataModule,
+    VOCDataModule,
+)
 from refvision.data.decode import decode
 from refvision.data.imagefolder import CheckedImageFolder
 
@@ -203,3 +213,85 @@ def test_cityscapes_16_bit_label_png_is_named_before_training(tmp_path: Path) ->
         CityscapesSegmentation(str(root), "val")
     with pytest.raises(ValueError, match="no valid Cityscapes samples"):
         CityscapesSegmentation(str(root), "val", on_bad_sample="skip")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("batch_size", "0"), ("batch_size", "-4"), ("image_size", "-5"), ("resize_size", "0")],
+)
+def test_non_positive_batch_and_image_sizes_are_one_line_errors_naming_the_option(
+    tree: Path, tmp_path: Path, option: str, value: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "refvision", *fit_args(tmp_path / "run", tree, f"--data.{option}", value)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert any(f"data.{option}={value}: expected a positive integer" in line for line in errors), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("module", "options", "message"),
+    [
+        (VOCDataModule, {"batch_size": 0}, "data.batch_size=0: expected a positive integer"),
+        (VOCDataModule, {"image_size": -300}, "data.image_size=-300: expected a positive integer"),
+        (CityscapesDataModule, {"crop_size": (512, 0)}, "data.crop_size=(512, 0): expected a positive integer"),
+        (CityscapesDataModule, {"eval_size": (-1, 64)}, "data.eval_size=(-1, 64): expected a positive integer"),
+        (CityscapesDataModule, {"val_batch_size": 0}, "data.val_batch_size=0: expected a positive integer"),
+        (ImageFolderDataModule, {"num_workers": -1}, "data.num_workers=-1: expected an integer >= 0"),
+        (PredictImagesDataModule, {"batch_size": -2}, "data.batch_size=-2: expected a positive integer"),
+        (PredictImagesDataModule, {"image_size": 0}, "data.image_size=0: expected a positive integer"),
+    ],
+)
+def test_every_data_module_refuses_non_positive_sizes(
+    tmp_path: Path, tree: Path, module: type, options: dict, message: str
+) -> None:
+    roots = {
+        VOCDataModule: lambda: write_vocdevkit(tmp_path / "VOCdevkit", num_train=2, num_test=2, size=(48, 64)),
+        CityscapesDataModule: lambda: write_cityscapes(tmp_path / "cityscapes", num_train=1, num_val=1, size=(16, 32)),
+        ImageFolderDataModule: lambda: tree,
+        PredictImagesDataModule: lambda: tree / "val",
+    }
+    extra = {"preset": "classification"} if module is PredictImagesDataModule else {}
+    if module is VOCDataModule:
+        extra = {"train_sets": ["2007-trainval"]}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module(str(roots[module]()), **extra, **options)
+
+
+@pytest.mark.slow
+def test_fit_reports_samples_skipped_at_load_time_every_epoch(tree: Path, tmp_path: Path) -> None:
+    bad = [_images(tree / split / "circle")[0] for split in ("train", "val")]
+    for path in bad:
+        _truncate(path)  # headers intact: dropped only when decoded, in the worker processes
+    run = tmp_path / "run"
+    args = fit_args(run, tree, "--data.on_bad_sample", "skip", "--data.num_workers", "2", "--data.batch_size", "4")
+    args = [
+        *args,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "1.0",
+        "--trainer.limit_val_batches",
+        "1.0",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "refvision", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [line for line in result.stderr.splitlines() if "skipped 1 bad sample(s) in this pass over" in line]
+    train = [line for line in reports if f"CheckedImageFolder({tree / 'train'})" in line]
+    val = [line for line in reports if f"CheckedImageFolder({tree / 'val'})" in line]
+    assert len(train) == 2 and all(f"{bad[0]}: cannot decode JPEG" in line for line in train), result.stderr[-4000:]
+    assert len(val) == 3 and all(str(bad[1]) in line for line in val)  # sanity check + 2 epochs

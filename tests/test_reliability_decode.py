@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode
 
 from refvision.app.demo.data import write_vocdevkit
-from refvision.data.bad_samples import BadSample
-from refvision.data.decode import _CPP_LOCATION, BadImageError, decode
+from refvision.data.decode import _CPP_LOCATION, DEFAULT_MAX_IMAGE_PIXELS, BadImageError, decode, read_header
 from refvision.data.imagefolder import CheckedImageFolder, ImageFolderDataModule
 from refvision.data.predict import ImageFiles, image_suffixes, read_rgb
 from refvision.data.voc import VOCDetection
@@ -219,18 +219,212 @@ def _bomb(path: Path) -> Path:
     return path
 
 
-def test_decompression_bomb_names_the_file_and_the_setting(tree: Path) -> None:
+LIMIT_MESSAGE = r"{width} x {height} pixels \({pixels}\) is over the limit of {limit} pixels per image"
+
+
+def test_decompression_bomb_names_the_file_its_size_and_the_setting(tree: Path) -> None:
     bomb = _bomb(tree / "train" / "circle" / "huge.bmp")
-    hint = r"PIL\.Image\.MAX_IMAGE_PIXELS \(now \d+\); if you trust the file, set that higher"
-    with pytest.raises(BadImageError, match=rf"^{re.escape(str(bomb))}: .*400000000 pixels.*{hint}"):
+    limit = LIMIT_MESSAGE.format(width=20000, height=20000, pixels=400000000, limit=DEFAULT_MAX_IMAGE_PIXELS)
+    hint = "raise it with the environment variable REFVISION_MAX_IMAGE_PIXELS=400000000"
+    with pytest.raises(BadImageError, match=rf"^{re.escape(str(bomb))}: {limit}.*{hint}$"):
         decode(bomb)
-    with pytest.raises(BadImageError, match=rf"^{re.escape(str(bomb))}: .*{hint}"):
+    with pytest.raises(BadImageError, match=rf"^{re.escape(str(bomb))}: {limit}"):
         read_rgb(bomb)
-    with pytest.raises(ValueError, match=rf"cannot read image {re.escape(str(bomb))}: .*{hint}"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bomb))}: {limit}"):  # at setup, from the header
         ImageFiles(bomb.parent)
     dataset = CheckedImageFolder(str(tree / "train"), on_bad_sample="skip")
-    sample = dataset[dataset.samples.index((str(bomb), 0))]
-    assert isinstance(sample, BadSample) and sample.path == str(bomb) and "MAX_IMAGE_PIXELS" in sample.reason
+    assert [path for path, _ in dataset.skipped] == [str(bomb)] and "REFVISION_MAX_IMAGE_PIXELS" in dataset.skipped[0][
+        1
+    ]
+
+
+def _png_chunk(name: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + name + data + struct.pack(">I", zlib.crc32(name + data))
+
+
+def _png_file(width: int, height: int, depth: int, colour: int, stream: bytes, interlace: int = 0) -> bytes:
+    """A PNG of one IDAT ``stream`` (zlib data), every chunk with a valid CRC-32."""
+    palette = _png_chunk(b"PLTE", bytes(range(48))) if colour == 3 else b""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + palette
+        + _png_chunk(b"IDAT", stream)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _png_rows(width: int, height: int, depth: int, colour: int, interlace: int, seed: int) -> bytes:
+    """Filtered image data (filter types 0..4, random bytes) of a ``width`` x ``height`` PNG (Adam7: ``interlace``)."""
+    rng = np.random.default_rng(seed)
+    bits = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour] * depth
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    rows = b""
+    for x0, y0, dx, dy in passes if interlace else [(0, 0, 1, 1)]:
+        pass_width, pass_height = -(-max(width - x0, 0) // dx), -(-max(height - y0, 0) // dy)
+        for _ in range(pass_height if pass_width else 0):
+            high = 16 if (colour, depth) == (3, 8) else 256  # palette indices within the 16 colours of PLTE
+            values = rng.integers(0, high, -(-pass_width * bits // 8), dtype=np.uint8)
+            rows += bytes([int(rng.integers(0, 5))]) + values.tobytes()
+    return rows
+
+
+# (bit depth, colour type, interlace): Pillow's route (8-bit gray / RGB) and the checked libpng route.
+PNG_KINDS = [(8, 2, 0), (8, 0, 1), (8, 6, 0), (16, 2, 0), (16, 0, 1), (8, 3, 1), (1, 0, 0), (4, 3, 0)]
+
+
+def _damaged_pngs(folder: Path) -> dict[str, Path]:
+    """Valid-CRC PNGs of every kind in :data:`PNG_KINDS` whose image data libpng cannot read, and their valid twins."""
+    files = {}
+    for depth, colour, interlace in PNG_KINDS:
+        rows = _png_rows(19, 13, depth, colour, interlace, seed=depth + colour)
+        kind = f"{depth}bit_type{colour}_interlace{interlace}"
+        stream = zlib.compress(rows)
+        bad_filter = bytearray(rows)
+        bad_filter[0] = 7
+        bad_check = bytearray(stream)
+        bad_check[-1] ^= 0x01
+        for fault, data in {
+            "valid": stream,
+            "short": zlib.compress(rows[: len(rows) // 2]),
+            "one_byte_short": zlib.compress(rows[:-1]),
+            "bad_filter": zlib.compress(bytes(bad_filter)),
+            "bad_checksum": bytes(bad_check),
+            "cut_stream": stream[: len(stream) // 2],
+            "no_checksum": stream[:-4],
+            "no_data": b"",
+        }.items():
+            files[f"{kind}_{fault}"] = folder / f"{kind}_{fault}.png"
+            files[f"{kind}_{fault}"].write_bytes(_png_file(19, 13, depth, colour, data, interlace))
+    return files
+
+
+def test_png_with_valid_crcs_but_bad_image_data_raises_and_never_crashes(tmp_path: Path) -> None:
+    files = _damaged_pngs(tmp_path)
+    result = _python(f"""
+        import json
+        from refvision.data.decode import BadImageError, decode
+        outcomes = {{}}
+        for name, path in {json.dumps({name: str(path) for name, path in files.items()})}.items():
+            try:
+                outcomes[name] = list(decode(path).shape)
+            except BadImageError as error:
+                outcomes[name] = str(error)
+        print(json.dumps(outcomes))
+    """)
+    assert result.returncode == 0, _crashed(result)  # rc -11 (SIGSEGV) before the check
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    for name, path in files.items():
+        if name.endswith("_valid"):
+            with Image.open(path) as image:  # Pillow, the reference, reads the valid twins
+                assert outcomes[name] == [3, image.height, image.width], name
+        elif name.endswith("_no_checksum") and isinstance(outcomes[name], list):  # every row is there: Pillow reads it
+            assert outcomes[name] == outcomes[name.replace("no_checksum", "valid")], name
+        else:
+            assert isinstance(outcomes[name], str) and outcomes[name].startswith(f"{path}: "), (name, outcomes[name])
+
+
+def test_png_with_valid_crcs_but_short_data_in_workers_is_a_named_skipped_sample(tree: Path) -> None:
+    bad = _png(tree)
+    rows = zlib.decompress(b"".join(_idat(bad.read_bytes())))
+    with Image.open(bad) as image:
+        depth, colour = 8, {"RGB": 2, "RGBA": 6, "L": 0}[image.mode]
+        bad.write_bytes(_png_file(image.width, image.height, depth, colour, zlib.compress(rows[:-10])))
+    result = _python(f"""
+        from refvision.data.imagefolder import ImageFolderDataModule
+        dm = ImageFolderDataModule({str(tree)!r}, image_size=16, resize_size=16, batch_size=2, num_workers=2,
+                                   pin_memory=False, on_bad_sample="skip")
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        print(sum(len(labels) for _, labels in loader))
+        print(loader.skipped)
+    """)
+    assert result.returncode == 0, _crashed(result)  # "worker exited unexpectedly" before the check
+    seen, skipped = result.stdout.splitlines()[-2:]
+    assert seen == "7" and str(bad) in skipped and "truncated" in skipped
+
+
+def _idat(data: bytes) -> list[bytes]:
+    position, found = 8, []
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        if data[position + 4 : position + 8] == b"IDAT":
+            found.append(data[position + 8 : position + 8 + length])
+        position += 12 + length
+    return found
+
+
+def _every_format(folder: Path) -> list[Path]:
+    """A 40 x 30 image in every format read here (a JPEG with an EXIF block before its frame header)."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000  # ImageDescription: the frame header starts after 5 KB
+    paths = []
+    for name, options in {
+        "a.jpg": {"exif": exif},
+        "a.png": {},
+        "a.gif": {},
+        "a.bmp": {},
+        "a.tif": {},
+        "lossy.webp": {"quality": 80},
+        "lossless.webp": {"lossless": True},
+        "exif.webp": {"exif": exif},
+        "a.ppm": {},
+    }.items():
+        path = folder / name
+        image.save(path, **options)
+        paths.append(path)
+    big_endian = folder / "big_endian.tif"  # Pillow writes 16-bit big-endian samples as a big-endian ("MM") TIFF
+    Image.new("I;16B", (40, 30)).save(big_endian)
+    assert big_endian.read_bytes()[:2] == b"MM"
+    paths.append(big_endian)
+    pgm = folder / "comment.pgm"
+    pgm.write_bytes(b"P5\n# made by hand\n40 # width\n30\n255\n" + bytes(1200))
+    return [*paths, pgm]
+
+
+def test_headers_give_the_size_pillow_reads(tmp_path: Path) -> None:
+    for path in _every_format(tmp_path):
+        header = read_header(path)
+        with Image.open(path) as image:
+            assert (header.width, header.height) == image.size == (40, 30), path
+        assert decode(path).shape == (3, 30, 40), path
+
+
+def test_one_pixel_limit_for_every_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _every_format(tmp_path)
+    monkeypatch.setenv("REFVISION_MAX_IMAGE_PIXELS", "1199")
+    limit = LIMIT_MESSAGE.format(width=40, height=30, pixels=1200, limit=1199)
+    for path in paths:
+        for read in (read_header, decode, read_rgb):
+            with pytest.raises(BadImageError, match=rf"^{re.escape(str(path))}: {limit}.*PIXELS=1200$"):
+                read(path)
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "sub" / "b.tga")
+    Image.new("RGB", (40, 30)).save(tmp_path / "sub" / "c.png")
+    Image.new("RGB", (30, 30)).save(tmp_path / "sub" / "small.jpg")
+    with pytest.raises(ValueError, match=r"2 bad file\(s\)") as error:
+        ImageFiles(tmp_path / "sub")  # predict reads every header at setup; tga: Pillow's header
+    assert all(str(tmp_path / "sub" / name) in str(error.value) for name in ("b.tga", "c.png"))
+    monkeypatch.setenv("REFVISION_MAX_IMAGE_PIXELS", "1200")
+    assert all(decode(path).shape == (3, 30, 40) for path in paths)
+    monkeypatch.setenv("REFVISION_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="REFVISION_MAX_IMAGE_PIXELS='lots': expected a positive number"):
+        decode(paths[0])
+
+
+def test_a_30000_x_30000_jpeg_header_is_refused_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "huge.jpg"
+    Image.new("RGB", (40, 30)).save(path)
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", 30000, 30000)
+    path.write_bytes(bytes(data))
+    limit = LIMIT_MESSAGE.format(width=30000, height=30000, pixels=900000000, limit=DEFAULT_MAX_IMAGE_PIXELS)
+    with pytest.raises(BadImageError, match=rf"^{re.escape(str(path))}: {limit}"):
+        decode(path)
 
 
 def test_symbolic_link_loop_in_a_class_folder_is_an_error_naming_the_link(tree: Path) -> None:
@@ -253,7 +447,9 @@ def test_predict_ignores_files_pillow_only_writes(tmp_path: Path, caplog: pytest
     with caplog.at_level(logging.INFO, logger="refvision"):
         files = ImageFiles(tmp_path).files
     assert files == [tmp_path / "photo.png"]
-    assert any("1 files are not images" in r.getMessage() and ".pdf" in r.getMessage() for r in caplog.records)
+    assert any(
+        "1 file(s) are not images (.pdf)" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records
+    )
 
 
 def test_images_outside_class_folders_are_logged_by_name(tree: Path, caplog: pytest.LogCaptureFixture) -> None:

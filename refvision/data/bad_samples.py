@@ -9,8 +9,8 @@ Two moments find a bad file:
   raising (a truncated file decodes badly only when it is read). :class:`DropBadSamples`, the
   collate function, drops the markers inside the worker process and sends their names to the
   main process together with the batch; :class:`SkippingDataLoader` takes them off the batch,
-  so consumers see the usual batches, and logs every skipped file by name when the epoch's
-  iteration ends (or raises, naming them, when nothing in it could be loaded).
+  so consumers see the usual batches, and logs every skipped file by name when the pass's
+  last batch arrives (or raises, naming them, when nothing in it could be loaded).
 """
 
 import logging
@@ -49,8 +49,16 @@ class BadSample:
 
 
 def describe(skipped: Sequence[tuple[str, str]]) -> str:
-    """``"path: reason; path: reason; ... and N more"`` for an error or a log line."""
-    return first_and_more([f"{path}: {reason}" if reason else path for path, reason in skipped], LISTED, "; ")
+    """``"path: reason; path: reason; ... and N more"`` for an error or a log line (a reason that
+    starts with its path, as the decoders' errors do, is not preceded by it again)."""
+    return first_and_more(
+        [
+            reason if reason.startswith(f"{path}: ") else f"{path}: {reason}" if reason else path
+            for path, reason in skipped
+        ],
+        LISTED,
+        "; ",
+    )
 
 
 def read_files(
@@ -145,9 +153,9 @@ class DropBadSamples:
 class SkippingDataLoader(DataLoader):
     """A ``DataLoader`` whose ``collate_fn`` is a :class:`DropBadSamples`; yields the plain batches.
 
-    A batch whose samples were all bad is not yielded. When an iteration over the loader
-    ends, the files skipped during it are in :attr:`skipped` (path, reason) and, if any, one
-    warning names them all. A pass that yields no batch because every sample it loaded was
+    A batch whose samples were all bad is not yielded. The files skipped in an iteration over the
+    loader are in :attr:`skipped` (path, reason); when its last batch arrives (or the iteration
+    is closed before it), one warning names them all. A pass that yields no batch because every sample it loaded was
     bad is a ``ValueError`` naming them instead, and so is a dataset without samples (every
     file left out at setup) when the loader is built: there is nothing to train or evaluate
     on. Constructed like a ``DataLoader`` (Lightning can re-create it with a distributed
@@ -164,25 +172,52 @@ class SkippingDataLoader(DataLoader):
         super().__init__(dataset, *args, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        """Yield the batches; report the pass's skipped files once, when its last batch arrives.
+
+        The report cannot wait for the iteration to end: Lightning stops asking after ``len(self)``
+        batches, so a generator's code after its loop would never run during ``fit``. A pass that
+        is left before its last batch (``limit_train_batches``, the sanity check) is reported
+        when it is closed.
+        """
         skipped: list[tuple[str, str]] = []
         self.skipped = skipped
-        batches = 0
-        for collated in super().__iter__():
-            if not isinstance(collated, CollatedBatch):
-                raise TypeError(f"SkippingDataLoader needs a DropBadSamples collate_fn, got {type(collated).__name__}")
-            skipped += collated.skipped
-            if collated.batch is not None:
-                batches += 1
-                yield collated.batch
-        if skipped and not batches:
+        expected = len(self) if isinstance(self.dataset, Sized) else None
+        received = batches = 0
+        reported = False
+        try:
+            for collated in super().__iter__():
+                if not isinstance(collated, CollatedBatch):
+                    raise TypeError(
+                        f"SkippingDataLoader needs a DropBadSamples collate_fn, got {type(collated).__name__}"
+                    )
+                received += 1
+                skipped += collated.skipped
+                batches += collated.batch is not None
+                if received == expected:
+                    reported = True
+                    self._report(skipped, batches)
+                if collated.batch is not None:
+                    yield collated.batch
+            if not reported:
+                reported = True
+                self._report(skipped, batches)
+        except GeneratorExit:
+            if not reported and skipped:
+                self._report(skipped, batches, f"the {received} batch(es) read of ")
+            raise
+
+    def _report(self, skipped: list[tuple[str, str]], batches: int, part: str = "") -> None:
+        """Warn naming the ``skipped`` files of this pass (or ``part`` of it); raise if it gave no batch."""
+        if skipped and not batches and not part:
             raise ValueError(
                 f"every sample loaded in this pass over {_dataset_name(self.dataset)} was bad, so it gave no "
                 f"batch to train or evaluate on; {len(skipped)} skipped: {describe(skipped)}"
             )
         if skipped:
             logger.warning(
-                "skipped %d bad sample(s) in this pass over %s: %s",
+                "skipped %d bad sample(s) in %sthis pass over %s: %s",
                 len(skipped),
+                part,
                 _dataset_name(self.dataset),
                 describe(skipped),
             )

@@ -26,7 +26,7 @@ from refvision.data.bad_samples import BadSample, OnBadSample, check_policy, des
 from refvision.data.cityscapes_labels import ID_TO_TRAINID, IGNORE_INDEX, LABEL_IDS, PALETTE, TRAIN_CLASSES, TRAIN_IDS
 from refvision.data.decode import BadImageError, decode, read_header
 from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD, DataDescription, Statistics
-from refvision.data.loader import SplitDataModule
+from refvision.data.loader import SplitDataModule, check_counts
 
 logger = logging.getLogger("refvision")
 
@@ -200,6 +200,8 @@ class CityscapesDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         check_policy(on_bad_sample)
+        check_counts(batch_size=batch_size, val_batch_size=val_batch_size, crop_size=crop_size, eval_size=eval_size)
+        check_counts(0, num_workers=num_workers)
         if test_split not in ("val", "test"):
             raise ValueError(f"test_split must be 'val' or 'test', got {test_split!r}")
         self.on_bad_sample = on_bad_sample

@@ -13,7 +13,7 @@ from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy, describe
 from refvision.data.decode import READABLE_SUFFIXES, UNREADABLE_IMAGE_SUFFIXES, BadImageError, decode, read_header
 from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD, DataDescription, Statistics
-from refvision.data.loader import SplitDataModule
+from refvision.data.loader import SplitDataModule, check_counts
 
 logger = logging.getLogger("refvision")
 
@@ -187,6 +187,8 @@ class ImageFolderDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         check_policy(on_bad_sample)
+        check_counts(batch_size=batch_size, image_size=image_size, resize_size=resize_size)
+        check_counts(0, num_workers=num_workers)
         self.on_bad_sample = on_bad_sample
         self.root = Path(root)
         self.test_split = "test" if (self.root / "test").is_dir() else "val"

@@ -1,12 +1,27 @@
 """The one place that decides how the data modules build their data loaders."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 from refvision.data.bad_samples import DropBadSamples, SkippingDataLoader
 from refvision.data.description import DescribedDataModule
+
+
+def check_counts(minimum: int = 1, **options: int | Sequence[int] | None) -> None:
+    """Raise a one-line ``ValueError`` naming ``data.<option>`` unless each value is an integer >= ``minimum``.
+
+    A value may be a sequence (a ``(H, W)`` size: each element is checked) or ``None`` (not set,
+    passes). Data modules check their batch sizes, image sizes and worker counts with it when
+    built, before PyTorch or torchvision meet the value deep inside a data loader or transform.
+    """
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    for name, value in options.items():
+        items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, bool) or not isinstance(item, int) or item < minimum for item in items):
+            each = " for each element" if isinstance(value, (list, tuple)) else ""
+            raise ValueError(f"data.{name}={value!r}: expected {expected}{each}")
 
 
 def make_loader(

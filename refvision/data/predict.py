@@ -22,10 +22,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from refvision.data import presets
+from refvision.data.bad_samples import BadSample, OnBadSample, check_files, check_policy, describe
 from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
-from refvision.data.decode import PILLOW_ERRORS, decode, describe_pillow_error
+from refvision.data.decode import BadImageError, decode, read_header
 from refvision.data.description import DataDescription, DescribedDataModule
-from refvision.data.loader import make_loader
+from refvision.data.loader import check_counts, make_loader
 from refvision.data.voc import detection_collate
 from refvision.data.voc_format import VOC_LABELS
 
@@ -77,38 +78,57 @@ def read_rgb(path: str | Path) -> Tensor:
     return F.to_dtype(decode_displayed(path), torch.uint8, scale=True)
 
 
-class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, str]]]):
+class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, Any]] | BadSample]):
     """Every image under ``root`` (recursively, sorted by relative path), without labels.
 
-    A sample is ``(image, {"file": relative path})`` with ``image`` the ``Image (3, H, W)`` of
-    :func:`decode_displayed` (``uint8``, ``uint16`` for 16-bit files) passed through ``transform``.
-    Files without an image extension are counted and logged by extension, never read; an image
-    file Pillow cannot identify, or one over Pillow's pixel limit, is an error naming it
-    (checked when the dataset is built, from the file header).
+    A sample is ``(image, {"file": relative path, "index": sample index})`` with ``image`` the
+    ``Image (3, H, W)`` of :func:`decode_displayed` (``uint8``, ``uint16`` for 16-bit files)
+    passed through ``transform``. Files without an image extension are never read; one warning
+    names them. Every image file's header is read when the dataset is built: a file Pillow
+    cannot identify, or one over the pixel limit (:func:`refvision.data.decode.check_pixels`),
+    is a bad sample, as is one that fails to decode when it is loaded. ``on_bad_sample="raise"``
+    raises one error listing every bad header (and raises on a file that fails to decode);
+    ``"skip"`` logs and leaves them out (listed in :attr:`skipped`) and returns a
+    :class:`BadSample` for a file that fails to decode.
     """
 
-    def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self, root: str | Path, transform: Callable[[Any], Any] | None = None, on_bad_sample: OnBadSample = "raise"
+    ) -> None:
+        check_policy(on_bad_sample)
         self.root = Path(root)
+        self.on_bad_sample = on_bad_sample
         if not self.root.is_dir():
             raise FileNotFoundError(f"predict folder {self.root} does not exist (data.root)")
         suffixes = image_suffixes()
         files = sorted(p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        self.files = [p for p in files if p.suffix.lower() in suffixes]
-        others = [p for p in files if p.suffix.lower() not in suffixes]
+        others = [(str(p), "") for p in files if p.suffix.lower() not in suffixes]
         if others:
-            kinds = sorted({p.suffix or "(no extension)" for p in others})
-            logger.info("%s: %d files are not images and are not read (%s)", self.root, len(others), ", ".join(kinds))
-        if not self.files:
+            kinds = sorted({Path(p).suffix or "(no extension)" for p, _ in others})
+            logger.warning(
+                "%s: %d file(s) are not images (%s) and are not read: %s",
+                self.root,
+                len(others),
+                ", ".join(kinds),
+                describe(others),
+            )
+        images = [p for p in files if p.suffix.lower() in suffixes]
+        if not images:
             raise FileNotFoundError(
                 f"predict folder {self.root} holds no image files "
                 "(extensions Pillow reads: .jpg, .png, .bmp, .tif, ...)"
             )
-        for path in self.files:
-            try:
-                with Image.open(path):
-                    pass
-            except PILLOW_ERRORS as error:
-                raise ValueError(f"cannot read image {path}: {describe_pillow_error(error)}") from error
+        self.files, self.skipped = check_files(
+            images,
+            lambda path: read_header(path, other_pillow_formats=True),
+            on_bad_sample,
+            f"predict folder {self.root}",
+        )
+        if not self.files:
+            raise ValueError(
+                f"predict folder {self.root}: every image file is bad, so there is nothing to predict "
+                f"({describe(self.skipped)})"
+            )
         self.transform = transform
 
     def __len__(self) -> int:
@@ -119,12 +139,17 @@ class ImageFiles(Dataset[tuple[tv_tensors.Image, dict[str, str]]]):
         path = self.files[index]
         return Source(path, PurePosixPath(path.relative_to(self.root).with_suffix("").as_posix()))
 
-    def __getitem__(self, index: int) -> tuple[Any, dict[str, str]]:
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]] | BadSample:
         path = self.files[index]
-        image = tv_tensors.Image(decode_displayed(path))
+        try:
+            image = tv_tensors.Image(decode_displayed(path))
+        except (BadImageError, FileNotFoundError) as error:
+            if self.on_bad_sample == "raise":
+                raise
+            return BadSample(str(path), str(error))
         if self.transform is not None:
             image = self.transform(image)
-        return image, {"file": path.relative_to(self.root).as_posix()}
+        return image, {"file": path.relative_to(self.root).as_posix(), "index": index}
 
 
 def _collate_stacked(batch: Sequence[tuple[Tensor, dict[str, str]]]) -> tuple[Tensor, list[dict[str, str]]]:
@@ -144,7 +169,8 @@ class PredictImagesDataModule(DescribedDataModule):
     - ``segmentation``: at the image's own size, any size (the task's whole / slide / flip /
       multi-scale inference handles it); batches ``(list of (3, H_i, W_i), infos)``.
 
-    ``infos[i]`` is ``{"file": path relative to root}``.
+    ``infos[i]`` is ``{"file": path relative to root, "index": sample index}``. Bad image files
+    follow ``on_bad_sample`` (see :class:`ImageFiles`).
 
     The images alone do not say what the classes are: the checkpoint predicted with does (its
     ``class_names``, ``mean`` / ``std``, palette), and this module leaves them to it. Its
@@ -165,6 +191,7 @@ class PredictImagesDataModule(DescribedDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
+        on_bad_sample: OnBadSample = "raise",
     ) -> None:
         super().__init__()
         # Sizes only mean something to classification; logging them otherwise would clash with
@@ -174,6 +201,10 @@ class PredictImagesDataModule(DescribedDataModule):
         self.save_hyperparameters(ignore=["class_names", *([] if preset == "classification" else resizing)])
         if preset not in ("classification", "detection", "segmentation"):
             raise ValueError(f"data.preset={preset!r}; allowed: classification, detection, segmentation")
+        check_policy(on_bad_sample)
+        check_counts(batch_size=batch_size, image_size=image_size, resize_size=resize_size)
+        check_counts(0, num_workers=num_workers)
+        self.on_bad_sample = on_bad_sample
         palette = None
         if isinstance(class_names, str):
             if class_names not in NAMED_CLASS_LISTS:
@@ -197,7 +228,7 @@ class PredictImagesDataModule(DescribedDataModule):
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
 
     def setup(self, stage: str) -> None:
-        self.predict_set = ImageFiles(self.root, self.transform)
+        self.predict_set = ImageFiles(self.root, self.transform, self.on_bad_sample)
 
     def predict_dataloader(self) -> DataLoader:
         return make_loader(self.predict_set, self.batch_size, False, self.num_workers, self.pin_memory, self.collate_fn)

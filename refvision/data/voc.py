@@ -6,9 +6,9 @@ Layout (``root`` is the ``VOCdevkit`` folder)::
     root/VOC<year>/JPEGImages/<id>.jpg
     root/VOC<year>/ImageSets/Main/<split>.txt     one image id per line
 
-Every annotation is parsed and validated, and every image's header read, when the dataset is
-built, so a bad file fails before training starts; images are decoded (and their size checked
-against the XML) per sample.
+Every annotation is parsed and validated, and every image's header read (its size checked
+against the XML's ``<size>``), when the dataset is built, so a bad file fails before training
+starts; images are decoded per sample.
 """
 
 import math
@@ -28,7 +28,7 @@ from refvision.data import presets
 from refvision.data.bad_samples import BadSample, OnBadSample, check_policy, read_files
 from refvision.data.decode import decode, read_header
 from refvision.data.description import DataDescription, Statistics
-from refvision.data.loader import SplitDataModule
+from refvision.data.loader import SplitDataModule, check_counts
 from refvision.data.voc_format import VOC_CLASSES, VOC_LABELS, voc_to_xyxy
 
 LAYOUT = "VOCdevkit/VOC<year>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
@@ -173,10 +173,11 @@ class VOCDetection(Dataset[Sample]):
 
     An id listed twice (in one ImageSets file or across the image sets) is a ``ValueError``
     naming the file(s) and the id, under both policies. ``on_bad_sample="raise"`` raises one
-    error listing every bad annotation, missing file and non-image file (header check), and
-    raises in ``__getitem__`` on an image that does not decode or whose size disagrees with its
-    XML; ``"skip"`` logs and drops the first kind (recorded as ``(annotation path, reason)`` in
-    :attr:`skipped`) and returns a :class:`BadSample` for the second.
+    error listing every bad annotation, missing file, non-image file and image whose header
+    size disagrees with its XML's ``<size>`` (header checks), and raises in ``__getitem__`` on
+    an image that does not decode; ``"skip"`` logs and drops the first kind (recorded as
+    ``(annotation path, reason)`` in :attr:`skipped`) and returns a :class:`BadSample` for the
+    second.
     """
 
     def __init__(
@@ -225,7 +226,12 @@ class VOCDetection(Dataset[Sample]):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}, listed in {list_file}, does not exist")
         annotation = read_annotation(annotation_path, image_path, f"{year_dir.name[3:]}/{image_id}")
-        read_header(image_path)
+        header = read_header(image_path)
+        if (header.width, header.height) != (annotation.width, annotation.height):
+            raise ValueError(
+                f"{image_path} is {header.width} x {header.height} (W x H) but {annotation_path} <size> says "
+                f"{annotation.width} x {annotation.height}; its boxes may be on another image"
+            )
         return annotation
 
     def __len__(self) -> int:
@@ -353,6 +359,8 @@ class VOCDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         check_policy(on_bad_sample)
+        check_counts(batch_size=batch_size, image_size=image_size)
+        check_counts(0, num_workers=num_workers)
         self.image_size = image_size
         for image_set in (*train_sets, *val_sets, *test_sets):
             image_set_file(root, image_set)

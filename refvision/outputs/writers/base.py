@@ -8,6 +8,7 @@ import torch.distributed as dist
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from refvision.data.bad_samples import describe
 from refvision.data.predict import Source
 from refvision.outputs.writers.sources import sources
 
@@ -24,8 +25,9 @@ class FileWriter(BasePredictionWriter):
 
     Before the first batch it lists every file the run would write (:meth:`planned_files`) and
     raises :class:`OutputExistsError` if any exists, unless ``overwrite``; the check runs before any
-    prediction, so a refused run loses nothing. Two inputs that would give the same output name
-    (``a.jpg`` and ``a.png``) are an error naming both. Per-image files are written as batches
+    prediction, so a refused run loses nothing. Inputs whose outputs would collide (``a.jpg`` and
+    ``a.png`` under a writer that names outputs ``a``: :meth:`output_name`) are one error listing
+    every such group. Per-image files are written as batches
     finish; files that collect all images (:meth:`write_collected`) are written once by rank 0
     from the records of every process.
     """
@@ -41,6 +43,11 @@ class FileWriter(BasePredictionWriter):
         """Every file a run over ``sources`` writes."""
         raise NotImplementedError
 
+    def output_name(self, source: Source) -> str | None:
+        """The name this writer's outputs of ``source`` go by (``None``: the full file name is kept, no
+        two inputs collide). By default the input's name without its suffix (``Source.name``)."""
+        return str(source.name)
+
     def write_collected(self, trainer: Trainer, records: list[tuple[Source, Any]]) -> None:
         """Write the files that gather all images from ``records`` (in dataset order); rank 0 only."""
 
@@ -50,13 +57,18 @@ class FileWriter(BasePredictionWriter):
         self._sources = [sources(loader.dataset) for loader in loaders]
         self._records = {}
         every = [source for group in self._sources for source in group]
-        seen: dict[str, Path] = {}
+        inputs: dict[str, list[Path]] = {}
         for source in every:
-            other = seen.setdefault(str(source.name), source.file)
-            if other != source.file:
-                raise ValueError(
-                    f"{other} and {source.file} would both write outputs named '{source.name}'; rename one"
-                )
+            name = self.output_name(source)
+            if name is not None and source.file not in inputs.setdefault(name, []):
+                inputs[name].append(source.file)
+        collisions = {name: files for name, files in inputs.items() if len(files) > 1}
+        if collisions:
+            listed = "; ".join(f"'{name}': {', '.join(map(str, files))}" for name, files in collisions.items())
+            raise ValueError(
+                f"{len(collisions)} output name(s) of {type(self).__name__} would each be written by more than one "
+                f"input file; rename all but one file of each: {listed}"
+            )
         existing = [path for path in self.planned_files(trainer, every) if path.exists()]
         if existing and not self.overwrite:
             listed = ", ".join(str(p) for p in existing[:MAX_LISTED])
@@ -67,13 +79,35 @@ class FileWriter(BasePredictionWriter):
             )
         trainer.strategy.barrier("prediction writer checked its output folder")
 
-    def batch_sources(self, batch_indices: Sequence[int] | None, dataloader_idx: int, count: int) -> list[Source]:
-        """Sources of one batch's ``count`` samples, from the dataset indices Lightning tracked."""
-        if batch_indices is None or len(batch_indices) != count:
-            raise RuntimeError(
-                f"{type(self).__name__} needs the dataset indices of each predicted batch from Lightning"
-            )
-        return [self._sources[dataloader_idx][index] for index in batch_indices]
+    def batch_samples(
+        self, trainer: Trainer, batch: Any, batch_indices: Sequence[int] | None, dataloader_idx: int, count: int
+    ) -> tuple[list[int], list[Source]]:
+        """Dataset indices and sources of one batch's ``count`` samples.
+
+        A predict-folder batch ``(images, infos)`` says the index of each of its samples; that holds
+        when bad samples were left out of it (``on_bad_sample: skip``). For other data the indices
+        are those Lightning tracked from the sampler, which no longer match the batch once a
+        sample was left out: that is an error rather than outputs under other files' names.
+        """
+        infos = batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+        if isinstance(infos, list) and len(infos) == count and all(isinstance(i, dict) and "index" in i for i in infos):
+            indices = [int(info["index"]) for info in infos]
+        else:
+            loaders = trainer.predict_dataloaders
+            loader = loaders[dataloader_idx] if isinstance(loaders, Sequence) else loaders
+            skipped = getattr(loader, "skipped", [])
+            if skipped:
+                raise ValueError(
+                    f"{len(skipped)} bad sample(s) were left out of the predicted batches ({describe(skipped)}), and "
+                    f"{type(loader.dataset).__name__} does not say which file each remaining sample is; fix or "
+                    "remove the files, or predict with refvision.data.PredictImagesDataModule"
+                )
+            if batch_indices is None or len(batch_indices) != count:
+                raise RuntimeError(
+                    f"{type(self).__name__} needs the dataset indices of each predicted batch from Lightning"
+                )
+            indices = list(batch_indices)
+        return indices, [self._sources[dataloader_idx][index] for index in indices]
 
     def collect(self, batch_indices: Sequence[int], dataloader_idx: int, records: Sequence[Any]) -> None:
         """Keep one record per sample for :meth:`write_collected`."""

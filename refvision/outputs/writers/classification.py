@@ -35,6 +35,10 @@ class ClassificationPredictionWriter(FileWriter):
     def planned_files(self, trainer: Trainer, sources: list[Source]) -> list[Path]:
         return [self.output_dir / "predictions.csv"]
 
+    def output_name(self, source: Source) -> None:
+        """Rows keep the input's full name, suffix included: ``a.jpg`` and ``a.png`` do not collide."""
+        return None
+
     def write_on_batch_end(
         self,
         trainer: Trainer,
@@ -46,8 +50,8 @@ class ClassificationPredictionWriter(FileWriter):
         dataloader_idx: int = 0,
     ) -> None:
         classes, probs = prediction["classes"].cpu().tolist(), prediction["probs"].double().cpu().tolist()
-        self.batch_sources(batch_indices, dataloader_idx, len(classes))
-        self.collect(batch_indices, dataloader_idx, list(zip(classes, probs)))
+        indices, _ = self.batch_samples(trainer, batch, batch_indices, dataloader_idx, len(classes))
+        self.collect(indices, dataloader_idx, list(zip(classes, probs)))
 
     def write_collected(self, trainer: Trainer, records: list[tuple[Source, Any]]) -> None:
         names = class_names_of(trainer, self.class_names)

@@ -75,7 +75,8 @@ class DetectionPredictionWriter(FileWriter):
     ) -> None:
         names = class_names_of(trainer, self.class_names)
         records = []
-        for source, detection in zip(self.batch_sources(batch_indices, dataloader_idx, len(prediction)), prediction):
+        indices, sources = self.batch_samples(trainer, batch, batch_indices, dataloader_idx, len(prediction))
+        for source, detection in zip(sources, prediction):
             record = {key: detection[key].detach().cpu() for key in ("boxes", "scores", "labels")}
             records.append(record)
             if self.draw:
@@ -92,7 +93,7 @@ class DetectionPredictionWriter(FileWriter):
                 path = self.output_dir / "boxes" / f"{source.name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_png(drawn, str(path))
-        self.collect(batch_indices, dataloader_idx, records)
+        self.collect(indices, dataloader_idx, records)
 
     def write_collected(self, trainer: Trainer, records: list[tuple[Source, Any]]) -> None:
         names = class_names_of(trainer, self.class_names)

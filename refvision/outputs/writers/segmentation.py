@@ -66,7 +66,8 @@ class SegmentationPredictionWriter(FileWriter):
         dataloader_idx: int = 0,
     ) -> None:
         colors: Tensor = pl_module.palette  # a SegmentationTask's (num_classes, 3) uint8 colours
-        for source, pred in zip(self.batch_sources(batch_indices, dataloader_idx, len(prediction)), prediction):
+        _, sources = self.batch_samples(trainer, batch, batch_indices, dataloader_idx, len(prediction))
+        for source, pred in zip(sources, prediction):
             pred = pred.detach().cpu()
             if int(pred.max()) >= len(colors):
                 raise ValueError(
