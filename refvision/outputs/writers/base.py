@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from refvision.data.predict import Source
 from refvision.outputs.writers.sources import sources
+from refvision.utils.atomic_file import check_writable
 
 MAX_LISTED = 5
 """Existing files named in an overwrite refusal (the count is always given)."""
@@ -19,8 +20,9 @@ class FileWriter(BasePredictionWriter):
     """Base of the writers: resolves each sample's :class:`Source` and refuses to overwrite.
 
     Before the first batch it lists every file the run would write (:meth:`planned_files`) and
-    raises ``FileExistsError`` if any exists, unless ``overwrite``; the check runs before any
-    prediction, so a refused run loses nothing. Two inputs that would give the same output name
+    raises ``FileExistsError`` if any exists, unless ``overwrite``, and ``PermissionError`` if a
+    folder they go to cannot be written (read-only); the checks run before any prediction, so a
+    refused run loses nothing. Two inputs that would give the same output name
     (``a.jpg`` and ``a.png``) are an error naming both. Per-image files are written as batches
     finish; files that collect all images (:meth:`write_collected`) are written once by rank 0
     from the records of every process.
@@ -53,7 +55,10 @@ class FileWriter(BasePredictionWriter):
                 raise ValueError(
                     f"{other} and {source.file} would both write outputs named '{source.name}'; rename one"
                 )
-        existing = [path for path in self.planned_files(trainer, every) if path.exists()]
+        planned = self.planned_files(trainer, every)
+        for folder in sorted({path.parent for path in planned}):
+            check_writable(folder / "probe", f"output_dir {self.output_dir}")
+        existing = [path for path in planned if path.exists()]
         if existing and not self.overwrite:
             listed = ", ".join(str(p) for p in existing[:MAX_LISTED])
             raise FileExistsError(
