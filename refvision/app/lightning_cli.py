@@ -290,7 +290,10 @@ def check_basis_trained(model_class: str, init_args: dict[str, Any]) -> None:
     (:attr:`~refvision.nn.method.ConvMethod.needs_trained_weights`, RefConv) when the model gets no trained
     weights (no ``init_from``, no named weights): its frozen basis would be random kernels."""
     kind = (init_args.get("conv") or {}).get("kind", "none")
-    if kind == "none" or not get_method(kind).needs_trained_weights:
+    try:
+        if kind == "none" or not get_method(kind).needs_trained_weights:
+            return
+    except ValueError:  # an unknown kind: building the model names it
         return
     options = ("init_from", *import_class(model_class).download_options)
     if any(init_args.get(key) for key in options):
