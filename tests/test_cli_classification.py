@@ -149,7 +149,7 @@ def test_resume_keeps_basis_and_optimizer_state(tmp_path: Path, data: Path, base
 
 
 def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture, data: Path) -> None:
-    args = _args(tmp_path, data, "-c", "configs/conv/refconv.yaml")
+    args = _args(tmp_path, data, "-c", "configs/conv/refconv.yaml", "--allow_random_basis", "true")
     with pytest.raises(SystemExit):
         main(["fit", *args, "--print_config"])
     first = capsys.readouterr().out

@@ -13,7 +13,7 @@ from refvision.app.demo.data import write_imagefolder
 @pytest.mark.parametrize(
     "conv",
     [
-        ["-c", "configs/conv/refconv.yaml"],
+        ["-c", "configs/conv/refconv.yaml", "--allow_random_basis", "true"],
         ["-c", "configs/conv/drconv.yaml", "--model.conv.include", "[features.1.*,features.2.*]"],
     ],
     ids=["refconv", "drconv"],

@@ -262,7 +262,7 @@ def test_writers_refuse_existing_outputs_unless_overwrite(tmp_path: Path, images
     out = tmp_path / "out"
     (out / probe).parent.mkdir(parents=True)
     (out / probe).write_bytes(b"earlier result")  # the one file of a run that is already there
-    with pytest.raises(FileExistsError, match=rf"{out} already holds 1 of the files .*\({out / probe}\).*overwrite"):
+    with pytest.raises(SystemExit, match=rf"{out} already holds 1 of the files .*\({out / probe}\).*overwrite"):
         _predict(task_name, images, ckpt, out, tmp_path / "run")
     assert (out / probe).read_bytes() == b"earlier result"  # refused before writing anything
     assert [p for p in out.rglob("*") if p.is_file()] == [out / probe]
@@ -277,7 +277,7 @@ def test_detection_writer_refuses_an_existing_devkit_file(tmp_path: Path, images
     taken = tmp_path / "out" / "results" / "VOC2007" / "Main" / "comp4_det_test_car.txt"
     taken.parent.mkdir(parents=True)
     taken.write_text("000001 0.9 1 1 5 5\n")
-    with pytest.raises(FileExistsError, match="comp4_det_test_car.txt"):
+    with pytest.raises(SystemExit, match="comp4_det_test_car.txt"):
         _predict(
             "detection",
             images,
@@ -299,7 +299,7 @@ def test_two_inputs_with_one_output_name_are_refused(tmp_path: Path) -> None:
     for name in ("same.jpg", "same.png"):
         Image.new("RGB", (16, 16)).save(root / name)
     ckpt = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
-    with pytest.raises(ValueError, match=r"same\.jpg and .*same\.png would both write outputs named 'same'"):
+    with pytest.raises(SystemExit, match=r"same\.jpg and .*same\.png would both write outputs named 'same'"):
         _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
 
 
@@ -309,9 +309,9 @@ def test_undecodable_and_missing_images_name_the_file(tmp_path: Path) -> None:
     Image.new("RGB", (16, 16)).save(root / "good.png")
     (root / "sub" / "broken.jpg").write_bytes(b"not a jpeg at all")
     ckpt = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
-    with pytest.raises(ValueError, match=r"cannot read image .*sub/broken\.jpg"):
+    with pytest.raises(SystemExit, match=r"cannot read image .*sub/broken\.jpg"):
         _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
     (root / "sub" / "broken.jpg").unlink()
     (root / "good.png").unlink()
-    with pytest.raises(FileNotFoundError, match=rf"predict folder {root} holds no image files"):
+    with pytest.raises(SystemExit, match=rf"predict folder {root} holds no image files"):
         _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
