@@ -166,7 +166,10 @@ def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture, 
     [
         (["--model.backbone", "mobilenet_v9"], r"model\.backbone='mobilenet_v9'.*mobilenet_v2"),
         (["--model.conv.kind", "refocus"], r"conv.*refocus"),
-        (["--model.conv.kind", "refconv", "--model.conv.include", "[nothing.*]"], r"matched no|nothing"),
+        (
+            ["--model.conv.kind", "refconv", "--model.conv.include", "[nothing.*]", "--allow_random_basis", "true"],
+            r"matched no|nothing",
+        ),
         (["--model.trainable", "some"], r"trainable.*some"),
     ],
 )
