@@ -149,7 +149,7 @@ def test_resume_keeps_basis_and_optimizer_state(tmp_path: Path, data: Path, base
 
 
 def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture, data: Path) -> None:
-    args = _args(tmp_path, data, "-c", "configs/conv/refconv.yaml")
+    args = _args(tmp_path, data, "-c", "configs/conv/refconv.yaml", "--allow_random_basis", "true")
     with pytest.raises(SystemExit):
         main(["fit", *args, "--print_config"])
     first = capsys.readouterr().out
@@ -166,7 +166,10 @@ def test_print_config_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture, 
     [
         (["--model.backbone", "mobilenet_v9"], r"model\.backbone='mobilenet_v9'.*mobilenet_v2"),
         (["--model.conv.kind", "refocus"], r"conv.*refocus"),
-        (["--model.conv.kind", "refconv", "--model.conv.include", "[nothing.*]"], r"matched no|nothing"),
+        (
+            ["--model.conv.kind", "refconv", "--model.conv.include", "[nothing.*]", "--allow_random_basis", "true"],
+            r"matched no|nothing",
+        ),
         (["--model.trainable", "some"], r"trainable.*some"),
     ],
 )

@@ -77,6 +77,8 @@ def test_ddp_fit_and_test_match_single_process(tmp_path: Path, device: str) -> N
         str(REPO / "configs/demo/classification.yaml"),
         "-c",
         str(REPO / "configs/conv/refconv.yaml"),
+        "--allow_random_basis",
+        "true",
         "--data.root",
         str(data),
         "--data.image_size",

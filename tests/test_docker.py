@@ -459,6 +459,8 @@ def test_image_builds_on_the_local_base_and_runs(tmp_path: Path) -> None:
         "configs/demo/classification.yaml",
         "-c",
         "configs/conv/refconv.yaml",
+        "--allow_random_basis",
+        "true",
         "--data.root",
         "data/imagefolder",
         "--data.image_size",

@@ -16,7 +16,7 @@ from refvision.checkpoints.deploy import load_task_checkpoint
 @pytest.mark.parametrize(
     "conv",
     [
-        ["-c", "configs/conv/refconv.yaml"],
+        ["-c", "configs/conv/refconv.yaml", "--allow_random_basis", "true"],
         ["-c", "configs/conv/drconv.yaml", "--model.conv.include", "[features.1.*,features.2.*]"],
     ],
     ids=["refconv", "drconv"],

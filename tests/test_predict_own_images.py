@@ -319,7 +319,7 @@ def test_duplicate_stems_are_refused_only_where_outputs_collide_and_all_at_once(
     _predict("classification", root, _classifier(tmp_path), tmp_path / "out", tmp_path / "run")
     assert sorted(row[0] for row in _top5_rows(tmp_path / "out")[1:]) == names  # the CSV keeps full names
     detector = _checkpoint(DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "d")
-    with pytest.raises(ValueError, match="2 output name") as error:  # boxes/<name>.png, COCO image ids
+    with pytest.raises(SystemExit, match="2 output name") as error:  # boxes/<name>.png, COCO image ids
         _predict("detection", root, detector, tmp_path / "det", tmp_path / "run")
     groups = f"'same': {root / 'same.jpg'}, {root / 'same.png'}; 'sub/other': " + ", ".join(
         str(root / f"sub/other.{suffix}") for suffix in ("bmp", "png", "tif")
@@ -347,7 +347,7 @@ def test_bad_images_under_skip_are_left_out_and_the_rest_keep_their_names(
     torch.manual_seed(0)
     task = ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64).eval()
     ckpt, out = _checkpoint(task, tmp_path / "cls.ckpt"), tmp_path / "out"
-    with pytest.raises(ValueError, match="2 bad file") as error:
+    with pytest.raises(SystemExit, match="2 bad file") as error:
         _predict("classification", root, ckpt, out, tmp_path / "run")
     assert f"{root / 'sub' / 'empty.png'}: the file is empty" in str(error.value)
     assert str(root / "sub" / "text.jpg") in str(error.value)
@@ -383,9 +383,9 @@ def test_undecodable_and_missing_images_name_the_file(tmp_path: Path) -> None:
     Image.new("RGB", (16, 16)).save(root / "good.png")
     (root / "sub" / "broken.jpg").write_bytes(b"not a jpeg at all")
     ckpt = _classifier(tmp_path)
-    with pytest.raises(ValueError, match=r"sub/broken\.jpg: cannot read image"):
+    with pytest.raises(SystemExit, match=r"sub/broken\.jpg: cannot read image"):
         _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
     (root / "sub" / "broken.jpg").unlink()
     (root / "good.png").unlink()
-    with pytest.raises(FileNotFoundError, match=rf"predict folder {root} holds no image files"):
+    with pytest.raises(SystemExit, match=rf"predict folder {root} holds no image files"):
         _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")

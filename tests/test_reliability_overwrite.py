@@ -18,6 +18,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data,
         "-c",
         "configs/conv/refconv.yaml",
+        "--allow_random_basis",
+        "true",
         "--trainer.max_epochs",
         "1",
         "--trainer.limit_train_batches",

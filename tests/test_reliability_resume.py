@@ -59,7 +59,16 @@ def _temporaries(folder: Path) -> list[Path]:
 @pytest.mark.slow
 def test_kill9_then_resume_equals_uninterrupted_run(tmp_path: Path, data: Path) -> None:
     # RefConv so the fit also writes best-deploy.ckpt; two workers so worker seeds matter.
-    extra = ["-c", "configs/conv/refconv.yaml", "--data.num_workers", "2", "--trainer.max_epochs", "3"]
+    extra = [
+        "-c",
+        "configs/conv/refconv.yaml",
+        "--allow_random_basis",
+        "true",
+        "--data.num_workers",
+        "2",
+        "--trainer.max_epochs",
+        "3",
+    ]
     reference = start_fit(tmp_path / "reference", data, *extra)
     killed = start_fit(tmp_path / "run", data, *extra)
     last = checkpoint_dir(tmp_path / "run") / "last.ckpt"

@@ -118,7 +118,8 @@ def test_init_from_url_with_payload_is_refused(
     ):
         lightning_cli([*_classifier_args(data, tmp_path, "--model.init_from", f"{url}/evil.ckpt")], run=False)
     assert not marker.exists()
-    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "evil.ckpt").is_file()  # downloaded, then refused
+    # downloaded (into the cache folder of its URL), then refused
+    assert [p.name for p in (tmp_path / "torch_home" / "hub" / "checkpoints").rglob("*.ckpt")] == ["evil.ckpt"]
 
 
 @pytest.mark.parametrize("command", ["test", "fit"])

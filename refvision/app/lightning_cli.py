@@ -12,9 +12,9 @@ import sys
 import textwrap
 import warnings
 from argparse import ArgumentError
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from jsonargparse import DefaultHelpFormatter
@@ -35,10 +35,13 @@ from refvision.checkpoints.loading import (
     safe_checkpoint_globals,
 )
 from refvision.lifecycle.deploy_callback import DeployCheckpoint
+from refvision.lifecycle.divergence import non_finite_tensors
 from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
+from refvision.lifecycle.run_folder import remove_if_nothing_of_value
 from refvision.models.weights import WeightsUnavailableError
+from refvision.nn.method import get_method
 from refvision.tasks.base import RefvisionTask
-from refvision.tasks.options import Role
+from refvision.tasks.options import Role, option_roles
 from refvision.utils.class_path import import_class
 
 EVALUATING_COMMANDS = ("validate", "test", "predict")
@@ -145,7 +148,15 @@ class RefvisionCLI(LightningCLI):
         refuse_data_contradictions(task, given, self.datamodule)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        ints_before_floats(parser)
         parser.add_lightning_class_args(DeployCheckpoint, "deploy_checkpoint")
+        parser.add_argument(
+            "--allow_random_basis",
+            type=bool,
+            default=False,
+            help="fit: let a conv method that refocuses the model's own kernels (RefConv) start from a model "
+            "without trained weights (no --model.init_from, no named weights)",
+        )
         # The model class is only known once parsed: every option that some task declares is
         # linked. The data's init arguments (Role.DATA_ARGUMENT: the input size, e.g. the
         # classification crop, the detector input side) at parse, so that the two never disagree;
@@ -176,6 +187,8 @@ class RefvisionCLI(LightningCLI):
         model_class, init_args = config.get("model.class_path"), config.get("model.init_args").as_dict()
         if subcommand in EVALUATING_COMMANDS:
             check_weights_given(subcommand, ckpt_path, model_class, init_args)
+        elif not ckpt_path and not config.get("allow_random_basis"):
+            check_basis_trained(model_class, init_args)
         if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
             try:
                 path, checkpoint = check_task_checkpoint(ckpt_path, model_class)
@@ -185,6 +198,9 @@ class RefvisionCLI(LightningCLI):
                 raise ConfigError(root_cause(err)) from err
             if subcommand == "fit":
                 check_resumable(str(ckpt_path), checkpoint)
+                check_epochs_left(str(ckpt_path), checkpoint, config.get("trainer.max_epochs"))
+            else:
+                check_finite(str(ckpt_path), checkpoint)
             check_model_options(
                 model_class, init_args, str(ckpt_path), checkpoint, subcommand, self.mentioned_model_keys
             )
@@ -215,19 +231,53 @@ class RefvisionCLI(LightningCLI):
         if config.get("weights_only") is False:
             raise ValueError("--weights_only false: refvision loads checkpoints with weights_only=True only")
         config["weights_only"] = True
-        with safe_checkpoint_globals():
+        with self._removed_if_failed(), safe_checkpoint_globals():
             super()._run_subcommand(subcommand)
+
+    @contextlib.contextmanager
+    def _removed_if_failed(self) -> Iterator[None]:
+        """Remove the log folder this command created (:meth:`instantiate_trainer`) if the block fails before
+        anything of value is in it (:func:`remove_if_nothing_of_value`)."""
+        try:
+            yield
+        except BaseException:
+            for folder in getattr(self, "created_folders", ()):
+                remove_if_nothing_of_value(folder)
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or os.getcwd()
         if config.get("logger") in (None, True) and "logger" not in kwargs:
+            # The folders the loggers are about to create (the next free version) and that a failed run removes.
+            run_folder = Path(TensorBoardLogger(root, version=SLURMEnvironment.job_id()).log_dir)
+            self.created_folders = [f for f in (run_folder, run_folder.parent) if not f.exists()]
             kwargs["logger"] = default_loggers(root)
         elif config.get("logger") is False and self.subcommand in EVALUATING_COMMANDS:
             # Without a logger the run's folder is default_root_dir itself: the config and test tables
             # would overwrite those of an earlier run (a fit's config.yaml too). A fresh folder instead.
             kwargs["default_root_dir"] = fresh_folder(root, self.subcommand)
-        return super().instantiate_trainer(**kwargs)
+        with self._removed_if_failed():
+            return super().instantiate_trainer(**kwargs)
+
+
+def ints_before_floats(parser: Any) -> None:
+    """Make every ``int``-or-``float`` option of ``parser`` try ``int`` first, as its signature declares.
+
+    jsonargparse tries a union's members in order. Python caches ``typing.Union`` by its members as a
+    set, so the Trainer's ``Optional[Union[int, float]]`` can come back as another library's
+    ``Union[float, int, None]`` (``lightning.fabric`` declares one): ``--trainer.limit_val_batches 1``
+    (one batch) then parsed as ``1.0`` (100 % of the batches). The union is rebuilt in the declared
+    order, outside the cache.
+    """
+    for action in parser._actions:
+        typehint = getattr(action, "_typehint", None)
+        if get_origin(typehint) is not Union:
+            continue
+        members = get_args(typehint)
+        if int in members and float in members and members.index(float) < members.index(int):
+            ordered = tuple(sorted(members, key=lambda member: member is not int))
+            action._typehint = type(typehint)(Union, ordered, name=getattr(typehint, "_name", None))
 
 
 def check_weights_given(subcommand: str, ckpt_path: str | None, model_class: str, init_args: dict[str, Any]) -> None:
@@ -252,6 +302,54 @@ def check_weights_given(subcommand: str, ckpt_path: str | None, model_class: str
         "the model is evaluated as built, with random weights",
         UserWarning,
         stacklevel=2,
+    )
+
+
+def check_basis_trained(model_class: str, init_args: dict[str, Any]) -> None:
+    """Refuse a fit that converts to a method refocusing the model's own kernels
+    (:attr:`~refvision.nn.method.ConvMethod.needs_trained_weights`, RefConv) when the model gets no trained
+    weights (no ``init_from``, no named weights): its frozen basis would be random kernels."""
+    kind = (init_args.get("conv") or {}).get("kind", "none")
+    try:
+        if kind == "none" or not get_method(kind).needs_trained_weights:
+            return
+    except ValueError:  # an unknown kind: building the model names it
+        return
+    options = [key for key, role in option_roles(import_class(model_class)).items() if role is Role.WEIGHTS]
+    if any(init_args.get(key) for key in options):
+        return
+    raise ConfigError(
+        f"model.conv.kind={kind} refocuses the model's own kernels as a frozen basis, but no trained weights are "
+        f"given ({', '.join('--model.' + key for key in options)} all unset), so the basis would be random; pass "
+        "the baseline with --model.init_from <baseline best.ckpt> (or named weights), or --allow_random_basis true "
+        "to train on a random basis on purpose"
+    )
+
+
+def check_finite(ckpt_path: str, checkpoint: dict) -> None:
+    """Refuse to evaluate a checkpoint whose weights hold NaN or infinity (naming the tensors): the metrics
+    and predictions would be NaN, or worse, look plausible."""
+    bad = non_finite_tensors(checkpoint["state_dict"])
+    if bad:
+        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"--ckpt_path {ckpt_path} holds non-finite weights (NaN or inf) in {listed}; nothing evaluated; "
+            "use an earlier checkpoint of the run"
+        )
+
+
+def check_epochs_left(ckpt_path: str, checkpoint: dict, max_epochs: int | None) -> None:
+    """Refuse to resume a fit whose checkpoint is from an epoch past ``max_epochs``, as Lightning does (its
+    completed-epoch counter above ``max_epochs``), but before the new run's folder and its copy of the best
+    checkpoint are made."""
+    loops = checkpoint.get("loops") or {}
+    done = loops.get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("completed")
+    if max_epochs is None or max_epochs == -1 or not isinstance(done, int) or done <= max_epochs:
+        return
+    raise ConfigError(
+        f"--ckpt_path {ckpt_path} was saved in epoch {done + 1} of its run, beyond --trainer.max_epochs "
+        f"{max_epochs}; to train on, give --trainer.max_epochs {done + 1} or more; to start a new training "
+        f"from its weights use --model.init_from {ckpt_path}"
     )
 
 

@@ -18,6 +18,7 @@ from refvision.checkpoints.loading import (
     CheckpointError,
     class_path,
     describe_checkpoint,
+    is_url,
     read_checkpoint,
     refvision_stamp,
     resolve_source,
@@ -126,9 +127,9 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[RefvisionTask, dict[s
 
 
 def load_task_to_write(
-    source: Path, output: str | os.PathLike, overwrite: bool
+    source: str | os.PathLike, output: str | os.PathLike, overwrite: bool
 ) -> tuple[RefvisionTask, dict[str, Any]]:
-    """Check that ``output`` may be written from checkpoint ``source``, then load the task from it.
+    """Check that ``output`` may be written from checkpoint ``source`` (a path or a URL), then load the task from it.
 
     Raises (the path checks before the checkpoint is read, all before anything is written):
         ValueError: ``output`` is ``source`` (also through a link, even with ``overwrite``), or the
@@ -138,7 +139,7 @@ def load_task_to_write(
         FileExistsError: ``output`` exists without ``overwrite``.
         CheckpointError: ``source`` does not rebuild its task (:func:`load_task_checkpoint`).
     """
-    if same_file(source, Path(output)):
+    if not is_url(source) and same_file(Path(source), Path(output)):
         raise ValueError(f"--output {output} is the input checkpoint --ckpt; choose another path")
     check_writable(output, f"--output {output}")
     if Path(output).exists() and not overwrite:
@@ -163,8 +164,8 @@ def reparameterize_checkpoint(
     refused. ``inputs`` (what the task's ``inputs_of`` gives; default ``task.example_inputs()``)
     are used to measure the largest output difference between the two forms.
     """
-    task, hparams = load_task_to_write(Path(source), output, overwrite)
-    source, output = Path(source), Path(output)
+    task, hparams = load_task_to_write(source, output, overwrite)
+    source, output = str(source), Path(output)
     task_cls = type(task)
     deploy_hparams = task_cls.deploy_hparams(hparams)
     deploy_task = task_cls(**deploy_hparams).eval()

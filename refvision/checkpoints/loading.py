@@ -4,7 +4,8 @@ Every checkpoint refvision reads (``--ckpt_path``, ``init_from``, ``reparameteri
 ``profile --ckpt``) goes through :func:`read_checkpoint`: ``torch.load(weights_only=True)`` with
 only :data:`SAFE_GLOBALS` allowed on top of torch's own tensor / container types, or safetensors.
 A file that needs any other pickled object is refused, never unpickled. ``http(s)://`` and
-``torchvision://<model>`` sources are downloaded to the torch hub cache first, then read the same way.
+``torchvision://<model>`` sources are downloaded to the torch hub cache first (keyed by the whole URL,
+checked before reuse: :func:`download_cached`), then read the same way.
 
 What ``init_from`` accepts inside the file is described in :mod:`refvision.models.weights`.
 """
@@ -13,11 +14,16 @@ import argparse
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import pickle
+import re
 import sys
+import urllib.error
 import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from refvision.lifecycle.divergence import non_finite_tensors
 from refvision.models.weights import explain_download_failure, external_state_dict, map_keys
 from refvision.tasks.options import Role, option_roles
 
@@ -69,8 +76,8 @@ def safe_checkpoint_globals() -> Iterator[None]:
 def resolve_source(source: str | os.PathLike, option: str) -> Path:
     """The local file behind ``source``: a path, or an ``http(s)://`` / ``torchvision://`` download.
 
-    Downloads go to ``$TORCH_HOME/hub/checkpoints/<file name>`` (as ``torch.hub`` does) and are
-    reused from there. Raises ``FileNotFoundError`` naming ``option`` for a missing local file.
+    Downloads are cached under ``$TORCH_HOME/hub/checkpoints`` (see :func:`download_cached`).
+    Raises ``FileNotFoundError`` naming ``option`` for a missing local file.
     """
     text = str(source)
     if text.startswith("torchvision://"):
@@ -81,14 +88,8 @@ def resolve_source(source: str | os.PathLike, option: str) -> Path:
         if name not in urls:
             raise ValueError(f"{option}={text!r}: torchvision has no weights named {name!r}")
         text = urls[name]
-    if text.startswith(("http://", "https://")):
-        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(text).path).name
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            log.info("%s: downloading %s to %s", option, text, target)
-            with explain_download_failure(text, option):
-                torch.hub.download_url_to_file(text, str(target), progress=False)
-        return target
+    if is_url(text):
+        return download_cached(text, option)
     if "://" in text:
         raise ValueError(
             f"{option}={text!r}: unsupported source; give a local file, an http(s):// URL or torchvision://<model>"
@@ -99,14 +100,118 @@ def resolve_source(source: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def is_url(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is an ``http(s)://`` address (not a local path)."""
+    return str(source).startswith(("http://", "https://"))
+
+
+def download_cached(url: str, option: str) -> Path:
+    """The local copy of ``url``, downloaded once and checked before every reuse.
+
+    A file name carrying torch.hub's hash suffix (``name-<sha256 prefix>.ext``) is content-addressed:
+    it lives at ``$TORCH_HOME/hub/checkpoints/<name>`` (where ``torch.hub`` keeps it too), and its
+    SHA-256 must start with the prefix, when downloaded and before reuse. Any other URL lives under
+    ``$TORCH_HOME/hub/checkpoints/by-url/<sha256 of the URL, 16 hex>/<name>``, so two URLs with one
+    file name never share a copy; a ``<name>.json`` beside it records the size, SHA-256 and the
+    server's ``Content-Length`` / ``Last-Modified`` / ``ETag``. It is reused only while its bytes
+    match the record and the server (asked with ``HEAD``; unreachable: the checked copy is used)
+    still describes the same file; else it is downloaded again. A download whose length differs
+    from the announced ``Content-Length`` is refused and not kept.
+    """
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    prefix = _HASH_SUFFIX.search(name)
+    if prefix:
+        target = cache / name
+        if target.is_file() and _sha256(target).startswith(prefix.group(1)):
+            return target
+    else:
+        target = cache / "by-url" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+        if target.is_file() and _cached_copy_current(url, target, option):
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s: downloading %s to %s", option, url, target)
+    with explain_download_failure(url, option):
+        record = _download(url, target, option, prefix.group(1) if prefix else None)
+    if not prefix:
+        target.with_name(target.name + ".json").write_text(json.dumps(record))
+    return target
+
+
+_HASH_SUFFIX = re.compile(r"-([a-f0-9]{8,})\.")
+"""torch.hub's file-name convention: the hex digits after the last ``-`` start the file's SHA-256."""
+
+_VALIDATORS = ("content-length", "last-modified", "etag")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_copy_current(url: str, target: Path, option: str) -> bool:
+    """Whether the cached ``target`` of ``url`` is whole (size and SHA-256 as recorded) and the server still
+    describes the file it was downloaded from (an unreachable server: whole is enough)."""
+    try:
+        record = json.loads(target.with_name(target.name + ".json").read_text())
+    except (OSError, ValueError):
+        return False
+    if target.stat().st_size != record.get("size") or _sha256(target) != record.get("sha256"):
+        log.warning("%s: the cached copy %s of %s is damaged; downloading it again", option, target, url)
+        return False
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as response:
+            now = {key: response.headers.get(key) for key in _VALIDATORS}
+    except (urllib.error.URLError, OSError):
+        log.info("%s: %s unreachable; using the checked cached copy %s", option, url, target)
+        return True
+    changed = [key for key in _VALIDATORS if now[key] is not None and now[key] != record["headers"].get(key)]
+    if changed:
+        log.info("%s: %s changed on the server (%s); downloading it again", option, url, ", ".join(changed))
+    return not changed
+
+
+def _download(url: str, target: Path, option: str, hash_prefix: str | None) -> dict[str, Any]:
+    """Download ``url`` to ``target`` (a temporary file beside it, renamed when whole) and return what
+    :func:`_cached_copy_current` checks later."""
+    digest, size = hashlib.sha256(), 0
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as f:
+            headers = {key: response.headers.get(key) for key in _VALIDATORS}
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                f.write(block)
+                size += len(block)
+        announced = headers["content-length"]
+        if announced is not None and int(announced) != size:
+            raise CheckpointError(
+                f"{option} {url}: the download stopped at {size} of {announced} bytes; nothing kept, try again"
+            )
+        if hash_prefix and not digest.hexdigest().startswith(hash_prefix):
+            raise CheckpointError(
+                f"{option} {url}: the file's SHA-256 is {digest.hexdigest()[:16]}..., but its name says it starts "
+                f"with {hash_prefix}; a damaged or replaced file, nothing kept"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"url": url, "size": size, "sha256": digest.hexdigest(), "headers": headers}
+
+
 def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint", source: str | None = None) -> Any:
     """Load local file ``path`` without running code (see the module docstring), tensors on CPU.
 
     Errors name ``option`` and ``source`` (the URL that ``path`` was downloaded from, if any).
 
     Raises:
-        CheckpointError: the file is empty, truncated or not a checkpoint, or it holds pickled
-            objects other than tensors and plain containers (the message lists them and what to do).
+        CheckpointError: the file is empty, truncated, damaged (an entry of the archive fails its
+            CRC-32: the message names it) or not a checkpoint (neither a zip archive nor torch's legacy
+            format: text, an HTML page, random bytes), or it holds pickled objects other than tensors
+            and plain containers (the message lists them and what to do).
     """
     path = Path(path)
     name = f"{option} {source} (downloaded to {path})" if source and str(source) != str(path) else f"{option} {path}"
@@ -120,6 +225,7 @@ def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint", source:
             return load_safetensors(str(path), device="cpu")
         except SafetensorError as err:
             raise CheckpointError(f"{name}: not a readable safetensors file ({err}); truncated?") from None
+    _check_container(path, name)
     try:
         with safe_checkpoint_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -131,6 +237,55 @@ def read_checkpoint(path: str | os.PathLike, option: str = "checkpoint", source:
         if "zip archive" in str(err) or "PytorchStreamReader" in str(err) or "magic number" in str(err):
             raise CheckpointError(_unreadable_message(name, path, err)) from None
         raise
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+"""How ``torch.save``'s legacy (non-zip) format starts: pickle protocol 2, then its magic number."""
+
+
+def _check_container(path: Path, name: str) -> None:
+    """Refuse ``path`` unless it is a whole zip archive whose every entry passes its CRC-32 (what
+    ``torch.save`` writes) or starts as torch's legacy format does.
+
+    The CRC check reads the whole file once more (measured in docs/reliability.md): torch itself
+    checks no CRC, so a flipped bit in a tensor would load as a wrong weight.
+    """
+    with path.open("rb") as f:
+        head = f.read(64)
+    if head.startswith(_LEGACY_MAGIC):
+        return
+    if not head.startswith(_ZIP_MAGIC):
+        raise CheckpointError(f"{name}: not a checkpoint: {_what_it_is(head)}; expected a file written by torch.save")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                try:
+                    with archive.open(entry) as member:
+                        while member.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile as err:
+                    raise CheckpointError(
+                        f"{name}: damaged: entry {entry.filename} of the archive fails its check ({err}); the file "
+                        "was corrupted on disk or in transfer; use another copy or an earlier checkpoint"
+                    ) from None
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise CheckpointError(_unreadable_message(name, path, err)) from None
+
+
+def _what_it_is(head: bytes) -> str:
+    """What a file starting with ``head`` is, for a refusal: an HTML page, text, or other bytes."""
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")):
+        return "an HTML page (a web page saved instead of the file: an error or login page?)"
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a character cut at the end of the 64 bytes read is still text
+        decoded = head[: err.start].decode("utf-8") if err.start >= len(head) - 3 else ""
+    if not decoded or not all(char.isprintable() or char in "\t\n\r\f" for char in decoded):
+        return f"neither a zip archive nor torch's legacy format (it starts with bytes {head[:8].hex(' ')})"
+    first = decoded.strip().splitlines()[0][:40] if decoded.strip() else ""
+    return f"a text file (it starts with {first!r})"
 
 
 def _unreadable_message(name: str, path: Path, err: BaseException) -> str:
@@ -329,7 +484,8 @@ def load_init_from(model: nn.Module, source: str, prefix: str | None = None, str
     loaded and the rest is reported (e.g. a 1000-class head skipped for a 10-class model).
 
     Inside :func:`evaluating` (``test`` / ``validate`` / ``predict``) every tensor of the target
-    must be loaded even when ``strict`` is false: nothing trains what the file leaves out.
+    must be loaded even when ``strict`` is false: nothing trains what the file leaves out; and none
+    may hold NaN or inf.
 
     Raises:
         FileNotFoundError: a local path that does not exist.
@@ -357,6 +513,12 @@ def load_init_from(model: nn.Module, source: str, prefix: str | None = None, str
         raise ValueError(f"model.init_from={source!r} ({describe_checkpoint(checkpoint)}): {err}") from None
     report = _best_placement(model, state, source, fmt)
     command = _EVALUATING.get()
+    bad = non_finite_tensors({k: state[k] for k in report.loaded})
+    if command is not None and bad:
+        raise CheckpointError(
+            f"model.init_from={source!r} holds non-finite weights (NaN or inf) in {', '.join(bad[:5])}"
+            f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; refvision {command} would evaluate them"
+        )
     left_as_built = command is not None and bool(report.missing or report.mismatched)
     if not report.loaded or left_as_built or (strict and (report.mismatched or report.missing or report.unexpected)):
         if command is not None and task_of(checkpoint):

@@ -117,8 +117,8 @@ def export_checkpoint(
     """
     if format not in FORMATS:
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
-    task, _ = load_task_to_write(Path(ckpt), output, overwrite)
-    source, output = Path(ckpt), Path(output)
+    task, _ = load_task_to_write(ckpt, output, overwrite)
+    source, output = str(ckpt), Path(output)
     example = task.example_inputs()
     reparameterized = bool(converted_layers(task.model))
     fold_gap = None

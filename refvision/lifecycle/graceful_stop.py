@@ -28,8 +28,11 @@ class StopOnSignal(Callback):
 
     The signal is noted; at the end of the running training batch every rank raises
     :class:`TrainingInterrupted`, and ``last.ckpt`` is written (in the checkpoint callback's
-    folder) before the process exits with status 128 + signal. A second SIGINT aborts at once.
-    The previous handlers are back once training ends.
+    folder) before the process exits with status 128 + signal. A signal noted during a validation
+    stops the fit when that validation ends instead (``trainer.should_stop``): the ``last.ckpt`` then
+    written (by :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint`, at the epoch's end when it
+    is the epoch-end validation) is kept as it is, so that the resume is exact, and the process exits
+    the same way. A second SIGINT aborts at once. The previous handlers are back once training ends.
     """
 
     def __init__(self) -> None:
@@ -53,8 +56,16 @@ class StopOnSignal(Callback):
         if trainer.strategy.reduce_boolean_decision(self._signum is not None, all=False):
             raise TrainingInterrupted(self._signum or signal.SIGTERM)
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if trainer.strategy.reduce_boolean_decision(self._signum is not None, all=False):
+            trainer.should_stop = True
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_handlers()
+        if trainer.should_stop and self._signum is not None:
+            raise TrainingInterrupted(self._signum)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
@@ -67,8 +78,9 @@ class StopOnSignal(Callback):
             )
             return
         path = os.path.join(checkpoint.dirpath, ModelCheckpoint.CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION)
-        checkpoint.last_model_path = path
-        trainer.save_checkpoint(path)
+        if getattr(checkpoint, "last_saved_step", None) != trainer.global_step or not os.path.isfile(path):
+            checkpoint.last_model_path = path
+            trainer.save_checkpoint(path)
         log.warning(
             "stopped by %s at epoch %d, step %d: resume with --ckpt_path %s",
             signal.Signals(exception.signum).name,

@@ -13,7 +13,11 @@ the command checks :func:`taken_checkpoint_folders` before the fit writes anythi
 ``refvision.utils.atomic_file``) and deletes temporaries that killed runs left in the checkpoint folders.
 """
 
+import contextlib
+import errno
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,42 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from refvision.utils.atomic_file import copy_atomically, remove_stale_temporaries, save_atomically
 
 
+class DiskFull(OSError):
+    """A checkpoint that did not fit on its device; the message names the folder and the free space."""
+
+
+@contextlib.contextmanager
+def explained_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a full device while writing checkpoint ``path`` as one :class:`DiskFull` line.
+
+    torch's zip writer reports it as ``RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos``, after the ``OSError`` (errno 28) of the underlying write; both are recognised.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not _is_disk_full(err):
+            raise
+        folder = Path(path).parent
+        free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+        raise DiskFull(
+            errno.ENOSPC,
+            f"no space left on the device of {folder} ({free / 2**20:.1f} MiB free) while writing "
+            f"{Path(path).name}; the checkpoints already there are intact: free space there, or resume "
+            "with another --trainer.default_root_dir",
+        ) from err
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if isinstance(err, RuntimeError) and "unexpected pos" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local saves go through :func:`refvision.utils.atomic_file.save_atomically`."""
 
@@ -33,7 +73,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        save_atomically(checkpoint, path)
+        with explained_disk_full(path):
+            save_atomically(checkpoint, path)
 
 
 class AtomicCheckpoints(Callback):
@@ -83,7 +124,7 @@ class RunCheckpoint(ModelCheckpoint):
             **kwargs,
         )
         self.best_model_step: int | None = None
-        self._last_saved_step: int | None = None
+        self.last_saved_step: int | None = None
         self._carried_best: str | None = None
 
     @property
@@ -115,11 +156,11 @@ class RunCheckpoint(ModelCheckpoint):
             trainer.sanity_checking
             or trainer.state.fn != "fit"
             or trainer.fast_dev_run
-            or self._last_saved_step == trainer.global_step
+            or self.last_saved_step == trainer.global_step
         ):
             return
         self.last_model_path = self.last_path
-        self._last_saved_step = trainer.global_step
+        self.last_saved_step = trainer.global_step
         trainer.save_checkpoint(self.last_path, self.save_weights_only)
 
     def state_dict(self) -> dict[str, Any]:
@@ -156,7 +197,8 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             problem = _best_problem(source, self.best_model_step)
             if problem is None and self._carried_best:
-                copy_atomically(source, self.best_model_path)
+                with explained_disk_full(self.best_model_path):
+                    copy_atomically(source, self.best_model_path)
                 rank_zero_info(
                     f"resumed run: best so far ({self.monitor}={float(self.best_model_score):.6g}) "
                     f"copied from {source} to {self.best_model_path}"

@@ -59,6 +59,9 @@ class ConvMethod(nn.Conv2d):
     """True when :meth:`fuse` returns a plain ``nn.Conv2d`` with the replaced conv's geometry: the
     deploy model is then the original architecture (built with ``conv.kind: none``). False when the
     deploy model keeps a module of the method's own (built converted, then fused)."""
+    needs_trained_weights: ClassVar[bool] = False
+    """True when the method re-uses the replaced conv's kernel as a frozen basis (RefConv): converting a
+    randomly initialised model then trains on random kernels, which ``refvision fit`` refuses unless asked."""
 
     @classmethod
     def accepts(cls, conv: nn.Conv2d) -> bool:

@@ -59,6 +59,7 @@ class RefConv(ConvMethod):
 
     kind = "refconv"
     folds_to_conv = True
+    needs_trained_weights = True
     weight: Tensor
 
     def __init__(

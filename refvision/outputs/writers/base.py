@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from refvision.data.bad_samples import describe
 from refvision.data.predict import Source
 from refvision.outputs.writers.sources import sources
+from refvision.utils.atomic_file import check_writable
 
 MAX_LISTED = 5
 """Existing files named in an overwrite refusal (the count is always given)."""
@@ -24,10 +25,11 @@ class FileWriter(BasePredictionWriter):
     """Base of the writers: resolves each sample's :class:`Source` and refuses to overwrite.
 
     Before the first batch it lists every file the run would write (:meth:`planned_files`) and
-    raises :class:`OutputExistsError` if any exists, unless ``overwrite``; the check runs before any
-    prediction, so a refused run loses nothing. Inputs whose outputs would collide (``a.jpg`` and
-    ``a.png`` under a writer that names outputs ``a``: :meth:`output_name`) are one error listing
-    every such group. Per-image files are written as batches
+    raises :class:`OutputExistsError` if any exists, unless ``overwrite``, and ``PermissionError`` if a
+    folder they go to cannot be written (read-only); the checks run before any prediction, so a
+    refused run loses nothing. Inputs whose outputs would collide (``a.jpg`` and ``a.png`` under a
+    writer that names outputs ``a``: :meth:`output_name`) are one error listing every such group.
+    Per-image files are written as batches
     finish; files that collect all images (:meth:`write_collected`) are written once by rank 0
     from the records of every process.
     """
@@ -69,7 +71,10 @@ class FileWriter(BasePredictionWriter):
                 f"{len(collisions)} output name(s) of {type(self).__name__} would each be written by more than one "
                 f"input file; rename all but one file of each: {listed}"
             )
-        existing = [path for path in self.planned_files(trainer, every) if path.exists()]
+        planned = self.planned_files(trainer, every)
+        for folder in sorted({path.parent for path in planned}):
+            check_writable(folder / "probe", f"output_dir {self.output_dir}")
+        existing = [path for path in planned if path.exists()]
         if existing and not self.overwrite:
             listed = ", ".join(str(p) for p in existing[:MAX_LISTED])
             raise OutputExistsError(
