@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from refvision.checkpoints.loading import load_init_from, refvision_stamp
+from refvision.checkpoints.loading import checkpoint_form, load_init_from, refvision_stamp
 from refvision.data.description import IMAGENET_MEAN, IMAGENET_STD
 from refvision.lifecycle.divergence import DivergenceGuard
 from refvision.lifecycle.ema import WeightEMA
@@ -42,7 +42,7 @@ from refvision.lifecycle.run_state import RandomStateCheckpoint
 from refvision.lifecycle.start_validation import StartValidation
 from refvision.models.normalize import Normalize
 from refvision.nn import get_method
-from refvision.outputs.figures import figure_to_rgb, save_figure
+from refvision.outputs.figures import caption_figure, figure_to_rgb, run_caption, save_figure
 from refvision.outputs.tables import PerClassTable
 from refvision.surgery.convert import convert, reparameterize
 from refvision.surgery.trainable import TrainableMode, freeze_norm_statistics, set_trainable
@@ -165,6 +165,7 @@ class RefvisionTask(LightningModule):
         self.ema_decay = ema_decay
         self.channels_last, self.compile_network = channels_last, compile
         self._compiled = False
+        self.loaded_form: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -306,6 +307,19 @@ class RefvisionTask(LightningModule):
             callbacks.append(WeightEMA(self.ema_decay))
         return callbacks
 
+    def model_description(self) -> str:
+        """The network's class, the architecture options that name it and the conv method, e.g.
+        ``SSD (ssdlite320_mobilenet_v3_large, conv refconv)``: what figure titles call the model."""
+        named = [
+            str(self.hparams[key]) for key in self.options(Role.ARCHITECTURE) if isinstance(self.hparams.get(key), str)
+        ]
+        if self.conv_config["kind"] != "none":
+            named.append(f"conv {self.conv_config['kind']}")
+        return f"{type(self.model).__name__} ({', '.join(named)})" if named else type(self.model).__name__
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_form = checkpoint_form(checkpoint)  # train / deploy, for the test figures' titles
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint carries its weights: rebuilding it must not re-load or download others.
         hparams = checkpoint.get("hyper_parameters")
@@ -434,7 +448,10 @@ class RefvisionTask(LightningModule):
         for stem, extra in tables.items():
             extra.save_csv(log_dir / f"{stem}.csv")
         boards = [logger.experiment for logger in self.trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        weights = self.trainer.ckpt_path or self.initial_weights.source
+        caption = run_caption(self.model_description(), weights, self.loaded_form)
         for stem, figure in self.evaluation_figures(result).items():
+            caption_figure(figure, caption)
             save_figure(figure, log_dir / f"{stem}.png")
             if boards:
                 image = figure_to_rgb(figure)

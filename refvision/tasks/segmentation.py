@@ -179,7 +179,7 @@ class SegmentationTask(RefvisionTask):
         }
         if self._samples:
             images, masks, preds = (torch.stack(part) for part in zip(*self._samples))
-            figures["test_samples"] = segmentation_grid(images, masks, preds, self.palette, self.ignore_index)
+            figures["test_samples"] = segmentation_grid(images, masks, preds, self.palette, names, self.ignore_index)
         self._samples = []
         return figures
 

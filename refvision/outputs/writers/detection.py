@@ -6,9 +6,9 @@ from typing import Any
 
 from lightning import LightningModule, Trainer
 from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes
 
 from refvision.data.predict import Source, read_rgb
+from refvision.outputs.drawing import draw_detections
 from refvision.outputs.writers.base import FileWriter
 from refvision.outputs.writers.classification import class_names_of
 from refvision.outputs.writers.detection_formats import coco_results, voc_lines, voc_result_file, write_json
@@ -23,8 +23,10 @@ class DetectionPredictionWriter(FileWriter):
     - ``detections.json``: one record per input image in dataset order, ``{"file", "boxes"
       (xyxy, 0-based continuous pixels of the input image), "scores", "labels", "class_names"}``,
       keeping detections with ``score >= score_threshold``;
-    - ``boxes/<name>.png`` (when ``draw``): the input image with those boxes drawn, labelled
-      ``<class> <score>``; ``<name>`` is the input's path without suffix, sub-folders kept;
+    - ``boxes/<name>.png`` (when ``draw``): the input image with those boxes drawn, each labelled
+      ``<class> <score>`` on a tag of the box's colour, text sized to the image
+      (:func:`~refvision.outputs.drawing.draw_detections`; an image without such boxes is
+      written as it is); ``<name>`` is the input's path without suffix, sub-folders kept;
     - ``coco_results.json``: every detection of the model (no threshold, as for scoring) as
       COCO results, ``image_id`` the input's name (see ``refvision.outputs.writers.detection_formats``);
     - with ``voc_set`` (``"YEAR-SPLIT"``, e.g. ``"2007-test"``): the devkit's
@@ -83,12 +85,8 @@ class DetectionPredictionWriter(FileWriter):
                 keep = record["scores"] >= self.score_threshold
                 labels = record["labels"][keep].tolist()
                 texts = [f"{_name(names, i)} {s:.2f}" for i, s in zip(labels, record["scores"][keep].tolist())]
-                drawn = draw_bounding_boxes(
-                    read_rgb(source.file),
-                    record["boxes"][keep],
-                    labels=texts,
-                    colors=[label_color(i) for i in labels],
-                    width=2,
+                drawn = draw_detections(
+                    read_rgb(source.file), record["boxes"][keep], texts, [label_color(i) for i in labels]
                 )
                 path = self.output_dir / "boxes" / f"{source.name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)

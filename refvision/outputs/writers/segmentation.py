@@ -13,6 +13,7 @@ from torchvision.utils import draw_segmentation_masks
 
 from refvision.data.cityscapes_labels import label_ids
 from refvision.data.predict import Source, read_rgb
+from refvision.outputs.drawing import append_legend
 from refvision.outputs.writers.base import FileWriter
 from refvision.outputs.writers.classification import class_names_of
 
@@ -32,7 +33,10 @@ class SegmentationPredictionWriter(FileWriter):
       ``class_names``, the data module's: road 7, ..., bicycle 33);
     - ``color/<name>.png``: the classes in the model's palette (``model.palette``: the data module's,
       Cityscapes colours for Cityscapes);
-    - ``overlay/<name>.png``: the input image with the coloured classes blended in at ``alpha``.
+    - ``overlay/<name>.png``: the input image with the coloured classes blended in at ``alpha``,
+      and below it a legend band naming each class it shows, with its colour (the model's
+      ``class_names``, else the class ids): taller than the input by the band, as wide unless a
+      class name is wider (see :func:`~refvision.outputs.drawing.append_legend`).
 
     With ``cityscapes: true``, ``<output_dir>/labels`` is a folder that cityscapesScripts'
     ``evalPixelLevelSemanticLabeling`` (``CITYSCAPES_RESULTS``) and the Cityscapes server take as
@@ -66,6 +70,7 @@ class SegmentationPredictionWriter(FileWriter):
         dataloader_idx: int = 0,
     ) -> None:
         colors: Tensor = pl_module.palette  # a SegmentationTask's (num_classes, 3) uint8 colours
+        names = class_names_of(trainer, None)
         _, sources = self.batch_samples(trainer, batch, batch_indices, dataloader_idx, len(prediction))
         for source, pred in zip(sources, prediction):
             pred = pred.detach().cpu()
@@ -82,10 +87,10 @@ class SegmentationPredictionWriter(FileWriter):
                         f"{tuple(image.shape[-2:])}; the Cityscapes evaluator needs full resolution "
                         f"(drop data.eval_size)"
                     )
-                labels = self._label_ids(class_names_of(trainer, None))[pred.long()]
+                labels = self._label_ids(names)[pred.long()]
             self._write(labels.unsqueeze(0), "labels", source)
             self._write(colors[pred.long()].permute(2, 0, 1).contiguous(), "color", source)
-            self._write(self.overlay(image, pred, colors), "overlay", source)
+            self._write(self.overlay(image, pred, colors, names), "overlay", source)
 
     def _label_ids(self, class_names: Sequence[str] | None) -> Tensor:
         """``(num_classes,) uint8``: the official Cityscapes label id of each class the model names."""
@@ -101,12 +106,16 @@ class SegmentationPredictionWriter(FileWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_png(image, str(path))
 
-    def overlay(self, image: Tensor, pred: Tensor, colors: Tensor) -> Tensor:
-        """``uint8 (3, H, W)``: ``image`` with ``pred`` (resized to it by nearest neighbour) blended in."""
+    def overlay(self, image: Tensor, pred: Tensor, colors: Tensor, class_names: Sequence[str] | None) -> Tensor:
+        """``uint8 (3, H + B, W')``: ``image`` ``(3, H, W)`` with ``pred`` (resized to it by nearest neighbour)
+        blended in, over a legend band naming the classes shown (by ``class_names``, else id); see
+        :func:`~refvision.outputs.drawing.append_legend`."""
         if pred.shape != image.shape[-2:]:
             pred = F.interpolate(pred[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].to(pred.dtype)
         classes = pred.unique()
         masks = pred.unsqueeze(0) == classes.view(-1, 1, 1)
-        return draw_segmentation_masks(
-            image, masks, alpha=self.alpha, colors=[tuple(colors[c].tolist()) for c in classes.long()]
-        )
+        ids = classes.long().tolist()
+        shown = [tuple(colors[c].tolist()) for c in ids]
+        blended = draw_segmentation_masks(image, masks, alpha=self.alpha, colors=shown)
+        names = [class_names[c] if class_names is not None else str(c) for c in ids]
+        return append_legend(blended, list(zip(names, shown)))
