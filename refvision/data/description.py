@@ -7,7 +7,7 @@ dataset's class list or colours, they receive them.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 
@@ -49,6 +49,11 @@ class DataDescription:
         statistics: the input statistics the model normalises with (see :class:`Statistics`).
         palette: segmentation: the RGB colour (0..255) of each class, in label order.
         ignore_index: segmentation: the mask value of pixels that belong to no class.
+        protocol: detection: how the data is evaluated, ``"voc"`` (the VOC devkit's mAP) or
+            ``"coco"`` (pycocotools' ``COCOeval``).
+        category_ids: detection: the data's own id of each foreground label (label ``i`` is
+            ``category_ids[i - 1]``; the background has none), for evaluation and results files in
+            the data's ids (COCO's ``category_id``).
 
     A field left ``None`` is one the data does not state; the model keeps its own value there
     (its config's, or its checkpoint's: a folder of plain images states nothing about classes).
@@ -59,10 +64,24 @@ class DataDescription:
     statistics: Statistics | None = None
     palette: tuple[tuple[int, int, int], ...] | None = None
     ignore_index: int | None = None
+    protocol: Literal["voc", "coco"] | None = None
+    category_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
+        if self.protocol not in (None, "voc", "coco"):
+            raise ValueError(f"data protocol={self.protocol!r}: expected 'voc' or 'coco'")
+        if self.category_ids is not None:
+            object.__setattr__(self, "category_ids", tuple(int(i) for i in self.category_ids))
+            if self.class_names is None or len(self.category_ids) != len(self.class_names) - 1:
+                classes = "no class names" if self.class_names is None else f"{len(self.class_names)} class names"
+                raise ValueError(
+                    f"data category_ids has {len(self.category_ids)} ids but the data has {classes}; expected one "
+                    "id per class after the background"
+                )
+            if len(set(self.category_ids)) != len(self.category_ids):
+                raise ValueError(f"data category_ids={list(self.category_ids)}: expected distinct ids")
         if self.palette is not None:
             object.__setattr__(self, "palette", tuple(tuple(int(c) for c in color) for color in self.palette))
         if self.palette is not None and (self.class_names is None or len(self.palette) != len(self.class_names)):
@@ -82,7 +101,8 @@ class DataDescription:
 
     def stated(self) -> dict[str, Any]:
         """What this description states, as the model's init argument names: ``num_classes``,
-        ``class_names``, ``mean``, ``std``, ``palette``, ``ignore_index`` -> value, for each stated."""
+        ``class_names``, ``mean``, ``std``, ``palette``, ``ignore_index``, ``protocol``,
+        ``category_ids`` -> value, for each stated."""
         values: dict[str, Any] = {}
         if self.class_names is not None:
             values |= {"num_classes": self.num_classes, "class_names": self.class_names}
@@ -92,6 +112,10 @@ class DataDescription:
             values["palette"] = self.palette
         if self.ignore_index is not None:
             values["ignore_index"] = self.ignore_index
+        if self.protocol is not None:
+            values["protocol"] = self.protocol
+        if self.category_ids is not None:
+            values["category_ids"] = self.category_ids
         return values
 
 
@@ -140,3 +164,13 @@ class DescribedDataModule(L.LightningDataModule):
     def ignore_index(self) -> int:
         """The mask value of pixels that belong to no class."""
         return self._stated("ignore_index")
+
+    @property
+    def protocol(self) -> str:
+        """Detection: how the data is evaluated (``"voc"`` or ``"coco"``)."""
+        return self._stated("protocol")
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Detection: the data's own id of each foreground label."""
+        return list(self._stated("category_ids"))

@@ -368,7 +368,7 @@ class VOCDataModule(SplitDataModule):
         self.image_sets = {"train": list(train_sets), "val": list(val_sets), "test": list(test_sets)}
         self.train_transform = presets.detection_train(preset)
         self.eval_transform = presets.detection_eval()
-        self.description = DataDescription(VOC_LABELS, Statistics(mean, std))
+        self.description = DataDescription(VOC_LABELS, Statistics(mean, std), protocol="voc")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory

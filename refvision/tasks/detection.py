@@ -1,10 +1,12 @@
-"""Object detection: torchvision SSD / SSDLite, SSD's multibox loss, Pascal VOC mAP@0.5 (+ COCO mAP).
+"""Object detection: torchvision SSD / SSDLite, SSD's multibox loss, Pascal VOC mAP@0.5 or pycocotools' COCOeval.
 
-Batches are ``(images, targets)`` as :class:`~refvision.data.VOCDataModule` gives them:
+Batches are ``(images, targets)`` as :class:`~refvision.data.VOCDataModule` and
+:class:`~refvision.data.CocoDetectionDataModule` give them:
 ``images[i]`` a ``(3, H_i, W_i)`` float tensor in [0, 1] and ``targets[i]`` a dict with
 ``boxes`` ``(N, 4)`` xyxy (0-based continuous pixels), ``labels`` ``(N,)`` int64 in
-``1..num_classes - 1``, ``difficult`` ``(N,)`` bool and ``image_id``. The detector resizes
-and normalizes internally and maps its detections back to each input image's pixels.
+``1..num_classes - 1``, and ``image_id``, with what the metric of the data's ``protocol`` reads
+(VOC: ``difficult``; COCO: see :class:`~refvision.metrics.COCOMeanAveragePrecision`). The detector
+resizes and normalizes internally and maps its detections back to each input image's pixels.
 """
 
 from collections.abc import Sequence
@@ -15,7 +17,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from refvision.metrics import VOCMeanAveragePrecision
+from refvision.metrics import COCO_STATS, COCOMeanAveragePrecision, VOCMeanAveragePrecision
 from refvision.models.detection import SSDRawOutputs, build_detector, ssd_raw_outputs
 from refvision.outputs.figures import per_class_bars, precision_recall_curves
 from refvision.outputs.tables import PerClassTable, per_class_table
@@ -48,6 +50,11 @@ class DetectionTask(RefvisionTask):
         mean: per-channel RGB mean the detector's transform normalises with, or null for the
             detector's own (SSDLite 0.5, SSD300 VGG16's Caffe mean); set from the data module.
         std: per-channel RGB standard deviation, as ``mean`` (SSDLite 0.5, SSD300 1 / 255).
+        protocol: how the data is evaluated: ``voc`` (the devkit's mAP@0.5 by ``eval_mode``, with COCO's
+            mAP@[.5:.95] alongside) or ``coco`` (pycocotools' ``COCOeval``: ``map`` is AP@[.5:.95], and
+            ``map_50`` ... ``mar_large`` its other numbers); set from the data module.
+        category_ids: the data's category id of each label ``1..num_classes - 1``, which ``coco``
+            evaluation reports in; set from the data module.
 
     By default only the backbone's feature layers are converted (``conv.include`` widens it, e.g.
     ``[backbone.*]`` adds the extra layers, ``[head.*]`` the prediction heads).
@@ -56,7 +63,6 @@ class DetectionTask(RefvisionTask):
     num_classes_note = " (background included)"
     default_conv_include = ["backbone.features.*"]
     monitor, monitor_mode = "val/map", "max"
-    logged_metrics = {"val": ("map", "coco_map"), "test": ("map", "coco_map", "coco_map_50")}
 
     def __init__(
         self,
@@ -68,6 +74,8 @@ class DetectionTask(RefvisionTask):
         norm_momentum: Annotated[float | None, Role.TRAINING] = None,
         mean: Annotated[tuple[float, float, float] | None, Role.DATA] = None,
         std: Annotated[tuple[float, float, float] | None, Role.DATA] = None,
+        protocol: Annotated[Literal["voc", "coco"], Role.DATA] = "voc",
+        category_ids: Annotated[list[int] | None, Role.DATA] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(mean=mean, std=std, **kwargs)
@@ -76,6 +84,14 @@ class DetectionTask(RefvisionTask):
             raise ValueError(f"model.num_classes={num_classes}; expected at least 2 (the background included)")
         if norm_momentum is not None and not 0 < norm_momentum <= 1:
             raise ValueError(f"model.norm_momentum={norm_momentum}; expected a value in (0, 1] or null")
+        if protocol == "coco" and (category_ids is None or len(category_ids) != num_classes - 1):
+            given = "none" if category_ids is None else f"{len(category_ids)}"
+            raise ValueError(
+                f"model.protocol=coco needs model.category_ids, one per class after the background "
+                f"({num_classes - 1}); got {given} (the data module sets both)"
+            )
+        self.protocol = protocol
+        self.category_ids = list(category_ids) if category_ids is not None else None
         self.detector, self.num_classes, self.weights_backbone = detector, num_classes, weights_backbone
         self.image_size, self.eval_mode, self.norm_momentum = image_size, eval_mode, norm_momentum
         self.configure_model_pipeline()
@@ -117,7 +133,17 @@ class DetectionTask(RefvisionTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
-    def create_metric(self) -> VOCMeanAveragePrecision:
+    @property
+    def logged_metrics(self) -> dict[str, tuple[str, ...]]:  # type: ignore[override]
+        """VOC: ``map`` (the devkit's) and COCO's ``coco_map`` (+ ``coco_map_50`` at test); COCO: ``map`` and
+        ``map_50``, at test every number of ``COCOeval.stats``."""
+        if self.protocol == "coco":
+            return {"val": ("map", "map_50"), "test": COCO_STATS}
+        return {"val": ("map", "coco_map"), "test": ("map", "coco_map", "coco_map_50")}
+
+    def create_metric(self) -> VOCMeanAveragePrecision | COCOMeanAveragePrecision:
+        if self.protocol == "coco":
+            return COCOMeanAveragePrecision(self.category_ids or [])
         return VOCMeanAveragePrecision(self.num_classes - 1, eval_mode=self.eval_mode)
 
     def evaluation_step(
@@ -135,12 +161,16 @@ class DetectionTask(RefvisionTask):
 
     def evaluation_figures(self, result: dict[str, Any]) -> dict[str, Figure]:
         names = self.eval_class_names()
+        # COCO's curves are at IoU 0.5: their panels give the AP@.5 they average to.
+        curve_ap = result["ap50_per_class"] if self.protocol == "coco" else result["ap_per_class"]
         return {
             "test_ap_per_class": per_class_bars(names, result["ap_per_class"], self._ap_name(), "AP"),
-            "test_pr_curves": precision_recall_curves(result["pr_curves"], names, result["ap_per_class"]),
+            "test_pr_curves": precision_recall_curves(result["pr_curves"], names, curve_ap),
         }
 
     def _ap_name(self) -> str:
+        if self.protocol == "coco":
+            return "AP@[.5:.95] (COCOeval, test)"
         return f"AP@{self.eval_metrics['test'].iou_threshold} ({self.eval_mode}, test)"
 
     def predict_step(self, batch: tuple[list[Tensor], list[dict[str, Any]]], batch_idx: int) -> list[Detection]:

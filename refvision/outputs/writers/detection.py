@@ -28,7 +28,8 @@ class DetectionPredictionWriter(FileWriter):
       (:func:`~refvision.outputs.drawing.draw_detections`; an image without such boxes is
       written as it is); ``<name>`` is the input's path without suffix, sub-folders kept;
     - ``coco_results.json``: every detection of the model (no threshold, as for scoring) as
-      COCO results, ``image_id`` the input's name (see ``refvision.outputs.writers.detection_formats``);
+      COCO results, ``image_id`` the input's name, ``category_id`` the model's ``category_ids`` of
+      its COCO data, else its label (see ``refvision.outputs.writers.detection_formats``);
     - with ``voc_set`` (``"YEAR-SPLIT"``, e.g. ``"2007-test"``): the devkit's
       ``results/VOC<year>/Main/comp4_det_<split>_<class>.txt`` for every class, every detection,
       1-based VOC pixel coordinates, image id = the input's name (the VOC id for VOC data).
@@ -95,6 +96,7 @@ class DetectionPredictionWriter(FileWriter):
 
     def write_collected(self, trainer: Trainer, records: list[tuple[Source, Any]]) -> None:
         names = class_names_of(trainer, self.class_names)
+        category_ids = getattr(trainer.lightning_module, "category_ids", None)  # the data's ids (COCO)
         summary, coco = [], []
         for source, det in records:
             keep = det["scores"] >= self.score_threshold
@@ -108,7 +110,7 @@ class DetectionPredictionWriter(FileWriter):
                     "class_names": [_name(names, i) for i in labels],
                 }
             )
-            coco += coco_results(str(source.name), det["boxes"], det["scores"], det["labels"])
+            coco += coco_results(str(source.name), det["boxes"], det["scores"], det["labels"], category_ids)
         write_json(self.output_dir / "detections.json", summary)
         write_json(self.output_dir / "coco_results.json", coco)
         for label, path in enumerate(self._voc_files(names), start=1):

@@ -7,6 +7,7 @@ reads back to the same float) so that scoring the files gives what ``refvision t
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,17 +45,21 @@ def voc_lines(image_id: str, boxes: Tensor, scores: Tensor, labels: Tensor, labe
     ]
 
 
-def coco_results(image_id: str, boxes: Tensor, scores: Tensor, labels: Tensor) -> list[dict]:
+def coco_results(
+    image_id: str, boxes: Tensor, scores: Tensor, labels: Tensor, category_ids: Sequence[int] | None = None
+) -> list[dict]:
     """COCO results records ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` of one image.
 
-    ``bbox`` is COCO's 0-based continuous ``xywh`` (no ``+1``); ``category_id`` is the model's
-    label (1..20 for VOC, in ``VOC_CLASSES`` order).
+    ``bbox`` is COCO's 0-based continuous ``xywh`` (no ``+1``); ``category_id`` is the data's id of
+    the label, ``category_ids[label - 1]``, where given (COCO data), else the model's label (1..20
+    for VOC, in ``VOC_CLASSES`` order).
     """
     boxes = boxes.double()
     xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1).tolist()
+    ids = labels.tolist() if category_ids is None else [category_ids[label - 1] for label in labels.tolist()]
     return [
-        {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
-        for label, box, score in zip(labels.tolist(), xywh, scores.double().tolist())
+        {"image_id": image_id, "category_id": category_id, "bbox": box, "score": score}
+        for category_id, box, score in zip(ids, xywh, scores.double().tolist())
     ]
 
 

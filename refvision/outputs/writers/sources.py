@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import DatasetFolder
 
 from refvision.data.cityscapes import CityscapesSegmentation
+from refvision.data.coco import CocoDetection
 from refvision.data.predict import ImageFiles, Source
 from refvision.data.voc import VOCDetection
 
@@ -17,10 +18,11 @@ from refvision.data.voc import VOCDetection
 def source_of(dataset: Dataset, index: int) -> Source:
     """The file of sample ``index`` of ``dataset`` and the name its outputs get.
 
-    Names: :class:`ImageFiles` the path under its root; VOC the image id (``000005``);
-    Cityscapes ``<city>/<city>_<seq>_<frame>_leftImg8bit``; image folders ``<class>/<stem>``.
+    Names: :class:`ImageFiles` the path under its root; VOC the image id (``000005``); COCO the
+    ``file_name`` without its suffix; Cityscapes ``<city>/<city>_<seq>_<frame>_leftImg8bit``; image
+    folders ``<class>/<stem>``.
     """
-    if isinstance(dataset, ImageFiles):
+    if isinstance(dataset, (ImageFiles, CocoDetection)):
         return dataset.source(index)
     if isinstance(dataset, VOCDetection):
         annotation = dataset.annotations[index]
