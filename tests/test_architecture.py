@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "refvision.lifecycle": 2,
     "refvision.outputs": 2,
     "refvision.export": 2,
+    "refvision.inference": 2,
     "refvision.app": 3,
 }
 PURE_TORCH = ("refvision.nn", "refvision.surgery")

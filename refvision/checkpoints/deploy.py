@@ -81,16 +81,25 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[RefvisionTask, dict[s
             hyper-parameters the task does not take or rejects, weights missing, unexpected or of
             another shape than the task's); the message names the file and the offending keys.
     """
-    checkpoint = read_checkpoint(resolve_source(path, "--ckpt"), "--ckpt")
+    return task_from_checkpoint(read_checkpoint(resolve_source(path, "--ckpt"), "--ckpt"), path)
+
+
+def task_from_checkpoint(
+    checkpoint: Any, path: str | os.PathLike, option: str = "--ckpt"
+) -> tuple[RefvisionTask, dict[str, Any]]:
+    """:func:`load_task_checkpoint` on the contents of a checkpoint already read from ``path``.
+
+    Errors name ``option`` and ``path``; they are those of :func:`load_task_checkpoint`.
+    """
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(
-            f"--ckpt {path}: not a Lightning checkpoint (no 'state_dict'); it holds {describe_checkpoint(checkpoint)}"
+            f"{option} {path}: not a Lightning checkpoint (no 'state_dict'); it holds {describe_checkpoint(checkpoint)}"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     task_path = task_of(checkpoint)
     if not task_path:
         raise CheckpointError(
-            f"--ckpt {path}: the checkpoint does not say which refvision task wrote it; "
+            f"{option} {path}: the checkpoint does not say which refvision task wrote it; "
             f"it holds {describe_checkpoint(checkpoint)}"
         )
     try:
@@ -99,7 +108,7 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[RefvisionTask, dict[s
         task_cls = None
     if not (isinstance(task_cls, type) and issubclass(task_cls, RefvisionTask)):
         raise CheckpointError(
-            f"--ckpt {path}: written by task {task_path!r}, which this refvision does not "
+            f"{option} {path}: written by task {task_path!r}, which this refvision does not "
             "have (a checkpoint of another refvision version?); expected a refvision task "
             "class"
         )
@@ -108,7 +117,7 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[RefvisionTask, dict[s
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise CheckpointError(
-            f"--ckpt {path}: ckpt['hyper_parameters'] holds {', '.join(map(repr, unknown))}, which "
+            f"{option} {path}: ckpt['hyper_parameters'] holds {', '.join(map(repr, unknown))}, which "
             f"{task_cls.__name__} does not take (a checkpoint of another refvision version?); expected only "
             f"its arguments: {', '.join(sorted(accepted))}"
         )
@@ -116,13 +125,13 @@ def load_task_checkpoint(path: str | os.PathLike) -> tuple[RefvisionTask, dict[s
         task = task_cls(**hparams)
     except (TypeError, ValueError) as err:
         raise CheckpointError(
-            f"--ckpt {path}: its hyper_parameters do not build {task_cls.__name__}: "
+            f"{option} {path}: its hyper_parameters do not build {task_cls.__name__}: "
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
     try:
         task.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"--ckpt {path}: {_weights_mismatch(task, checkpoint['state_dict'], err)}") from None
+        raise CheckpointError(f"{option} {path}: {_weights_mismatch(task, checkpoint['state_dict'], err)}") from None
     return task.eval(), hparams
 
 

@@ -156,6 +156,25 @@ def _collate_stacked(batch: Sequence[tuple[Tensor, dict[str, str]]]) -> tuple[Te
     return torch.stack([image.as_subclass(Tensor) for image, _ in batch]), [info for _, info in batch]
 
 
+def predict_transform(
+    preset: Preset, image_size: int | None = None, resize_size: int = 256, interpolation: str = "bilinear"
+) -> v2.Transform:
+    """The evaluation preprocessing of ``preset`` (see :class:`PredictImagesDataModule`): a decoded
+    ``Image (3, H, W)`` (``uint8`` or ``uint16``) -> ``float32`` RGB in [0, 1]. ``refvision predict``
+    and ``refvision.inference.Predictor`` both preprocess with it."""
+    if preset == "classification":
+        return presets.classification_eval(image_size or 224, resize_size, interpolation)
+    if preset == "detection":
+        return presets.detection_eval()
+    return presets.segmentation_eval()
+
+
+def predict_collate(preset: Preset) -> Callable[[Sequence[tuple[Tensor, dict[str, Any]]]], tuple[Any, list[Any]]]:
+    """How ``preset`` batches ``(image, info)`` samples: classification ``(images (B, 3, S, S), infos)``,
+    the others ``(list of (3, H_i, W_i), infos)``."""
+    return _collate_stacked if preset == "classification" else detection_collate
+
+
 class PredictImagesDataModule(DescribedDataModule):
     """``predict`` on a plain folder of images, for every refvision task.
 
@@ -218,13 +237,8 @@ class PredictImagesDataModule(DescribedDataModule):
             class_names=tuple(class_names) if class_names is not None else None, palette=palette
         )
         self.root, self.preset = root, preset
-        if preset == "classification":
-            self.transform: v2.Transform = presets.classification_eval(image_size or 224, resize_size, interpolation)
-        elif preset == "detection":
-            self.transform = presets.detection_eval()
-        else:
-            self.transform = presets.segmentation_eval()
-        self.collate_fn = _collate_stacked if preset == "classification" else detection_collate
+        self.transform = predict_transform(preset, image_size, resize_size, interpolation)
+        self.collate_fn = predict_collate(preset)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
 
     def setup(self, stage: str) -> None:
