@@ -142,6 +142,12 @@ def test_classification_results_equal_the_predict_csv(
     # Another resize than the checkpoint's changes the numbers: the comparison above can fail.
     other = Predictor.from_checkpoint(ckpt, resize_size=32, interpolation="bilinear")(_files(images))
     assert [f"{s.prob:.6f}" for r in other for s in r.top_k] != [p for row in rows for p in row[2::2]]
+    # Its deploy checkpoint keeps the data module's settings: it preprocesses the same way.
+    reparameterize_checkpoint(ckpt, tmp_path / "deploy.ckpt")
+    caplog.clear()
+    deployed = Predictor.from_checkpoint(tmp_path / "deploy.ckpt")
+    assert not caplog.records
+    assert deployed.preprocessing == predictor.preprocessing
 
 
 def test_detection_results_equal_the_predict_json(tmp_path: Path, images: Path) -> None:

@@ -148,16 +148,25 @@ def load_task_to_write(
         FileExistsError: ``output`` exists without ``overwrite``.
         CheckpointError: ``source`` does not rebuild its task (:func:`load_task_checkpoint`).
     """
+    task, hparams, _ = _read_to_write(source, output, overwrite)
+    return task, hparams
+
+
+def _read_to_write(
+    source: str | os.PathLike, output: str | os.PathLike, overwrite: bool
+) -> tuple[RefvisionTask, dict[str, Any], dict[str, Any]]:
+    """:func:`load_task_to_write`, also returning the checkpoint's data-module hyper-parameters."""
     if not is_url(source) and same_file(Path(source), Path(output)):
         raise ValueError(f"--output {output} is the input checkpoint --ckpt; choose another path")
     check_writable(output, f"--output {output}")
     if Path(output).exists() and not overwrite:
         raise FileExistsError(f"--output {output} exists; pass --overwrite to replace it")
-    task, hparams = load_task_checkpoint(source)
+    checkpoint = read_checkpoint(resolve_source(source, "--ckpt"), "--ckpt")
+    task, hparams = task_from_checkpoint(checkpoint, source)
     bad = non_finite_tensors(task.state_dict())
     if bad:
         raise ValueError(f"{source} holds non-finite weights ({', '.join(bad[:5])}); nothing written")
-    return task, hparams
+    return task, hparams, dict(checkpoint.get("datamodule_hyper_parameters") or {})
 
 
 def reparameterize_checkpoint(
@@ -173,7 +182,7 @@ def reparameterize_checkpoint(
     refused. ``inputs`` (what the task's ``inputs_of`` gives; default ``task.example_inputs()``)
     are used to measure the largest output difference between the two forms.
     """
-    task, hparams = load_task_to_write(source, output, overwrite)
+    task, hparams, data_hparams = _read_to_write(source, output, overwrite)
     source, output = str(source), Path(output)
     task_cls = type(task)
     deploy_hparams = task_cls.deploy_hparams(hparams)
@@ -199,6 +208,7 @@ def reparameterize_checkpoint(
         "state_dict": deploy_task.state_dict(),
         "hyper_parameters": {**deploy_hparams, "_class_path": class_path(task_cls), "_instantiator": _INSTANTIATOR},
         "pytorch-lightning_version": lightning.__version__,
+        **({"datamodule_hyper_parameters": data_hparams} if data_hparams else {}),
         "refvision": refvision_stamp(task_cls, "deploy", source=str(source), max_abs_diff=report.max_abs_diff),
     }
     save_atomically(checkpoint, output)

@@ -140,7 +140,7 @@ class Predictor:
         checked before reuse, as ``--ckpt_path`` is); the file is read weights-only, nothing in it runs.
         The checkpoint gives the network, its class names, ``mean`` / ``std`` and input size. A checkpoint
         of ``refvision fit`` also records its data module's ``resize_size`` / ``interpolation``, which
-        classification uses unless given here; where it does not (a deploy checkpoint), the default
+        classification uses unless given here; where it does not (a checkpoint saved outside a fit), the default
         resize is used and a warning says so. ``options`` replace the task's options of how it runs
         (:attr:`Role.RUN <refvision.tasks.options.Role.RUN>`: ``inference``, ``slide_crop``, ``flip``,
         ``scales``, ``channels_last``, ...), which otherwise are the checkpoint's (``refvision predict``
