@@ -2,6 +2,8 @@
 (``make gpu-check``), both walked on CPU: the options against the eager contiguous network, the check
 by its ``--dry-run``."""
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -183,3 +185,48 @@ def test_gpu_check_without_cuda_stops_in_one_line(tmp_path: Path) -> None:
     said = [line for line in (done.stdout + done.stderr).splitlines() if not line.startswith("make: ***")]
     assert len(said) == 1 and said[0].startswith("gpu-check: error: no CUDA device is present"), said
     assert not out.exists()
+
+
+def _params_total(profile: str, model: str, method: str) -> tuple[int, int]:
+    """``params total`` of the train and deploy forms in ``profile.log``'s table of ``model, method``."""
+    table = profile.split(f"### {model}, {method}\n", 1)[1].split("```", 2)[1]
+    train, deploy = re.search(r"params total\s+([\d,]+)\s+([\d,]+)", table).groups()
+    return int(train.replace(",", "")), int(deploy.replace(",", ""))
+
+
+@pytest.mark.slow
+def test_dry_run_walks_every_step_on_cpu(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.py --dry-run``: every step on CPU at tiny sizes, every row with numbers."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    output = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, output
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "gpu-check.md",
+        "tests.log",
+        "drconv_vs_dense.log",
+        "throughput.md",
+        "throughput.json",
+        "throughput.log",
+        "profile.log",
+    }, output
+    assert re.search(r"^\d+ skipped, \d+ deselected", (tmp_path / "tests.log").read_text(), re.M), "CUDA tests"
+    assert "3x3 8->8 @12x12" in (tmp_path / "drconv_vs_dense.log").read_text()
+    profiles = (tmp_path / "profile.log").read_text()
+    assert len(re.findall(r"latency ms \(median, cpu\)\s+[\d.]+\s+[\d.]+", profiles)) == 8, profiles
+    for model in ("SSDLite320-MobileNetV3", "SSD300-VGG16", "DeepLabV3+ MobileNetV2", "DeepLabV3+ ResNet-50"):
+        plain = _params_total(profiles, model, "RefConv")[1]  # RefConv's deploy form: the plain network
+        assert min(_params_total(profiles, model, "DRConv")) > plain, f"{model}: DRConv converted no conv"
+    rows = json.loads((tmp_path / "throughput.json").read_text())
+    assert len(rows) == 4 * 3 * 2 * 2  # models x forms x precisions x channels_last
+    assert [r for r in rows if r["note"]] == []
+    assert all(r["excluded"] > 0 and r["included"] > 0 for r in rows)
+    assert all(r["converted"] > 0 for r in rows if r["form"] != "baseline")
+    report = (tmp_path / "gpu-check.md").read_text()
+    assert "| SSD300-VGG16 | baseline | 2 | bf16 | on |" in report and "MMDetection SSD300 VOC: 0.159" in report
+    assert "(deploy form, batch 1, whole 64x128 image)" in report
