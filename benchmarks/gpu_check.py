@@ -23,6 +23,8 @@ import argparse
 import contextlib
 import io
 import json
+import logging
+import math
 import os
 import platform
 import re
@@ -32,12 +34,17 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(REPO))
+# Importing refvision loads torch.utils.benchmark, whose import warns where the CUDA toolkit is found
+# without a CUDA runtime (a CPU machine with nvcc): noise before the one-line refusal without CUDA.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from refvision.app.cli import main as refvision_main  # noqa: E402
 
 CUDA_TEST_FILES = (
@@ -49,9 +56,15 @@ CUDA_TEST_FILES = (
 TESTS_TIMEOUT_S = 210
 DRCONV_TIMEOUT_S = 90
 THROUGHPUT_BUDGET_S = 170
-DRY_RUN_BUDGET_S = 1800
-"""The dry run walks every row whatever it takes (on a loaded 2-core machine, minutes)."""
 PROFILE_RUN_S = 0.5
+DRY_RUN_PROFILE_S = 0.01
+"""The dry run times each form for the fewest blocks (its latencies mean nothing)."""
+
+PRECISIONS_NOTE = "cuDNN autotuner on; fp32 with PyTorch's defaults (cuDNN convs may use TF32); bf16 = autocast.\n"
+DRY_RUN_NOTE = (
+    "A dry run: every step on CPU at tiny sizes (batch 2, one step per measurement, 64x128 segmentation crops "
+    "and profile inputs; the CUDA tests skip), to show that each step runs: its numbers say nothing about speed.\n"
+)
 
 PROFILED = (
     ("SSDLite320-MobileNetV3", "configs/detection/ssdlite320_mobilenet_v3_large_voc0712.yaml"),
@@ -60,11 +73,13 @@ PROFILED = (
     ("DeepLabV3+ ResNet-50", "configs/segmentation/deeplabv3plus_resnet50_cityscapes.yaml"),
 )
 CONVS = {"RefConv": ["configs/conv/refconv.yaml"], "DRConv": ["configs/conv/drconv.yaml"]}
-SSD300_DRCONV_SCOPE = "model:\n  init_args:\n    conv:\n      include: ['backbone.*']\n"
+SSD300_DRCONV_INCLUDE = ["backbone.*"]
 """SSD300-VGG16's ``backbone.features`` has no 1x1 conv: its DRConv form converts the whole backbone's
 (as benchmarks/train_throughput.py)."""
 
 PUBLISHED = """\
+## Published numbers
+
 Published numbers, measured on other hardware (their GPUs, not this one); beside them the closest
 numbers of this run:
 
@@ -73,6 +88,15 @@ numbers of this run:
 | SSD300-VGG16 VOC training, s/iter | {ssd300} | MMDetection SSD300 VOC: 0.159 s/iter |
 | DeepLabV3+ R-50 inference at 512x1024, fps | {deeplab} | MMSegmentation DeepLabV3+ R-50: 3.94 fps |
 """
+
+
+class Profiled(NamedTuple):
+    """What the check reads from one ``refvision profile`` table."""
+
+    train_ms: float
+    deploy_ms: float
+    input_size: str
+    """``HxW``"""
 
 
 class Check:
@@ -88,9 +112,9 @@ class Check:
     def say(self, line: str) -> None:
         print(f"gpu-check [{time.perf_counter() - self.started:6.1f} s] {line}", flush=True)
 
-    def run(self, name: str, argv: Sequence[str], log: str, timeout: float) -> int | None:
+    def run(self, name: str, argv: Sequence[str], log: str, timeout: float | None) -> int | None:
         """Run ``argv`` (Python arguments) in the repository, its output to ``log``; the exit code or
-        None on timeout."""
+        None on timeout (``timeout`` None: no limit)."""
         self.say(f"{name}: {' '.join(argv)}")
         start = time.perf_counter()
         with (self.out / log).open("w") as out:
@@ -139,20 +163,31 @@ def run_tests(check: Check) -> str:
     return summary
 
 
-def run_profiles(check: Check, device: str) -> tuple[str, dict[tuple[str, str], tuple[float, float]]]:
-    """``refvision profile`` of every model with each conv method: the printed tables and the
-    latencies (ms) of the train and deploy forms by (model, method)."""
-    latencies: dict[tuple[str, str], tuple[float, float]] = {}
+def ssd300_drconv_scope() -> str:
+    """A config that widens the DRConv form's ``model.conv`` to :data:`SSD300_DRCONV_INCLUDE`: the
+    whole ``conv`` of configs/conv/drconv.yaml with ``include`` set (a config's ``conv`` replaces the
+    one composed before it, so ``include`` alone would convert nothing)."""
+    conv = yaml.safe_load((REPO / CONVS["DRConv"][-1]).read_text())["model"]["init_args"]["conv"]
+    return yaml.safe_dump({"model": {"init_args": {"conv": {**conv, "include": SSD300_DRCONV_INCLUDE}}}})
+
+
+def run_profiles(check: Check, device: str) -> tuple[str, dict[tuple[str, str], Profiled]]:
+    """``refvision profile`` of every model with each conv method: the printed tables and, by (model,
+    method), the latencies (ms) of the train and deploy forms and the input size."""
+    profiled: dict[tuple[str, str], Profiled] = {}
     text = []
+    run_time = DRY_RUN_PROFILE_S if check.dry_run else PROFILE_RUN_S
     with tempfile.TemporaryDirectory(prefix="refvision-gpu-check-") as tmp:
         scope = Path(tmp) / "ssd300_drconv_scope.yaml"
-        scope.write_text(SSD300_DRCONV_SCOPE)
+        scope.write_text(ssd300_drconv_scope())
         for model, config in PROFILED:
             for method, convs in CONVS.items():
                 argv = ["profile", "-c", config, *[a for c in convs for a in ("-c", c)]]
                 if model == "SSD300-VGG16" and method == "DRConv":
                     argv += ["-c", str(scope)]
-                argv += ["--device", device, "--min_run_time", str(0.01 if check.dry_run else PROFILE_RUN_S)]
+                argv += ["--device", device, "--min_run_time", str(run_time)]
+                if check.dry_run:
+                    argv += ["--max_run_time", str(run_time)]
                 if check.dry_run and "segmentation" in config:
                     argv += ["--input_size", "[64, 128]"]
                 check.say(f"refvision {' '.join(argv)}")
@@ -165,17 +200,18 @@ def run_profiles(check: Check, device: str) -> tuple[str, dict[tuple[str, str], 
                         raise
                     printed.write(f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n")
                 table = printed.getvalue()
-                text.append(f"## {model}, {method}\n\n```\n{table.rstrip()}\n```\n")
+                text.append(f"### {model}, {method}\n\n```\n{table.rstrip()}\n```\n")
                 match = re.search(r"latency ms \(median, \w+\)\s+([\d.]+)\s+([\d.]+)", table)
-                if match:
-                    latencies[model, method] = (float(match[1]), float(match[2]))
+                size = re.search(r"input 3x(\d+x\d+)", table)
+                if match and size:
+                    profiled[model, method] = Profiled(float(match[1]), float(match[2]), size[1])
                 if device == "cuda":
                     torch.cuda.empty_cache()
     (check.out / "profile.log").write_text("\n".join(text))
-    return "\n".join(text), latencies
+    return "\n".join(text), profiled
 
 
-def published(rows: list[dict], latencies: dict[tuple[str, str], tuple[float, float]]) -> str:
+def published(rows: list[dict], profiled: dict[tuple[str, str], Profiled]) -> str:
     """The comparison with the published numbers: SSD300 baseline fp32 s/iter at batch 32, and the
     DeepLabV3+ R-50 deploy form of RefConv (the plain architecture) in frames/s, batch 1."""
     ssd = [r for r in rows if r["model"] == "SSD300-VGG16" and r["form"] == "baseline" and r["excluded"]]
@@ -187,8 +223,12 @@ def published(rows: list[dict], latencies: dict[tuple[str, str], tuple[float, fl
             f"(included), batch {r['batch']}"
             for name, r in best.items()
         )
-    deploy = latencies.get(("DeepLabV3+ ResNet-50", "RefConv"))
-    deeplab = f"{1000 / deploy[1]:.2f} (deploy form, batch 1, whole 512x1024 image)" if deploy else "not measured"
+    deploy = profiled.get(("DeepLabV3+ ResNet-50", "RefConv"))
+    deeplab = (
+        f"{1000 / deploy.deploy_ms:.2f} (deploy form, batch 1, whole {deploy.input_size} image)"
+        if deploy
+        else "not measured"
+    )
     return PUBLISHED.format(ssd300=ssd300, deeplab=deeplab)
 
 
@@ -218,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "drconv_vs_dense.log",
         DRCONV_TIMEOUT_S,
     )
-    budget = DRY_RUN_BUDGET_S if args.dry_run else THROUGHPUT_BUDGET_S
+    # The dry run walks every row whatever it takes (on a loaded 2-core machine, many minutes).
+    budget = math.inf if args.dry_run else THROUGHPUT_BUDGET_S
     check.run(
         "training throughput",
         [
@@ -234,28 +275,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             *dry,
         ],
         "throughput.log",
-        budget + 120,
+        None if args.dry_run else budget + 120,
     )
     start = time.perf_counter()
-    profiles, latencies = run_profiles(check, device)
+    profiles, profiled = run_profiles(check, device)
     check.steps.append(("refvision profile", "see profile.log", time.perf_counter() - start))
 
     throughput = out / "throughput.md"
     rows = json.loads((out / "throughput.json").read_text()) if (out / "throughput.json").is_file() else []
+    precisions = "bf16 = autocast.\n" if args.dry_run else PRECISIONS_NOTE
     report = [
         "# refvision GPU check\n",
         f"Device: {device_description()}. PyTorch {torch.__version__}. {time.strftime('%Y-%m-%d %H:%M %Z')}.\n",
+        *([DRY_RUN_NOTE] if args.dry_run else []),
         "| step | result | seconds |",
         "|---|---|---:|",
         *[f"| {name} | {result} | {took:.0f} |" for name, result, took in check.steps],
         f"\nCUDA tests: `{tests}`\n",
         "## Training throughput\n",
-        "cuDNN autotuner on; fp32 with PyTorch's defaults (cuDNN convs may use TF32); bf16 = autocast.\n",
+        precisions,
         throughput.read_text() if throughput.is_file() else "not written (see throughput.log)\n",
-        published(rows, latencies),
+        published(rows, profiled),
         "## DRConv vs dense (benchmarks/drconv_vs_dense.py)\n",
         f"```\n{(out / 'drconv_vs_dense.log').read_text().rstrip()}\n```\n",
-        "# refvision profile (latency of train and deploy forms)\n",
+        "## refvision profile (latency of train and deploy forms)\n",
         profiles,
     ]
     (out / "gpu-check.md").write_text("\n".join(report))

@@ -150,6 +150,43 @@ def test_matches_dense_reference(
         torch.testing.assert_close(got[name], expected[name], msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize(
+    "form, layout",
+    [*[(form, layout) for form in ("residual", "paper") for layout in LAYOUTS], ("deploy", "tiled")],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_inplace_op_after_drconv_trains_as_out_of_place(
+    monkeypatch: pytest.MonkeyPatch, device: str, form: str, layout: str, bias: bool
+) -> None:
+    """An in-place op may follow every form in training (``nn.ReLU(inplace=True)`` after each conv
+    of SSD300-VGG16's backbone): forward and backward equal an out-of-place ReLU's, and the output
+    keeps channels-last strides. The deploy form with autograd recording runs the tiled layout's ops."""
+    use_layout(monkeypatch, layout, device)
+    torch.manual_seed(13)
+    conv = randomized_drconv(4, 6, 3, regions=4, padding=1, bias=bias, residual=form != "paper", device=device)
+    if form == "deploy":
+        conv = conv.fuse()
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=device, requires_grad=True)
+    grad_out = torch.randn(2, 6, 7, 6, dtype=torch.float64, device=device)
+
+    names, params = zip(*conv.named_parameters())
+
+    def relu_grads(inplace: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+        out = nn.ReLU(inplace=inplace)(conv(x))
+        return out, torch.autograd.grad(out, (x, *params), grad_out, materialize_grads=True)
+
+    out = conv(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    expected_out, expected = relu_grads(inplace=False)
+    got_out, got = relu_grads(inplace=True)
+    assert 0 < torch.count_nonzero(got_out) < got_out.numel()
+    torch.testing.assert_close(got_out, expected_out, rtol=0, atol=0)
+    for name, got_grad, expected_grad in zip(("input", *names), got, expected):
+        # The deploy form has no gradient rule for the guide (argmax), the residual form none at step 0.
+        assert expected_grad.abs().sum() > 0 or name.startswith("guide"), f"gradient of {name} is zero"
+        torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=0, msg=f"gradient of {name}")
+
+
 def test_straight_through_reference_gives_softmax_rule() -> None:
     torch.manual_seed(1)
     conv = randomized_drconv(3, 4, 3, regions=4, padding=1)

@@ -102,12 +102,9 @@ def _layout_conv(
     padding: Pair,
     dilation: Pair,
 ) -> Tensor:
-    """Forward of the region conv. Shapes as :func:`drconv2d`."""
-    batch, _, cout = filters.shape[:3]
-    out_h, out_w = layout.out_size
+    """Forward of the region conv. Shapes as :func:`drconv2d`, output as :meth:`RegionLayout.rows_to_output`."""
     patches = layout.patches(x.shape, filters.shape[-2:], stride, padding, dilation)
-    out = layout.conv(patches, x, group_filters(filters), bias)
-    return out.view(batch, out_h, out_w, cout).permute(0, 3, 1, 2)
+    return layout.conv(patches, x, group_filters(filters), bias)
 
 
 def group_filters(filters: Tensor) -> Tensor:
@@ -145,9 +142,9 @@ def drconv2d(
             ``argmax_j guide[b, j, p]``.
 
     Returns:
-        ``(B, Cout, Ho, Wo)`` (channels-last strides). Differentiable wrt every tensor argument
-        (once). Under autocast for ``x``'s device every input is cast to float32 and the result
-        is float32.
+        ``(B, Cout, Ho, Wo)`` (channels-last strides, storage of its own: in-place ops may
+        follow). Differentiable wrt every tensor argument (once). Under autocast for ``x``'s
+        device every input is cast to float32 and the result is float32.
     """
     filters = dynamic if weight is None else weight + dynamic
     return region_conv2d(x, filters, bias, guide, stride, padding, dilation)

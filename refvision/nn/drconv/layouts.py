@@ -63,12 +63,29 @@ class RegionLayout:
             dilation,
         )
 
-    def rows_to_pixels(self, rows: Tensor) -> Tensor:
-        """``(S, C)`` slot rows -> ``(B * P, C)`` pixel rows."""
-        return rows.index_select(0, self.global_slot)
+    def rows_to_output(self, rows: Tensor) -> Tensor:
+        """``(S, C)`` slot rows -> the output ``(B, C, Ho, Wo)``, channels-last.
+
+        Without autograd recording (the autograd Function's forward, inference) the rows are
+        gathered straight into a tensor of its own: a view made inside an autograd Function may not
+        be modified in place (``nn.ReLU(inplace=True)`` after the conv), and a copy would cost a
+        pass over the output. Recorded (the deploy form's ops in a training or traced graph), it is
+        a view of the gathered rows, which autograd follows through in-place ops."""
+        channels = rows.shape[1]
+        if rows.requires_grad:
+            pixels = rows.index_select(0, self.global_slot)
+            return pixels.view(self.batch, *self.out_size, channels).permute(0, 3, 1, 2)
+        out = torch.empty(
+            (self.batch, channels, *self.out_size),
+            dtype=rows.dtype,
+            device=rows.device,
+            memory_format=torch.channels_last,
+        )
+        torch.index_select(rows, 0, self.global_slot, out=out.permute(0, 2, 3, 1).view(-1, channels))
+        return out
 
     def conv(self, patches: SlotPatches, x: Tensor, filters: Tensor, bias: Tensor | None) -> Tensor:
-        """The region conv: ``(B * P, Cout)`` pixel rows of ``x`` ``(B, Cin, H, W)``."""
+        """The region conv of ``x`` ``(B, Cin, H, W)``: :meth:`rows_to_output`'s ``(B, Cout, Ho, Wo)``."""
         raise NotImplementedError
 
     def backward(self, patches: SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor, needs: Needs) -> Grads:
@@ -129,8 +146,8 @@ class TiledLayout(RegionLayout):
         rows = patches.gather(patches.padded_rows(x), 0, patches.slots)
         tiled = rows.view(-1, self.tile, rows.shape[-1])
         out = torch.bmm(tiled, self._tile_filters(filters).transpose(1, 2)).flatten(0, 1)
-        out = self.rows_to_pixels(out)
-        return out if bias is None else out.add_(bias)
+        out = self.rows_to_output(out)
+        return out if bias is None else out.add_(bias.view(-1, 1, 1))
 
     def backward(self, patches: SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor, needs: Needs) -> Grads:
         need_x, need_filters, need_guide = needs
@@ -218,7 +235,7 @@ class GroupedLayout(RegionLayout):
                     torch.mm(group_rows, transposed[region][sample], out=group_out)
                 else:
                     torch.addmm(bias, group_rows, transposed[region][sample], out=group_out)
-        return self.rows_to_pixels(out)
+        return self.rows_to_output(out)
 
     def backward(self, patches: SlotPatches, x: Tensor, filters: Tensor, grad_rows: Tensor, needs: Needs) -> Grads:
         need_x, need_filters, need_guide = needs
