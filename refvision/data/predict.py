@@ -25,7 +25,7 @@ from refvision.data import presets
 from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
 from refvision.data.decode import PILLOW_ERRORS, decode, describe_pillow_error
 from refvision.data.description import DataDescription, DescribedDataModule
-from refvision.data.loader import make_loader
+from refvision.data.loader import batch_device, make_loader
 from refvision.data.voc import detection_collate
 from refvision.data.voc_format import VOC_LABELS
 
@@ -200,4 +200,12 @@ class PredictImagesDataModule(DescribedDataModule):
         self.predict_set = ImageFiles(self.root, self.transform)
 
     def predict_dataloader(self) -> DataLoader:
-        return make_loader(self.predict_set, self.batch_size, False, self.num_workers, self.pin_memory, self.collate_fn)
+        return make_loader(
+            self.predict_set,
+            self.batch_size,
+            False,
+            self.num_workers,
+            self.pin_memory,
+            self.collate_fn,
+            batch_device(self),
+        )
