@@ -212,6 +212,7 @@ def test_last_every_epoch_and_resume_into_new_folder(tmp_path: Path, data: Path)
     moved = resumed.trainer.checkpoint_callback
     assert Path(moved.best_model_path).parent == checkpoint_dir(tmp_path / "second")
     assert float(moved.best_model_score) == float(callback.best_model_score)
+    assert os.path.samefile(moved.best_model_path, callback.best_model_path)  # carried as the same file
     assert _load(Path(moved.best_model_path))["epoch"] == 0
     assert Path(moved.best_model_path).with_name("best-deploy.ckpt").is_file()
     assert _load(Path(moved.last_model_path))["epoch"] == 3

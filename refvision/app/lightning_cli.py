@@ -6,6 +6,7 @@ any LightningDataModule, both chosen by ``class_path`` in the (composable) ``-c`
 
 import contextlib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -19,6 +20,7 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -36,7 +38,7 @@ from refvision.checkpoints.loading import (
 )
 from refvision.lifecycle.deploy_callback import DeployCheckpoint
 from refvision.lifecycle.divergence import non_finite_tensors
-from refvision.lifecycle.run_checkpoint import taken_checkpoint_folders
+from refvision.lifecycle.run_checkpoint import RunCheckpoint, taken_checkpoint_folders
 from refvision.lifecycle.run_folder import remove_if_nothing_of_value
 from refvision.models.weights import WeightsUnavailableError
 from refvision.nn.method import get_method
@@ -248,6 +250,13 @@ class RefvisionCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or os.getcwd()
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        checkpointing = config.get("enable_checkpointing") is not False and not config.get("barebones")
+        if checkpointing and "callbacks" not in kwargs and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # The task's best.ckpt / last.ckpt callback, given to the Trainer: without one it would add a
+            # default ModelCheckpoint, which the task's configure_callbacks then replaces (and Lightning says so).
+            kwargs["callbacks"] = [*callbacks, RunCheckpoint(monitor=self.model.monitor, mode=self.model.monitor_mode)]
         if config.get("logger") in (None, True) and "logger" not in kwargs:
             # The folders the loggers are about to create (the next free version) and that a failed run removes.
             run_folder = Path(TensorBoardLogger(root, version=SLURMEnvironment.job_id()).log_dir)
@@ -523,15 +532,76 @@ def default_loggers(root_dir: str) -> list[Logger]:
     return [board, table]
 
 
+LIBRARY_NOISE_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # LightningCLI, when refvision passes the command line as ``args`` (lightning/pytorch/cli.py).
+    ("LightningCLI's args parameter is intended", UserWarning, r"lightning\.pytorch\.cli"),
+    # torch >= 2.10 deprecates ``LeafSpec``, which Lightning's pytree helper still builds for every
+    # batch it moves (lightning/pytorch/utilities/_pytree.py); nothing to do for a user.
+    (
+        re.escape("`isinstance(treespec, LeafSpec)` is deprecated"),
+        FutureWarning,
+        r"lightning\.pytorch\.utilities\._pytree",
+    ),
+    # Lightning's data connector, because RefvisionTask.on_after_batch_transfer (channels_last) runs with
+    # any data module: the task's hook is the one meant (lightning/pytorch/trainer/connectors/data_connector.py).
+    (
+        re.escape("You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"),
+        UserWarning,
+        r"lightning\.pytorch\.trainer\.connectors\.data_connector",
+    ),
+)
+"""``(message pattern, category, module pattern)`` of the library warnings a command leaves out (see
+:func:`library_noise_filtered`); each pattern matches the start of that one message, from that module."""
+
+LIBRARY_NOISE_LOGS: tuple[re.Pattern[str], ...] = (
+    # Every Trainer logs an advertisement for the litlogger package
+    # (lightning/pytorch/trainer/connectors/logger_connector/logger_connector.py).
+    re.compile(re.escape("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")),
+)
+"""Lightning's log messages (``lightning.pytorch.utilities.rank_zero``, its ``rank_zero_info``) a command
+leaves out, matched from their start."""
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of ``patterns``."""
+
+    def __init__(self, patterns: Sequence[re.Pattern[str]]) -> None:
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern.match(message) for pattern in self.patterns)
+
+
+@contextlib.contextmanager
+def library_noise_filtered() -> Iterator[None]:
+    """Within the block, leave out the library messages listed in :data:`LIBRARY_NOISE_WARNINGS` and
+    :data:`LIBRARY_NOISE_LOGS`: each by its exact text and source, so every other warning still shows.
+
+    The process's warning filters and Lightning's logger are as they were after the block.
+    """
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    dropped = _DropMessages(LIBRARY_NOISE_LOGS)
+    with warnings.catch_warnings():
+        for message, category, module in LIBRARY_NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        rank_zero_log.addFilter(dropped)
+        try:
+            yield
+        finally:
+            rank_zero_log.removeFilter(dropped)
+
+
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> RefvisionCLI:
     """Run (or only build, ``run=False``) the Lightning part of the command on ``args``.
 
     ``args`` given, the process's own command line is not parsed (``refvision demo`` runs several
     such commands); LightningCLI's warning about having both is silenced. ``sys.argv`` itself is
-    left alone: Lightning's DDP launcher starts the other ranks with it.
+    left alone: Lightning's DDP launcher starts the other ranks with it. The libraries' messages that
+    say nothing about the run are left out while it runs (:func:`library_noise_filtered`).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    with library_noise_filtered():
         return RefvisionCLI(
             RefvisionTask,
             LightningDataModule,

@@ -26,7 +26,7 @@ from refvision.data.bad_samples import BadSample, OnBadSample, check_files, chec
 from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
 from refvision.data.decode import BadImageError, decode, read_header
 from refvision.data.description import DataDescription, DescribedDataModule
-from refvision.data.loader import check_counts, make_loader
+from refvision.data.loader import batch_device, check_counts, make_loader
 from refvision.data.voc import detection_collate
 from refvision.data.voc_format import VOC_LABELS
 
@@ -245,4 +245,12 @@ class PredictImagesDataModule(DescribedDataModule):
         self.predict_set = ImageFiles(self.root, self.transform, self.on_bad_sample)
 
     def predict_dataloader(self) -> DataLoader:
-        return make_loader(self.predict_set, self.batch_size, False, self.num_workers, self.pin_memory, self.collate_fn)
+        return make_loader(
+            self.predict_set,
+            self.batch_size,
+            False,
+            self.num_workers,
+            self.pin_memory,
+            self.collate_fn,
+            batch_device(self),
+        )

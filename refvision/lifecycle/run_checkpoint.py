@@ -4,7 +4,14 @@
 at the end of every validation (epoch end or ``val_check_interval`` point; at epoch end when there
 is no validation), whatever the monitored metric did. And a resumed fit keeps the whole run's best:
 when it resumes into another folder (a new logger version or ``default_root_dir``), the previous
-``best.ckpt`` is copied into its own folder with its score; nothing is written to the old folder.
+``best.ckpt`` is brought into its own folder with its score; nothing is written to the old folder.
+
+No training state is stored twice. When ``best.ckpt`` was written at the step ``last.ckpt`` is due,
+the two hold the same state, and ``last.ckpt`` becomes a hard link to ``best.ckpt``; the best carried
+into a resumed run's folder is a hard link to the old one. Every save replaces its file by a rename
+(``AtomicCheckpointIO``), so a later ``best.ckpt`` or ``last.ckpt`` never changes the other name's
+contents. Links are made only while refvision's atomic writer saves the checkpoints, and where the
+filesystem has none the file is copied.
 
 A fit never writes into a checkpoint folder that holds another run's ``last.ckpt`` (its resume point):
 the command checks :func:`taken_checkpoint_folders` before the fit writes anything.
@@ -27,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from refvision.utils.atomic_file import copy_atomically, remove_stale_temporaries, save_atomically
+from refvision.utils.atomic_file import copy_atomically, link_atomically, remove_stale_temporaries, save_atomically
 
 
 class DiskFull(OSError):
@@ -125,6 +132,7 @@ class RunCheckpoint(ModelCheckpoint):
         )
         self.best_model_step: int | None = None
         self.last_saved_step: int | None = None
+        self._best_saved_step: int | None = None
         self._carried_best: str | None = None
 
     @property
@@ -135,21 +143,24 @@ class RunCheckpoint(ModelCheckpoint):
     # the training epoch, or of a validation when it runs several times an epoch or every n epochs),
     # so that it records that decision; and at every epoch end.
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        score = self.best_model_score
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
-            self._note_best(trainer, score)
             self._save_last(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        score = self.best_model_score
         super().on_train_epoch_end(trainer, pl_module)
-        self._note_best(trainer, score)
         self._save_last(trainer)
 
-    def _note_best(self, trainer: Trainer, previous_score: Any) -> None:
-        if self.best_model_score is not previous_score:
-            self.best_model_step = trainer.global_step
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        if filepath != self.best_model_path:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        # A new best.ckpt, decided just before last.ckpt is due at this step: it records what
+        # last.ckpt will (its step as the best's, last.ckpt's path), so that it can stand for it.
+        self.best_model_step = trainer.global_step
+        self.last_model_path = self.last_path
+        super()._save_checkpoint(trainer, filepath)
+        self._best_saved_step = trainer.global_step
 
     def _save_last(self, trainer: Trainer) -> None:
         if (
@@ -161,7 +172,12 @@ class RunCheckpoint(ModelCheckpoint):
             return
         self.last_model_path = self.last_path
         self.last_saved_step = trainer.global_step
-        trainer.save_checkpoint(self.last_path, self.save_weights_only)
+        if self._best_saved_step == trainer.global_step and _links_safely(trainer, self.best_model_path):
+            if trainer.is_global_zero:
+                link_atomically(self.best_model_path, self.last_path)
+            trainer.strategy.barrier("RunCheckpoint.last")
+        else:
+            trainer.save_checkpoint(self.last_path, self.save_weights_only)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "best_model_step": self.best_model_step}
@@ -197,11 +213,13 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             problem = _best_problem(source, self.best_model_step)
             if problem is None and self._carried_best:
-                with explained_disk_full(self.best_model_path):
-                    copy_atomically(source, self.best_model_path)
+                linked = _links_safely(trainer, source) and link_atomically(source, self.best_model_path)
+                if not linked:
+                    with explained_disk_full(self.best_model_path):
+                        copy_atomically(source, self.best_model_path)
                 rank_zero_info(
                     f"resumed run: best so far ({self.monitor}={float(self.best_model_score):.6g}) "
-                    f"copied from {source} to {self.best_model_path}"
+                    f"{'linked' if linked else 'copied'} from {source} to {self.best_model_path}"
                 )
         problem = trainer.strategy.broadcast(problem)
         self._carried_best = None
@@ -247,6 +265,12 @@ def taken_checkpoint_folders(trainer: Trainer, ckpt_path: str | None) -> list[st
         and ckpt_path != "last"
         and os.path.realpath(folder) != resumed
     )
+
+
+def _links_safely(trainer: Trainer, path: str) -> bool:
+    """Whether another name may be linked to the checkpoint file ``path``: a local file, and ``trainer``'s
+    checkpoints saved by :class:`AtomicCheckpointIO` (a whole new file each time, never written in place)."""
+    return isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) and "://" not in str(path)
 
 
 def _best_problem(path: str, step: int | None) -> str | None:

@@ -283,12 +283,16 @@ class RefvisionTask(LightningModule):
 
         A ``ModelCheckpoint`` configured by the user (``trainer.callbacks``) wins: it is kept as
         configured and :class:`~refvision.lifecycle.run_checkpoint.RunCheckpoint` is not added (logged).
+        A ``RunCheckpoint`` already among the trainer's callbacks is used as it is (the command gives
+        the Trainer one, so that Lightning makes no default ``ModelCheckpoint`` for this one to replace).
         """
         callbacks: list[Callback] = [RandomStateCheckpoint(), DivergenceGuard(), StopOnSignal(), AtomicCheckpoints()]
         if self.initial_weights.source:  # trained weights: validate at step 0, so the switch shows (val_start/*)
             callbacks.append(StartValidation())
         configured = [
-            c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint) and not _is_lightning_default(c)
+            c
+            for c in self.trainer.callbacks
+            if isinstance(c, ModelCheckpoint) and not isinstance(c, RunCheckpoint) and not _is_lightning_default(c)
         ]
         if configured:
             rank_zero_info(
@@ -300,7 +304,7 @@ class RefvisionTask(LightningModule):
                 + f"; refvision's best.ckpt (by {self.monitor}) and last.ckpt at every "
                 "validation are not added"
             )
-        else:
+        elif not any(isinstance(c, RunCheckpoint) for c in self.trainer.callbacks):
             callbacks.append(RunCheckpoint(monitor=self.monitor, mode=self.monitor_mode))
         callbacks += run_logging_callbacks(self.trainer, self.monitor)  # LR and HParams, where there is a logger
         if self.ema_decay is not None and self.trainer.state.fn == "fit":

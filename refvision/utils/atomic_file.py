@@ -8,6 +8,7 @@ deletes once that pid is gone.
 """
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -103,6 +104,32 @@ def copy_atomically(source: str | os.PathLike, target: str | os.PathLike) -> Non
     """Copy the file ``source`` to ``target``, atomically."""
     with open_atomically(target) as out, open(source, "rb") as src:
         shutil.copyfileobj(src, out)
+
+
+def link_atomically(source: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Make ``target`` a hard link to the file ``source`` (one copy on disk, two names), atomically.
+
+    Returns True; False where the filesystem has no hard links between the two, and ``source`` was
+    copied instead (:func:`copy_atomically`). Safe only while every writer of both names replaces
+    files as this module does (a rename): an in-place write to one name would change the other too.
+    """
+    check_writable(target)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(target)
+    try:
+        os.link(source, tmp)
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        copy_atomically(source, target)
+        return False
+    try:
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # left when target already was this file: rename then does nothing
+    _fsync_directory(target.parent)
+    return True
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
