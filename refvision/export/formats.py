@@ -376,7 +376,13 @@ def _check(
     scales = [0.0] * len(names)
     for x in batches:
         with torch.no_grad():
-            expected, got = _flatten(module(x)), run(x)
+            expected = _flatten(module(x))
+            try:
+                got = run(x)
+            except Exception as err:  # noqa: BLE001  (the runtime's own errors, e.g. a size the graph cannot take)
+                raise ValueError(
+                    f"{format} check: the written file fails on {_shapes(_shapes_of(x))}: {_first_line(err)}"
+                ) from None
         if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
             raise ValueError(
                 f"{format} check: output shapes {[tuple(t.shape) for t in got]} "
@@ -392,7 +398,7 @@ def _check(
     gap, tolerance = per_output[worst], tolerances[worst]
     if not gap <= tolerance:  # NaN fails too
         raise ValueError(
-            f"{format} check: output {names[worst]}: max |exported - PyTorch| = {gap:.3e} exceeds {tolerance:.1e}"
+            f"{format} check: max |exported - PyTorch| = {gap:.3e} exceeds {tolerance:.1e} (output {names[worst]})"
         )
     return gap, tolerance
 
