@@ -307,6 +307,17 @@ def test_existing_output_unknown_format_and_failed_check(
     assert isinstance(torch.jit.load(str(out)), torch.jit.ScriptModule)
 
 
+def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["export", "--help"])
+    assert raised.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--ckpt", "--output", "--format", "--opset", "--postprocess", "--overwrite", "--check"):
+        assert option in text
+    assert "metadata_props" in text and "height and width" in text
+    assert "boxes (batch, max_det, 4)" in text and "num_detections (batch,)" in text and "Default false" in text
+
+
 def test_postprocess_is_for_detection_in_onnx(tmp_path: Path, refconv_ckpt: str) -> None:
     out = tmp_path / "model.onnx"
     with pytest.raises(SystemExit, match=r"^refvision export: error: --postprocess true with --format torchscript: .*"):
