@@ -178,17 +178,55 @@ def demo_command(argv: Sequence[str]) -> None:
 def export_command(argv: Sequence[str]) -> None:
     parser = ArgumentParser(
         prog="refvision export",
-        description="Export the deploy form of a checkpoint's raw network (no post-processing).",
+        description=(
+            "Export the deploy form of a checkpoint's network (RefConv folded into plain convs, DRConv in its "
+            "inference form). The graph takes images (batch, 3, height, width), float32 RGB in [0, 1], and "
+            "normalises them inside. The batch is dynamic; height and width too for classification, segmentation "
+            "with inference: whole, and detection (resized inside). The file carries its description: task, "
+            "class names, mean / std, input size, dynamic axes, opset, conv method, source checkpoint, refvision "
+            "version (ONNX metadata_props; refvision.json in .pt / .pt2 files)."
+        ),
     )
     parser.add_argument("--ckpt", required=True, help="train or deploy checkpoint (loaded with weights_only=True)")
     parser.add_argument("--output", required=True, help="file to write (.onnx, .pt, .pt2)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx | torchscript | exported-program")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="onnx (torch.onnx.export, dynamo first) | torchscript (torch.jit.trace: fixed shapes) | "
+        "exported-program (torch.export, .pt2)",
+    )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    parser.add_argument(
+        "--postprocess",
+        type=bool,
+        default=False,
+        help="detection, ONNX only: end the graph in box decoding, score threshold and per-class NMS (ONNX "
+        "NonMaxSuppression), as torchvision's SSD in eval mode. Outputs boxes (batch, max_det, 4) xyxy in input "
+        "pixels, scores (batch, max_det), labels (batch, max_det) int64, num_detections (batch,): image i's "
+        "detections are its first num_detections[i] rows, the rest zeros; max_det is the detector's detections_per_img "
+        "(200). Default false: the raw head outputs "
+        "(batch, anchors * (4 + classes))",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument("--check", type=bool, default=True, help="run the written file and compare it with PyTorch")
+    parser.add_argument(
+        "--check",
+        type=bool,
+        default=True,
+        help="run the written file (ONNX: onnxruntime) at two batch sizes and, where dynamic, two image sizes, and "
+        "compare it with PyTorch; on a difference above 1e-4 x max(1, max |output|) nothing is written",
+    )
     cfg = parser.parse_args(list(argv))
     print(
-        export_checkpoint(cfg.ckpt, cfg.output, cfg.format, opset=cfg.opset, overwrite=cfg.overwrite, check=cfg.check)
+        export_checkpoint(
+            cfg.ckpt,
+            cfg.output,
+            cfg.format,
+            opset=cfg.opset,
+            overwrite=cfg.overwrite,
+            check=cfg.check,
+            postprocess=cfg.postprocess,
+        )
     )
 
 
