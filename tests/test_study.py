@@ -182,7 +182,7 @@ def _test_top1(run: Path) -> float:
     """The run's test top-1 from its test stage's own CSV log (not from the study's files)."""
     values = [
         float(row["test/top1"])
-        for path in run.glob("lightning_logs/version_*/metrics.csv")
+        for path in run.glob("test/lightning_logs/version_*/metrics.csv")
         for row in csv.DictReader(path.open())
         if row.get("test/top1")
     ]
