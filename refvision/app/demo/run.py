@@ -78,7 +78,8 @@ EXPLANATION = (
 
 
 def task_study(name: str, root: Path, data_root: Path, seeds: tuple[int, ...] = SEEDS) -> Study:
-    """The study the demo runs for task ``name`` in ``root/name``: per seed the baseline, control and RefConv."""
+    """The study the demo runs for task ``name`` in ``root/name``: one baseline (the first seed's), then per seed
+    the control and RefConv from it, continued at ``continue_lr`` without warm-up."""
     spec = DEMO_TASKS[name]
     continuation = {"model.optim.lr": spec.continue_lr, "model.optim.warmup_epochs": 0}
     return make_study(
@@ -147,13 +148,15 @@ def stage_lines_only() -> Iterator[None]:
     if sys.stdout.isatty():
         yield
         return
-    logger = logging.getLogger("lightning.pytorch")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def run_task(
@@ -207,8 +210,14 @@ def run_demo(root: str | Path, tasks: list[str], seeds: tuple[int, ...] = SEEDS)
     start = time.perf_counter()
     root = Path(root)
     data = ensure_demo_data(root / "data")
+    rows = []
     with stage_lines_only():
-        rows = [run_task(name, root, data[DEMO_TASKS[name].data], seeds) for name in tasks]
+        for i, name in enumerate(tasks, 1):
+            print(
+                f"refvision demo: task {i}/{len(tasks)}: {name}, baseline then control and RefConv x {len(seeds)} seeds"
+            )
+            rows.append(run_task(name, root, data[DEMO_TASKS[name].data], seeds))
+            print(f"[{name}] done in {_duration(rows[-1].seconds)}")
     note = demo_note(rows)
     markdown, table = save_results(rows, root, note, EXPLANATION)
     print(f"\nrefvision demo: {len(seeds)} seeds ({', '.join(map(str, seeds))}) per task\n")
