@@ -59,9 +59,9 @@ class DemoTask:
 
 
 DEMO_TASKS: dict[str, DemoTask] = {
-    "classification": DemoTask("demo/classification.yaml", "imagefolder", "test/top1", "top-1 %", 6, 0.0005),
-    "detection": DemoTask("demo/detection.yaml", "voc", "test/map", "mAP@0.5 %", 4, 0.00075),
-    "segmentation": DemoTask("demo/segmentation.yaml", "cityscapes", "test/miou", "mIoU %", 4, 0.0005),
+    "classification": DemoTask("demo/classification.yaml", "imagefolder", "test/top1", "top-1 %", 6, 0.0002),
+    "detection": DemoTask("demo/detection.yaml", "voc", "test/map", "mAP@0.5 %", 4, 0.0003),
+    "segmentation": DemoTask("demo/segmentation.yaml", "cityscapes", "test/miou", "mIoU %", 4, 0.0002),
 }
 
 EXPLANATION = (
