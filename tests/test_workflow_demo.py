@@ -11,7 +11,7 @@ import yaml
 from refvision.app.demo import run as workflow
 from refvision.app.demo.data import write_imagefolder
 from refvision.app.demo.note import demo_note
-from refvision.app.demo.results import RESULT_COLUMNS, save_results
+from refvision.app.demo.results import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,25 +37,33 @@ def _logged(folder: Path, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_demo_task_runs_as_a_study_and_saves_its_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_as_a_study_and_saves_its_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = _tiny_classification_config(tmp_path / "tiny.yaml")
     data = write_imagefolder(tmp_path / "images", train_per_class=4, val_per_class=2, test_per_class=3, size=32)
     monkeypatch.setitem(
         workflow.DEMO_TASKS,
         "classification",
-        workflow.DemoTask(str(config), "imagefolder", "test/top1", "top-1 %", arm_epochs=1, continue_lr=0.0005),
+        workflow.DemoTask(str(config), "imagefolder", "test/top1", "top-1 %", arm_epochs=1, continue_lr=0.0002),
     )
-    said: list[str] = []
-    row = workflow.run_task("classification", tmp_path / "runs", data, seeds=(0, 1), say=said.append)
+    monkeypatch.setattr(workflow, "ensure_demo_data", lambda root: {"imagefolder": data})
+    (row,) = workflow.run_demo(tmp_path / "runs", ["classification"], seeds=(0, 1))
+    printed = capsys.readouterr().out
     note = demo_note([row])
-    markdown, table = save_results([row], tmp_path / "runs", note, workflow.EXPLANATION)
+    markdown, table = tmp_path / "runs/demo-results.md", tmp_path / "runs/demo-results.csv"
 
+    # stdout is not a terminal here: one line per stage, what the runs printed in output.log.
+    said = printed.splitlines()
+    assert "per-class accuracy" not in printed and "Epoch 0" not in printed
+    assert "per-class accuracy" in (tmp_path / "runs/classification/output.log").read_text()
+    assert said[-1].startswith("total time: ") and note in printed
     task = tmp_path / "runs" / "classification"
     runs = {("baseline", 0): task / "baseline/seed_0"} | {
         (arm, s): task / arm / f"seed_{s}" for arm in ("control", "refconv") for s in (0, 1)
     }
     # One stage line per run start: the arm, seed, i of N and epochs; the test beside each fit, in test/.
-    starts = [line for line in said if ": fit" in line]
+    starts = [line for line in said if ": fit (" in line]
     assert starts[0].startswith("[classification] baseline/seed_0: fit (1/5), 1 epochs")
     assert [line.split(":")[0] for line in starts] == [f"[classification] {a}/seed_{s}" for a, s in runs]
     assert all(f"({i}/5)" in line for i, line in enumerate(starts, 1))

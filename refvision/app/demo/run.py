@@ -12,13 +12,14 @@ show. Every number comes from these runs.
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -142,18 +143,22 @@ def _split_sizes(study: Study) -> tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def stage_lines_only() -> Iterator[None]:
-    """When stdout is not a terminal, keep Lightning's own info messages (per-class tables, folders) out of
-    it, so each stage is one line; on a terminal nothing changes."""
+def stage_lines_only(log: Path) -> Iterator[TextIO]:
+    """Yield the stream for the stage lines. On a terminal that is stdout and nothing changes (the progress
+    is live). Otherwise (a log file, a pipe) what the fits and tests print goes to ``log`` instead and
+    Lightning's own info messages (per-class tables, folders) are kept out, so each stage is one line."""
     if sys.stdout.isatty():
-        yield
+        yield sys.stdout
         return
+    out = sys.stdout
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
+    log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        yield
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        with log.open("a") as file, contextlib.redirect_stdout(file):
+            yield out
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
@@ -211,13 +216,12 @@ def run_demo(root: str | Path, tasks: list[str], seeds: tuple[int, ...] = SEEDS)
     root = Path(root)
     data = ensure_demo_data(root / "data")
     rows = []
-    with stage_lines_only():
-        for i, name in enumerate(tasks, 1):
-            print(
-                f"refvision demo: task {i}/{len(tasks)}: {name}, baseline then control and RefConv x {len(seeds)} seeds"
-            )
-            rows.append(run_task(name, root, data[DEMO_TASKS[name].data], seeds))
-            print(f"[{name}] done in {_duration(rows[-1].seconds)}")
+    for i, name in enumerate(tasks, 1):
+        print(f"refvision demo: task {i}/{len(tasks)}: {name}, baseline then control and RefConv x {len(seeds)} seeds")
+        with stage_lines_only(root / name / "output.log") as out:
+            say = functools.partial(print, file=out, flush=True)
+            rows.append(run_task(name, root, data[DEMO_TASKS[name].data], seeds, say))
+        print(f"[{name}] done in {_duration(rows[-1].seconds)}", flush=True)
     note = demo_note(rows)
     markdown, table = save_results(rows, root, note, EXPLANATION)
     print(f"\nrefvision demo: {len(seeds)} seeds ({', '.join(map(str, seeds))}) per task\n")
@@ -225,6 +229,8 @@ def run_demo(root: str | Path, tasks: list[str], seeds: tuple[int, ...] = SEEDS)
     print(f"\n{EXPLANATION}\n\n{note}\n")
     print(f"saved: {markdown}  {table}; per task: {root}/<task>/study.md, study_curves.png, study_metric.png")
     print(f"runs: {root}/<task>/<arm>/seed_<s>/ (fit logs, checkpoints; the test in test/); data: {root / 'data'}")
+    if not sys.stdout.isatty():
+        print(f"what the fits and tests printed: {root}/<task>/output.log")
     print(f"total time: {_duration(time.perf_counter() - start)}")
     return rows
 
