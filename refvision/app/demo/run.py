@@ -66,15 +66,14 @@ DEMO_TASKS: dict[str, DemoTask] = {
 }
 
 EXPLANATION = (
-    "Per task: one baseline trained from scratch (seed 0), then per seed s the control (plain convs) and RefConv "
-    "(conv/refconv.yaml) continued from its best.ckpt with seed s; Δ vs baseline is against that one baseline. "
-    "val at start: the baseline's best val "
-    "(what its arms start from) / an arm's val before its first training step; lowest val after: an arm's lowest "
-    "val after the switch; test: each run's best.ckpt on the held-out test split, mean ± std over seeds. Δ: paired "
-    "by seed, mean and 95% Student-t interval; p-values two-sided: paired t-test (scipy.stats.ttest_rel) and "
-    "Wilcoxon signed-rank (scipy.stats.wilcoxon; with 3 seeds it cannot go below 0.25). max |Δ| train vs deploy: "
-    "the largest output gap between RefConv's training form and its re-parameterized deploy form (same params and "
-    "FLOPs as the baseline)."
+    "Per task: one baseline trained from scratch (the first seed), then per seed s the control (plain convs) "
+    "and RefConv (conv/refconv.yaml) continued from its best.ckpt with seed s; Δ vs baseline is against that "
+    "one baseline. val at start: the baseline's best val (what its arms start from) / an arm's val before its "
+    "first training step; lowest val after: an arm's lowest val after the switch; test: each run's best.ckpt "
+    "on the held-out test split, mean ± std over seeds. Δ: paired by seed, mean and 95% Student-t interval; "
+    "p-values two-sided: paired t-test (scipy.stats.ttest_rel) and Wilcoxon signed-rank (scipy.stats.wilcoxon; "
+    "exact, with fewer than 6 seeds it cannot go below 0.05). max |Δ| train vs deploy: the largest output gap "
+    "between RefConv's training form and its re-parameterized deploy form (same params and FLOPs as the baseline)."
 )
 
 
