@@ -144,23 +144,24 @@ def _split_sizes(study: Study) -> tuple[int, int, int]:
 @contextlib.contextmanager
 def stage_lines_only(log: Path) -> Iterator[TextIO]:
     """Yield the stream for the stage lines. On a terminal that is stdout and nothing changes (the progress
-    is live). Otherwise (a log file, a pipe) what the fits and tests print goes to ``log`` instead and
-    Lightning's own info messages (per-class tables, folders) are kept out, so each stage is one line."""
+    is live). Otherwise (a log file, a pipe) what the fits and tests print, and Lightning's own messages
+    (per-class tables, folders), go to ``log`` instead, so that each stage is one line on stdout."""
     if sys.stdout.isatty():
         yield sys.stdout
         return
     out = sys.stdout
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
+    handlers = [logger.handlers[:] for logger in loggers]
     log.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        with log.open("a") as file, contextlib.redirect_stdout(file):
+    with log.open("a") as file, contextlib.redirect_stdout(file):
+        to_file = logging.StreamHandler(file)
+        try:
+            for logger in loggers:
+                logger.handlers = [to_file]
             yield out
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+        finally:
+            for logger, saved in zip(loggers, handlers, strict=True):
+                logger.handlers = saved
 
 
 def run_task(
