@@ -26,6 +26,7 @@ from refvision.app.cli import main
 from refvision.app.demo.data import write_imagefolder
 from refvision.app.lightning_cli import lightning_cli
 from refvision.app.study.config import StudyError, make_study, plan, settings
+from refvision.app.study.runner import start_of
 from refvision.app.study.statistics import paired, summarize
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ def _values(root: Path, **changes: object) -> dict:
         ({"arms": {"control": {"configs": ["conv/nothing.yaml"]}}}, "arms.control.configs: config conv/nothing.yaml"),
         ({"overrides": {"seed_everything": 3}}, "overrides.seed_everything: set by the study"),
         ({"start": {"checkpoint": "x.ckpt", "baseline": {}}}, "start: expected exactly one"),
+        ({"start": {"checkpoint": "x.ckpt", "shared_baseline": True}}, "start.shared_baseline: true needs"),
     ],
 )
 def test_unusable_config_is_refused_naming_the_key(tmp_path: Path, changes: dict, named: str) -> None:
@@ -123,6 +125,24 @@ def test_plan_order_and_settings_name_changed_keys(tmp_path: Path) -> None:
         "model.init_args.conv.init",
     }
     assert before["model.init_args.conv.kind"] == "none" and before["seed_everything"] == 0
+
+
+def test_shared_baseline_is_one_run_every_seed_starts_from(tmp_path: Path) -> None:
+    start = {"checkpoint": None, "baseline": {}, "shared_baseline": True}
+    study = make_study(_values(tmp_path, seeds=[3, 4, 5], start=start))
+    runs = plan(study)
+    assert [r.name for r in runs] == ["baseline/seed_3"] + [
+        f"{a}/seed_{s}" for a in ("control", "zeros") for s in (3, 4, 5)
+    ]
+    # Every arm waits for that one baseline (index 0), whatever its seed; finished, it starts from its best.ckpt.
+    for run in runs[1:]:
+        with pytest.raises(
+            StudyError, match=re.escape("starts from baseline/seed_3, which is not finished; run it first (--index 0")
+        ):
+            start_of(study, run)
+    runs[0].folder.mkdir(parents=True)
+    (runs[0].folder / "test_metrics.json").write_text(json.dumps({"best_checkpoint": "b.ckpt"}))
+    assert {start_of(study, run) for run in runs[1:]} == {"b.ckpt"} and start_of(study, runs[0]) is None
 
 
 # --- a real study -----------------------------------------------------------------------------
@@ -182,7 +202,7 @@ def _test_top1(run: Path) -> float:
     """The run's test top-1 from its test stage's own CSV log (not from the study's files)."""
     values = [
         float(row["test/top1"])
-        for path in run.glob("lightning_logs/version_*/metrics.csv")
+        for path in run.glob("test/lightning_logs/version_*/metrics.csv")
         for row in csv.DictReader(path.open())
         if row.get("test/top1")
     ]

@@ -1,129 +1,122 @@
-"""``refvision demo``: the whole refocus workflow, per task, on generated data in the real formats.
+"""``refvision demo``: the refocus workflow per task on generated data, as a small study over seeds.
 
-For each task: train a baseline (``best.ckpt`` chosen on the val split), then from it run (a) the
-control -- the baseline continued with plain convs -- and (b) RefConv refocus learning, for the
-same number of epochs; re-parameterize (b) (the deploy checkpoint is written by the fit itself);
-test the baseline, the control and the deploy checkpoint on the held-out test split; print one
-table and save it, with its provenance, as markdown and CSV. Every number comes from these runs.
+For each task, a study (:mod:`refvision.app.study`) in ``<root>/<task>/``: one baseline trained from
+scratch (``baseline/seed_0/``, shared by the seeds), then per seed ``s`` from its ``best.ckpt`` two arms
+for the same epochs, the
+*control* (plain convs continued, ``control/seed_<s>/``) and RefConv refocusing (``refconv/seed_<s>/``,
+whose fit also writes the re-parameterized ``best-deploy.ckpt``); every run is tested on the held-out
+test split (``<run>/test/``). The table shows per arm the val before the first step next to the final
+test metric over seeds, and RefConv - control paired by seed; the note under it says what these numbers
+show. Every number comes from these runs.
 """
 
-import csv
+import contextlib
 import dataclasses
+import functools
+import logging
+import math
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
-from refvision.app.configs import config_root
 from refvision.app.demo.data import ensure_demo_data
+from refvision.app.demo.note import demo_note
+from refvision.app.demo.results import (
+    BASELINE,
+    CONTROL,
+    REFCONV,
+    DemoRow,
+    SeedRun,
+    arm_stats,
+    format_rows,
+    save_results,
+)
 from refvision.app.lightning_cli import lightning_cli
+from refvision.app.study.aggregate import RunResult, collect, summarize_study, write_summary
+from refvision.app.study.config import Study, make_study, plan, settings
+from refvision.app.study.runner import read_result, run_local
 from refvision.checkpoints.deploy import load_task_checkpoint
 from refvision.surgery.profile import profile
-from refvision.utils.text_table import render_table
 
-CONFIG_DIR = config_root()
-
-SCOPE = (
-    "One seed, a few hundred images generated here, models trained from scratch on 2 CPU cores: "
-    "the table shows that the workflow runs end to end and that the deploy form is exact. "
-    "The differences between its columns are within the noise of such small test sets and are "
-    "no evidence for or against RefConv; run the same commands on real data for that."
-)
+SEEDS = (0, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoTask:
-    """How the demo runs one task: its config, its data folder, its test metric and the epochs of
-    the control and RefConv runs (the baseline's come from the config)."""
+    """How the demo runs one task: its config (the baseline's recipe), its data folder, its test metric,
+    the arms' epochs and how they continue: ``continue_lr`` the AdamW learning rate (no warm-up, a fresh
+    optimizer state, BatchNorm statistics updated as in the baseline; RefConv with the config's init)."""
 
     config: str
     data: str
     metric: str
     label: str
-    refocus_epochs: int
+    arm_epochs: int
+    continue_lr: float
 
 
 DEMO_TASKS: dict[str, DemoTask] = {
-    "classification": DemoTask("demo/classification.yaml", "imagefolder", "test/top1", "top-1 %", 10),
-    "detection": DemoTask("demo/detection.yaml", "voc", "test/map", "mAP@0.5 %", 10),
-    "segmentation": DemoTask("demo/segmentation.yaml", "cityscapes", "test/miou", "mIoU %", 6),
+    "classification": DemoTask("demo/classification.yaml", "imagefolder", "test/top1", "top-1 %", 6, 0.0002),
+    "detection": DemoTask("demo/detection.yaml", "voc", "test/map", "mAP@0.5 %", 4, 0.0003),
+    "segmentation": DemoTask("demo/segmentation.yaml", "cityscapes", "test/miou", "mIoU %", 4, 0.0002),
 }
 
-
-@dataclasses.dataclass(frozen=True)
-class DemoRow:
-    """One task's results and where they come from.
-
-    ``scores`` are the test metric ``(baseline, control, RefConv deploy)`` in percent; ``params`` /
-    ``flops`` are ``(baseline, deploy, RefConv train form)``, the train form with its training-only
-    refocusing weights; ``images`` are the ``(train, val, test)`` split sizes; ``epochs`` are
-    ``(baseline, control = RefConv)``; ``baseline_val`` is the baseline's validation metric
-    ``(best, last epoch)``, in percent: far apart, the baseline had not settled.
-    """
-
-    task: str
-    label: str
-    scores: tuple[float, float, float]
-    params: tuple[int, int, int]
-    flops: tuple[int, int, int]
-    max_abs_diff: float
-    seconds: float
-    model: str
-    data: str
-    input_size: str
-    images: tuple[int, int, int]
-    epochs: tuple[int, int]
-    seed: int
-    baseline_val: tuple[float, float]
+EXPLANATION = (
+    "Per task: one baseline trained from scratch (the first seed), then per seed s the control (plain convs) "
+    "and RefConv (conv/refconv.yaml) continued from its best.ckpt with seed s; Δ vs baseline is against that "
+    "one baseline. val at start: the baseline's best val (what its arms start from) / an arm's val before its "
+    "first training step; lowest val after: an arm's lowest val after the switch; test: each run's best.ckpt "
+    "on the held-out test split, mean ± std over seeds. Δ: paired by seed, mean and 95% Student-t interval; "
+    "p-values two-sided: paired t-test (scipy.stats.ttest_rel) and Wilcoxon signed-rank (scipy.stats.wilcoxon; "
+    "exact, with fewer than 6 seeds it cannot go below 0.05). max |Δ| train vs deploy: the largest output gap "
+    "between RefConv's training form and its re-parameterized deploy form (same params and FLOPs as the baseline)."
+)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Fit:
-    best: str
-    epochs: int
-    seed: int
-    train_size: int
-    val_size: int
-    val_best: float
-    val_last: float
-
-
-def _fit(config: Path, data_root: Path, run_dir: Path, extra: list[str]) -> _Fit:
-    cli = lightning_cli(
-        ["fit", "-c", str(config), *extra, "--data.root", str(data_root), "--trainer.default_root_dir", str(run_dir)]
-    )
-    best = cli.trainer.checkpoint_callback.best_model_path
-    if not best:
-        raise RuntimeError(f"{run_dir}: fit wrote no best checkpoint")
-    data, trainer = cli.datamodule, cli.trainer
-    return _Fit(
-        best,
-        trainer.current_epoch,
-        int(cli.config.fit.seed_everything),
-        len(data.train_set),
-        len(data.val_set),
-        100 * float(trainer.checkpoint_callback.best_model_score),
-        100 * float(trainer.callback_metrics[cli.model.monitor]),
+def task_study(name: str, root: Path, data_root: Path, seeds: tuple[int, ...] = SEEDS) -> Study:
+    """The study the demo runs for task ``name`` in ``root/name``: one baseline (the first seed's), then per seed
+    the control and RefConv from it, continued at ``continue_lr`` without warm-up."""
+    spec = DEMO_TASKS[name]
+    continuation = {"model.optim.lr": spec.continue_lr, "model.optim.warmup_epochs": 0}
+    return make_study(
+        {
+            "root": str(root / name),
+            "metric": spec.metric,
+            "seeds": list(seeds),
+            "configs": [spec.config],
+            "overrides": {"data.root": str(data_root)},
+            "start": {"baseline": {}, "shared_baseline": True},
+            "arms": {
+                CONTROL: {
+                    "configs": ["conv/control.yaml"],
+                    "overrides": {**continuation, "trainer.max_epochs": spec.arm_epochs},
+                },
+                REFCONV: {
+                    "configs": ["conv/refconv.yaml"],
+                    "overrides": {**continuation, "trainer.max_epochs": spec.arm_epochs},
+                },
+            },
+            "reference": CONTROL,
+        }
     )
 
 
-def _test(config: Path, data_root: Path, run_dir: Path, ckpt: str, metric: str) -> tuple[float, int]:
-    """``(100 * metric, test-set size)``."""
-    cli = lightning_cli(
-        [
-            "test",
-            "-c",
-            str(config),
-            "--data.root",
-            str(data_root),
-            "--trainer.default_root_dir",
-            str(run_dir),
-            "--ckpt_path",
-            ckpt,
-        ]
-    )
-    return 100 * float(cli.trainer.callback_metrics[metric]), len(cli.datamodule.test_set)
+def seed_runs(study: Study, results: list[RunResult]) -> dict[str, list[SeedRun]]:
+    """The finished runs by arm in percent: the baseline's start is its best val (the max of its val curve,
+    which its best.ckpt holds); an arm's is its step-0 val, its lowest the lowest val after step 0."""
+    out: dict[str, list[SeedRun]] = {}
+    for r in results:
+        later = [v for step, v in r.curve.items() if step > 0]
+        if r.arm == BASELINE:
+            start, lowest = max(later, default=math.nan), math.nan
+        else:
+            start, lowest = r.start, min(later, default=math.nan)
+        out.setdefault(r.arm, []).append(SeedRun(r.seed, 100 * r.value, 100 * start, 100 * lowest))
+    return out
 
 
 def _model_name(task: Any) -> str:
@@ -137,29 +130,69 @@ def _input_size(inputs: Any) -> str:
     return "x".join(str(n) for n in inputs[0].shape[-2:])
 
 
-def run_task(name: str, root: Path, data_root: Path) -> DemoRow:
-    """Baseline -> control and RefConv -> deploy -> test, for demo task ``name``."""
+def _split_sizes(study: Study) -> tuple[int, int, int]:
+    """``(train, val, test)`` images of the study's data, as its data module reads them."""
+    run = plan(study)[0]
+    args = [arg for path in run.configs for arg in ("-c", str(path))]
+    cli = lightning_cli([*args, "--data.root", str(study.overrides["data.root"]), "--trainer.logger=false"], run=False)
+    data = cli.datamodule
+    data.setup("fit")
+    data.setup("test")
+    return len(data.train_set), len(data.val_set), len(data.test_set)
+
+
+@contextlib.contextmanager
+def stage_lines_only(log: Path) -> Iterator[TextIO]:
+    """Yield the stream for the stage lines. On a terminal that is stdout and nothing changes (the progress
+    is live). Otherwise (a log file, a pipe) what the fits and tests print, and Lightning's own messages
+    (per-class tables, folders), go to ``log`` instead, so that each stage is one line on stdout."""
+    if sys.stdout.isatty():
+        yield sys.stdout
+        return
+    out = sys.stdout
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    handlers = [logger.handlers[:] for logger in loggers]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as file, contextlib.redirect_stdout(file):
+        to_file = logging.StreamHandler(file)
+        try:
+            for logger in loggers:
+                logger.handlers = [to_file]
+            yield out
+        finally:
+            for logger, saved in zip(loggers, handlers, strict=True):
+                logger.handlers = saved
+
+
+def run_task(
+    name: str, root: Path, data_root: Path, seeds: tuple[int, ...] = SEEDS, say: Callable[[str], None] = print
+) -> DemoRow:
+    """Run (or resume) task ``name``'s study and summarise it; its study files go to ``root/name``."""
     spec = DEMO_TASKS[name]
     start = time.perf_counter()
-    config = CONFIG_DIR / spec.config
-    run = root / name
-    baseline = _fit(config, data_root, run / "baseline", [])
-    refocus = ["--model.init_from", baseline.best, "--trainer.max_epochs", str(spec.refocus_epochs)]
-    control = _fit(config, data_root, run / "control", ["-c", str(CONFIG_DIR / "conv/control.yaml"), *refocus])
-    refconv = _fit(config, data_root, run / "refconv", ["-c", str(CONFIG_DIR / "conv/refconv.yaml"), *refocus])
-    deploy = str(Path(refconv.best).with_name(Path(refconv.best).stem + "-deploy.ckpt"))
-    tested = [
-        _test(config, data_root, run / "test", ckpt, spec.metric) for ckpt in (baseline.best, control.best, deploy)
+    study = task_study(name, root, data_root, seeds)
+    run_local(study, [], jobs=1, say=lambda line: say(f"[{name}] {line.removeprefix('refvision study: ')}"))
+    results = collect(study)
+    write_summary(study, summarize_study(study, results), results)
+    arms = arm_stats(seed_runs(study, results))
+    finished = {(run.arm, run.seed): read_result(run)["best_checkpoint"] for run in plan(study)}
+    first = seeds[0]
+    deploys = [
+        str(Path(finished[REFCONV, s]).with_name(Path(finished[REFCONV, s]).stem + "-deploy.ckpt")) for s in seeds
     ]
-    base_task, deploy_task = load_task_checkpoint(baseline.best)[0], load_task_checkpoint(deploy)[0]
-    train_task = load_task_checkpoint(refconv.best)[0]
+    max_abs_diff = max(
+        float(torch.load(path, map_location="cpu", weights_only=True)["refvision"]["max_abs_diff"]) for path in deploys
+    )
+    base_task = load_task_checkpoint(finished[BASELINE, first])[0]
+    deploy_task = load_task_checkpoint(deploys[0])[0]
+    train_task = load_task_checkpoint(finished[REFCONV, first])[0]
     inputs = base_task.example_inputs()
     profiles = [profile(task.profile_module(), inputs=inputs) for task in (base_task, deploy_task, train_task)]
-    max_abs_diff = torch.load(deploy, map_location="cpu", weights_only=True)["refvision"]["max_abs_diff"]
+    init = train_task.hparams["conv"]["init"]
     return DemoRow(
         task=name,
         label=spec.label,
-        scores=(tested[0][0], tested[1][0], tested[2][0]),
+        arms=arms,
         params=tuple(p.params_total for p in profiles),
         flops=tuple(p.flops for p in profiles),
         max_abs_diff=max_abs_diff,
@@ -167,165 +200,41 @@ def run_task(name: str, root: Path, data_root: Path) -> DemoRow:
         model=_model_name(base_task),
         data=f"{spec.data} {data_root}",
         input_size=_input_size(inputs),
-        images=(baseline.train_size, baseline.val_size, tested[0][1]),
-        epochs=(baseline.epochs, refconv.epochs),
-        seed=baseline.seed,
-        baseline_val=(baseline.val_best, baseline.val_last),
+        images=_split_sizes(study),
+        epochs=(int(settings(plan(study)[0], None)["trainer.max_epochs"]), spec.arm_epochs),
+        recipe=f"AdamW lr {spec.continue_lr:g}, no warm-up; RefConv init {init}",
     )
 
 
-RESULT_COLUMNS = (
-    "task",
-    "metric",
-    "baseline",
-    "control",
-    "refconv_deploy",
-    "model",
-    "data",
-    "input_size",
-    "train_images",
-    "val_images",
-    "test_images",
-    "baseline_epochs",
-    "refocus_epochs",
-    "seed",
-    "params_baseline",
-    "params_deploy",
-    "flops_baseline",
-    "flops_deploy",
-    "refconv_train_params",
-    "refconv_train_flops",
-    "baseline_val_best",
-    "baseline_val_last",
-    "max_abs_diff",
-    "seconds",
-)
-
-
-def result_record(row: DemoRow) -> dict[str, Any]:
-    """``row`` as one CSV record with :data:`RESULT_COLUMNS` (full precision, FLOPs as multiply-adds)."""
-    (base_params, deploy_params, train_params), (base_flops, deploy_flops, train_flops) = row.params, row.flops
-    values = (
-        row.task,
-        row.label,
-        *row.scores,
-        row.model,
-        row.data,
-        row.input_size,
-        *row.images,
-        *row.epochs,
-        row.seed,
-        base_params,
-        deploy_params,
-        base_flops,
-        deploy_flops,
-        train_params,
-        train_flops,
-        *row.baseline_val,
-        row.max_abs_diff,
-        round(row.seconds, 1),
-    )
-    return dict(zip(RESULT_COLUMNS, values))
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], markdown: bool) -> str:
-    if markdown:
-        lines = [header, tuple("---" for _ in header), *rows]
-        return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
-    return render_table(header, rows)
-
-
-def format_rows(rows: list[DemoRow], markdown: bool = False) -> str:
-    """The demo's result table (aligned text, or markdown), then its provenance table."""
-    results = [
-        (
-            r.task,
-            r.label,
-            *(f"{score:.2f}" for score in r.scores),
-            f"{r.params[0]:,} / {r.params[1]:,}",
-            f"{r.flops[0]:,} / {r.flops[1]:,}",
-            f"{r.max_abs_diff:.2e}",
-            f"{r.seconds:.0f}",
-        )
-        for r in rows
-    ]
-    provenance = [
-        (
-            r.task,
-            r.model,
-            r.input_size,
-            " / ".join(str(n) for n in r.images),
-            f"{r.epochs[0]} / {r.epochs[1]}",
-            f"{r.baseline_val[0]:.2f} / {r.baseline_val[1]:.2f}",
-            str(r.seed),
-            f"{r.params[2]:,} / {r.flops[2]:,}",
-            r.data,
-        )
-        for r in rows
-    ]
-    return "\n\n".join(
-        (
-            _table(
-                (
-                    "task",
-                    "metric (test)",
-                    "baseline",
-                    "control",
-                    "RefConv (deploy)",
-                    "params base / deploy",
-                    "FLOPs base / deploy",
-                    "max |Δ| train vs deploy",
-                    "time s",
-                ),
-                results,
-                markdown,
-            ),
-            _table(
-                (
-                    "task",
-                    "model",
-                    "input",
-                    "images train / val / test",
-                    "epochs baseline / control = RefConv",
-                    "baseline val best / last",
-                    "seed",
-                    "RefConv train form params / FLOPs",
-                    "data",
-                ),
-                provenance,
-                markdown,
-            ),
-        )
-    )
-
-
-def save_results(rows: list[DemoRow], root: Path) -> tuple[Path, Path]:
-    """Write ``root/demo-results.md`` and ``root/demo-results.csv``; returns their paths."""
-    markdown, table = root / "demo-results.md", root / "demo-results.csv"
-    markdown.write_text(f"# refvision demo\n\n{format_rows(rows, markdown=True)}\n\n{SCOPE}\n")
-    with table.open("w", newline="") as file:
-        writer = csv.DictWriter(file, RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(result_record(row) for row in rows)
-    return markdown, table
-
-
-def run_demo(root: str | Path, tasks: list[str]) -> list[DemoRow]:
-    """Generate (or reuse) the demo data under ``root/data``, run ``tasks``, print and save the table."""
+def run_demo(root: str | Path, tasks: list[str], seeds: tuple[int, ...] = SEEDS) -> list[DemoRow]:
+    """Generate (or reuse) the demo data under ``root/data``, run ``tasks``, print and save the table and
+    the note. A second call resumes: finished runs are skipped."""
     unknown = [t for t in tasks if t not in DEMO_TASKS]
     if unknown:
         raise ValueError(f"--tasks {unknown}: unknown; allowed: {', '.join(DEMO_TASKS)}")
+    start = time.perf_counter()
     root = Path(root)
     data = ensure_demo_data(root / "data")
-    rows = [run_task(name, root, data[DEMO_TASKS[name].data]) for name in tasks]
-    markdown, table = save_results(rows, root)
-    print(
-        "\nrefvision demo: baseline (best checkpoint on val), then control (baseline continued, plain convs) "
-        "and RefConv refocusing for the same epochs from the baseline; all tested on the held-out test split, "
-        "RefConv in its re-parameterized deploy form."
-    )
+    rows = []
+    for i, name in enumerate(tasks, 1):
+        print(f"refvision demo: task {i}/{len(tasks)}: {name}, baseline then control and RefConv x {len(seeds)} seeds")
+        with stage_lines_only(root / name / "output.log") as out:
+            say = functools.partial(print, file=out, flush=True)
+            rows.append(run_task(name, root, data[DEMO_TASKS[name].data], seeds, say))
+        print(f"[{name}] done in {_duration(rows[-1].seconds)}", flush=True)
+    note = demo_note(rows)
+    markdown, table = save_results(rows, root, note, EXPLANATION)
+    print(f"\nrefvision demo: {len(seeds)} seeds ({', '.join(map(str, seeds))}) per task\n")
     print(format_rows(rows))
-    print(f"\n{SCOPE}")
-    print(f"saved: {markdown}  {table}")
-    print(f"data: {root / 'data'}  runs, logs and checkpoints: {root}")
+    print(f"\n{EXPLANATION}\n\n{note}\n")
+    print(f"saved: {markdown}  {table}; per task: {root}/<task>/study.md, study_curves.png, study_metric.png")
+    print(f"runs: {root}/<task>/<arm>/seed_<s>/ (fit logs, checkpoints; the test in test/); data: {root / 'data'}")
+    if not sys.stdout.isatty():
+        print(f"what the fits and tests printed: {root}/<task>/output.log")
+    print(f"total time: {_duration(time.perf_counter() - start)}")
     return rows
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"

@@ -253,13 +253,9 @@ def write_hparams(study: Study, results: list[RunResult]) -> Path:
     return folder
 
 
-def aggregate(study: Study, console: Console | None = None) -> list[ArmRow]:
-    """Summarise the finished runs of ``study``: print the table, write ``study.md``, ``study.csv``,
-    ``study_metric.png``, ``study_curves.png`` and the HParams entries into its root."""
-    results = collect(study)
-    if not results:
-        raise StudyError(f"root: {study.root} holds no finished run of this study yet")
-    rows = summarize_study(study, results)
+def write_summary(study: Study, rows: list[ArmRow], results: list[RunResult]) -> None:
+    """Write ``study.md``, ``study.csv``, ``study_metric.png``, ``study_curves.png`` and the HParams entries
+    of ``rows`` (from :func:`summarize_study`) and ``results`` into the study's root."""
     root = study.root
     with open_atomically(root / "study.md") as file:
         file.write(markdown(study, rows, results).encode())
@@ -273,6 +269,17 @@ def aggregate(study: Study, console: Console | None = None) -> list[ArmRow]:
     curves = {row.arm: [r.curve for r in results if r.arm == row.arm and r.curve] for row in rows}
     save_figure(curves_figure(curves, study.val_metric, study.start_metric, BASELINE), root / "study_curves.png")
     write_hparams(study, results)
+
+
+def aggregate(study: Study, console: Console | None = None) -> list[ArmRow]:
+    """Summarise the finished runs of ``study``: print the table, write ``study.md``, ``study.csv``,
+    ``study_metric.png``, ``study_curves.png`` and the HParams entries into its root."""
+    results = collect(study)
+    if not results:
+        raise StudyError(f"root: {study.root} holds no finished run of this study yet")
+    rows = summarize_study(study, results)
+    root = study.root
+    write_summary(study, rows, results)
     header, lines = table_rows(study, rows)
     table = Table(*header, title=f"refvision study: {study.metric}, {root}")
     for line in lines:

@@ -29,6 +29,9 @@ def study_parser() -> ArgumentParser:
     parser.add_argument("--start.checkpoint", type=str | None, default=None, help="every arm starts from this file")
     parser.add_argument("--start.baseline", type=Arm | None, default=None, help="or a baseline trained once per seed")
     parser.add_argument(
+        "--start.shared_baseline", type=bool, default=False, help="one baseline (the first seed's) for all seeds"
+    )
+    parser.add_argument(
         "--arms", type=dict[str, Arm], required=True, help="arm name: {configs: [...], overrides: {...}}"
     )
     parser.add_argument("--reference", type=str, required=True, help="the arm the others are compared with")

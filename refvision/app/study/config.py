@@ -10,6 +10,7 @@ A study config (YAML, composed with ``-c`` like the task configs) holds::
     start:                               # one of:
       checkpoint: path/to/trained.ckpt   #   every arm starts from this file (--model.init_from)
       baseline: {overrides: {...}}       #   or a baseline trained once per seed in <root>/baseline/
+      shared_baseline: false             # true: one baseline (the first seed's) for every seed's arms
     arms:
       control: {configs: [conv/control.yaml]}
       refconv_zeros: {configs: [conv/refconv.yaml], overrides: {model.conv.init: zeros}}
@@ -60,6 +61,18 @@ class Study:
     reference: str
     checkpoint: str | None
     baseline: Arm | None
+    shared_baseline: bool = False
+
+    @property
+    def baseline_seeds(self) -> tuple[int, ...]:
+        """The seeds the study trains a baseline for: every seed, or only the first with a shared baseline."""
+        if self.baseline is None:
+            return ()
+        return self.seeds[:1] if self.shared_baseline else self.seeds
+
+    def baseline_seed(self, seed: int) -> int:
+        """The seed of the baseline the arms of ``seed`` start from."""
+        return self.seeds[0] if self.shared_baseline else seed
 
     @property
     def stages(self) -> dict[str, Arm]:
@@ -120,6 +133,7 @@ def make_study(values: Mapping[str, Any]) -> Study:
         baseline=None
         if baseline is None
         else Arm(tuple(baseline.get("configs") or ()), dict(baseline.get("overrides") or {})),
+        shared_baseline=bool(start.get("shared_baseline")),
     )
     check_study(study)
     return study
@@ -142,6 +156,8 @@ def check_study(study: Study) -> None:
         raise StudyError(f"metric: {study.metric!r}: expected a test metric, test/<name> (e.g. test/top1)")
     if (study.checkpoint is None) == (study.baseline is None):
         raise StudyError("start: expected exactly one of start.checkpoint and start.baseline")
+    if study.shared_baseline and study.baseline is None:
+        raise StudyError("start.shared_baseline: true needs start.baseline (a checkpoint is shared already)")
     if study.checkpoint is not None and not os.path.isfile(study.checkpoint):
         raise StudyError(f"start.checkpoint: {study.checkpoint} is not a file")
     for name, arm in study.stages.items():
@@ -163,7 +179,8 @@ def _check_override(option: str, key: str) -> None:
 
 
 def plan(study: Study) -> list[Run]:
-    """Every run of ``study`` in index order: the baseline's seeds (when trained by the study), then each arm's."""
+    """Every run of ``study`` in index order: the baseline's seeds (when trained by the study; only the first
+    seed with a shared baseline), then each arm's."""
     return [
         Run(
             name,
@@ -173,7 +190,7 @@ def plan(study: Study) -> list[Run]:
             {**study.overrides, **arm.overrides},
         )
         for name, arm in study.stages.items()
-        for seed in study.seeds
+        for seed in (study.baseline_seeds if name == BASELINE else study.seeds)
     ]
 
 

@@ -2,10 +2,10 @@
 spread over local processes (one per GPU, or ``--jobs`` on CPU).
 
 A run's folder ``<root>/<arm>/seed_<s>/`` holds ``run.yaml`` (what the study asked for, written before
-the fit), the fit's and test's ``lightning_logs/version_<n>/``, ``config.yaml`` (LightningCLI's resolved
-fit config) and, once tested, ``test_metrics.json``: a run with that file is finished and skipped; one
-without resumes its fit from its newest ``last.ckpt``. A run whose ``run.yaml`` no longer matches the
-study is refused, naming the keys.
+the fit), the fit's ``lightning_logs/version_<n>/``, ``config.yaml`` (LightningCLI's resolved fit config),
+the test of its ``best.ckpt`` in ``test/`` beside them and, once tested, ``test_metrics.json``: a run with
+that file is finished and skipped; one without resumes its fit from its newest ``last.ckpt``. A run
+whose ``run.yaml`` no longer matches the study is refused, naming the keys.
 """
 
 import concurrent.futures
@@ -42,12 +42,12 @@ def read_result(run: Run) -> dict[str, Any] | None:
 
 def start_of(study: Study, run: Run) -> str | None:
     """The ``--model.init_from`` of ``run``: none for the baseline, else the study's checkpoint or the
-    ``best.ckpt`` of the baseline of the same seed (which must be finished)."""
+    ``best.ckpt`` of the baseline of the same seed, or of the shared one (which must be finished)."""
     if run.arm == BASELINE:
         return None
     if study.checkpoint is not None:
         return str(Path(study.checkpoint).resolve())
-    baseline = next(r for r in plan(study) if r.arm == BASELINE and r.seed == run.seed)
+    baseline = next(r for r in plan(study) if r.arm == BASELINE and r.seed == study.baseline_seed(run.seed))
     result = read_result(baseline)
     if result is None:
         index = plan(study).index(baseline)
@@ -85,26 +85,44 @@ def last_checkpoint(run: Run) -> Path | None:
     return found[-1] if found else None
 
 
-def execute(study: Study, run: Run, say: Callable[[str], None] = print) -> bool:
-    """Fit then test ``run`` in this process, resuming an interrupted fit; False if it was finished already."""
+def quiet_args(subcommand: str) -> list[str]:
+    """What keeps a ``fit`` / ``test`` to its own few lines when stdout is not a terminal (a log file, a pipe):
+    no progress bar and, for ``test``, no results table; nothing on a terminal, where the progress is live."""
+    if sys.stdout.isatty():
+        return []
+    return ["--trainer.enable_progress_bar=false", *(["--verbose=false"] if subcommand == "test" else [])]
+
+
+def execute(
+    study: Study, run: Run, say: Callable[[str], None] = print, position: tuple[int, int] | None = None
+) -> bool:
+    """Fit then test ``run`` in this process, resuming an interrupted fit; False if it was finished already.
+
+    ``say`` gets one line as each stage starts (``position``, ``(i, n)``: the run is the i-th of n, counting
+    from 1; the fit's epochs) and one when the run is done, with its metric and time."""
     check_saved(study, run)
+    count = f" ({position[0]}/{position[1]})" if position else ""
     if read_result(run) is not None:
-        say(f"refvision study: {run.name}: finished, skipped")
+        say(f"refvision study: {run.name}: finished, skipped{count}")
         return False
     start = time.perf_counter()
     init_from = start_of(study, run)
     args = command_args(run, init_from)
     run.folder.mkdir(parents=True, exist_ok=True)
+    wanted = settings(run, init_from)
     _write_text(
         run.folder / RUN_FILE,
-        yaml.safe_dump(
-            {"arm": run.arm, "seed": run.seed, "fit": ["fit", *args], "settings": settings(run, init_from)},
-            sort_keys=False,
-        ),
+        yaml.safe_dump({"arm": run.arm, "seed": run.seed, "fit": ["fit", *args], "settings": wanted}, sort_keys=False),
     )
     resume = last_checkpoint(run)
-    say(f"refvision study: {run.name}: fit" + (f", resuming from {resume}" if resume else ""))
-    fit = lightning_cli(["fit", *args, *(["--ckpt_path", str(resume)] if resume else [])])
+    epochs = wanted.get("trainer.max_epochs")
+    say(
+        f"refvision study: {run.name}: fit"
+        + (f", resuming from {resume}" if resume else "")
+        + f"{count}, {epochs if epochs is not None else 'default'} epochs"
+        + (f", from {init_from}" if init_from else "")
+    )
+    fit = lightning_cli(["fit", *args, *quiet_args("fit"), *(["--ckpt_path", str(resume)] if resume else [])])
     if fit.trainer.interrupted:
         raise StudyError(f"{run.name}: the fit was interrupted; run the study again to resume it")
     best = fit.trainer.checkpoint_callback.best_model_path if fit.trainer.checkpoint_callback else ""
@@ -114,7 +132,17 @@ def execute(study: Study, run: Run, say: Callable[[str], None] = print) -> bool:
     if saved_config.is_file():
         shutil.copyfile(saved_config, run.folder / "config.yaml")
     say(f"refvision study: {run.name}: test {best}")
-    test = lightning_cli(["test", *command_args(run, None), "--ckpt_path", best])
+    test = lightning_cli(
+        [
+            "test",
+            *command_args(run, None),
+            *quiet_args("test"),
+            "--trainer.default_root_dir",
+            str(run.folder / "test"),
+            "--ckpt_path",
+            best,
+        ]
+    )
     metrics = {key: float(value) for key, value in test.trainer.callback_metrics.items() if key.startswith("test/")}
     if study.metric not in metrics:
         raise StudyError(
@@ -129,7 +157,7 @@ def execute(study: Study, run: Run, say: Callable[[str], None] = print) -> bool:
         "seconds": round(time.perf_counter() - start, 1),
     }
     _write_text(run.folder / RESULT_FILE, json.dumps(result, indent=2) + "\n")
-    say(f"refvision study: {run.name}: {study.metric} = {metrics[study.metric]:.6g}")
+    say(f"refvision study: {run.name}: {study.metric} = {metrics[study.metric]:.6g} ({result['seconds']:.0f} s)")
     return True
 
 
@@ -143,7 +171,7 @@ def run_index(study: Study, index: int) -> None:
     runs = plan(study)
     if not 0 <= index < len(runs):
         raise StudyError(f"--index {index}: this study has runs 0 to {len(runs) - 1}")
-    execute(study, runs[index])
+    execute(study, runs[index], position=(index + 1, len(runs)))
 
 
 def local_devices() -> list[str]:
@@ -173,7 +201,7 @@ def run_local(study: Study, argv: Sequence[str], jobs: int | None, say: Callable
             check_saved(study, run)
         if slots == 1:
             for run in wave:
-                execute(study, run, say)
+                execute(study, run, say, (runs.index(run) + 1, len(runs)))
             continue
         failed = _run_concurrently(study, [(runs.index(r), r) for r in wave], argv, slots, devices, say)
         if failed:
