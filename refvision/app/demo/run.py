@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import torch
 
+from refvision.app.command_path import command_path_hint
 from refvision.app.demo.data import ensure_demo_data
 from refvision.app.demo.note import demo_note
 from refvision.app.demo.results import (
@@ -232,6 +233,7 @@ def run_demo(root: str | Path, tasks: list[str], seeds: tuple[int, ...] = SEEDS)
     if not sys.stdout.isatty():
         print(f"what the fits and tests printed: {root}/<task>/output.log")
     print(f"total time: {_duration(time.perf_counter() - start)}")
+    print(command_path_hint())
     return rows
 
 
