@@ -156,7 +156,16 @@ def test_checkpoint_holds_model_and_optimizer_state_only(tmp_path: Path) -> None
     cli = fit_in_process(
         tmp_path / "run",
         data,
-        *("-c", "configs/conv/refconv.yaml", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"),
+        *(
+            "-c",
+            "configs/conv/refconv.yaml",
+            "--allow_random_basis",
+            "true",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "1",
+        ),
     )
     model = cli.model
     assert cli.trainer.optimizers[0].__class__ is torch.optim.AdamW

@@ -147,7 +147,7 @@ def test_cityscapes_mode_refuses_names_the_evaluator_cannot_match(tmp_path: Path
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (32, 32)).save(images / "holiday.jpg")
-    with pytest.raises(ValueError, match=r"<city>_<seq>_<frame>.*holiday\.jpg"):
+    with pytest.raises(SystemExit, match=r"<city>_<seq>_<frame>.*holiday\.jpg"):
         main(
             [
                 "predict",
@@ -231,6 +231,6 @@ def test_label_ids_are_those_of_the_class_names_the_model_has(tmp_path: Path) ->
 
 def test_a_model_without_class_names_is_refused_in_cityscapes_mode(tmp_path: Path) -> None:
     task = SegmentationTask(num_classes=19, output_stride=16, example_size=(32, 48))
-    with pytest.raises(ValueError, match=r"cityscapes: true needs a model with class_names.*--data.class_names"):
+    with pytest.raises(SystemExit, match=r"cityscapes: true needs a model with class_names.*--data.class_names"):
         _predict_cityscapes(tmp_path, task)
     assert not (tmp_path / "out").exists()

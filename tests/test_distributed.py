@@ -145,6 +145,8 @@ def _fit_refconv_then_test(tmp_path: Path, task: str, data: Path, options: list[
             *common,
             "-c",
             str(REPO / "configs/conv/refconv.yaml"),
+            "--allow_random_basis",
+            "true",
             "--trainer.max_epochs",
             str(epochs),
             "--trainer.limit_train_batches",

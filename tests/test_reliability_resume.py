@@ -197,7 +197,16 @@ def test_kill_while_saving_with_tmpdir_elsewhere(tmp_path: Path, data: Path) -> 
 @pytest.mark.slow
 def test_last_every_epoch_and_resume_into_new_folder(tmp_path: Path, data: Path) -> None:
     # lr 0 and frozen norm statistics: the monitored top-1 never improves after epoch 0.
-    frozen = ["-c", "configs/conv/refconv.yaml", "--model.trainable", "refocus_only", "--model.optim.lr", "0"]
+    frozen = [
+        "-c",
+        "configs/conv/refconv.yaml",
+        "--allow_random_basis",
+        "true",
+        "--model.trainable",
+        "refocus_only",
+        "--model.optim.lr",
+        "0",
+    ]
     first = fit_in_process(tmp_path / "first", data, *frozen, "--trainer.max_epochs", "3")
     callback = first.trainer.checkpoint_callback
     assert isinstance(callback, RunCheckpoint)

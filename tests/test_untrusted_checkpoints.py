@@ -221,7 +221,7 @@ def test_detection_checkpoint_given_to_segmentation_config(tmp_path: Path) -> No
     with pytest.raises(
         CheckpointError,
         match=r"--ckpt_path .*det\.ckpt holds a refvision DetectionTask checkpoint "
-        r"\(detector=ssdlite320_mobilenet_v3_large, num_classes=\d+\), "
+        r"\(detector=ssdlite320_mobilenet_v3_large, num_classes=\d+, protocol=voc\), "
         r"but the config builds .*SegmentationTask",
     ):
         lightning_cli(["test", *args])

@@ -174,7 +174,8 @@ class RunCheckpoint(ModelCheckpoint):
         self.last_saved_step = trainer.global_step
         if self._best_saved_step == trainer.global_step and _links_safely(trainer, self.best_model_path):
             if trainer.is_global_zero:
-                link_atomically(self.best_model_path, self.last_path)
+                with explained_disk_full(self.last_path):
+                    link_atomically(self.best_model_path, self.last_path)
             trainer.strategy.barrier("RunCheckpoint.last")
         else:
             trainer.save_checkpoint(self.last_path, self.save_weights_only)
@@ -213,9 +214,9 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             problem = _best_problem(source, self.best_model_step)
             if problem is None and self._carried_best:
-                linked = _links_safely(trainer, source) and link_atomically(source, self.best_model_path)
-                if not linked:
-                    with explained_disk_full(self.best_model_path):
+                with explained_disk_full(self.best_model_path):
+                    linked = _links_safely(trainer, source) and link_atomically(source, self.best_model_path)
+                    if not linked:
                         copy_atomically(source, self.best_model_path)
                 rank_zero_info(
                     f"resumed run: best so far ({self.monitor}={float(self.best_model_score):.6g}) "

@@ -232,8 +232,8 @@ def run_demo(root: str | Path, tasks: list[str], seeds: tuple[int, ...] = SEEDS)
     print(f"runs: {root}/<task>/<arm>/seed_<s>/ (fit logs, checkpoints; the test in test/); data: {root / 'data'}")
     if not sys.stdout.isatty():
         print(f"what the fits and tests printed: {root}/<task>/output.log")
-    print(f"total time: {_duration(time.perf_counter() - start)}")
     print(command_path_hint())
+    print(f"total time: {_duration(time.perf_counter() - start)}")
     return rows
 
 
