@@ -17,7 +17,6 @@ Only the images seen are evaluated (``COCOeval``'s image ids are theirs); an ima
 
 import contextlib
 import io
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
+
+from refvision.metrics.box_states import cat_state, checked_vector, mean_defined
 
 COCO_STATS = (
     "map",
@@ -136,13 +136,13 @@ class COCOMeanAveragePrecision(Metric):
             boxes = _boxes(pred, "preds", i, "boxes")
             if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
                 raise ValueError(f"preds[{i}]['boxes']: expected xyxy with x2 >= x1 and y2 >= y1")
-            scores = _vector(pred, "preds", i, "scores", len(boxes))
+            scores = checked_vector(pred, "preds", i, "scores", len(boxes))
             labels = self._labels(pred, "preds", i, len(boxes))
             bbox = _boxes(target, "targets", i, "bbox")
             gt_labels = self._labels(target, "targets", i, len(bbox))
-            iscrowd = _vector(target, "targets", i, "iscrowd", len(bbox))
-            area = _vector(target, "targets", i, "area", len(bbox))
-            annotation_ids = _vector(target, "targets", i, "annotation_id", len(bbox))
+            iscrowd = checked_vector(target, "targets", i, "iscrowd", len(bbox))
+            area = checked_vector(target, "targets", i, "area", len(bbox))
+            annotation_ids = checked_vector(target, "targets", i, "annotation_id", len(bbox))
             image_id = target.get("image_id")
             if isinstance(image_id, Tensor) and image_id.numel() == 1 and not image_id.is_floating_point():
                 image_id = int(image_id)
@@ -162,7 +162,7 @@ class COCOMeanAveragePrecision(Metric):
             self.gt_counts.append(torch.tensor([len(bbox)], dtype=torch.float64, device=self.device))
 
     def _labels(self, item: dict[str, Any], arg: str, i: int, length: int) -> Tensor:
-        labels = _vector(item, arg, i, "labels", length)
+        labels = checked_vector(item, arg, i, "labels", length)
         if labels.is_floating_point():
             raise ValueError(f"{arg}[{i}]['labels']: expected an integer tensor, got {labels.dtype}")
         if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
@@ -191,10 +191,10 @@ class COCOMeanAveragePrecision(Metric):
         precision = np.asarray(evaluator.eval["precision"])[:, :, :, 0, -1]
         at_50 = precision[np.flatnonzero(evaluator.params.iouThrs == 0.5)[0]]  # as COCOeval.summarize finds it
         result["ap_per_class"] = torch.tensor(
-            [_mean_defined(precision[:, :, k]) for k in range(self.num_classes)], dtype=torch.float64
+            [mean_defined(precision[:, :, k]) for k in range(self.num_classes)], dtype=torch.float64
         )
         result["ap50_per_class"] = torch.tensor(
-            [_mean_defined(at_50[:, k]) for k in range(self.num_classes)], dtype=torch.float64
+            [mean_defined(at_50[:, k]) for k in range(self.num_classes)], dtype=torch.float64
         )
         recall = torch.tensor(evaluator.params.recThrs, dtype=torch.float64)
         result["pr_curves"] = [
@@ -207,7 +207,7 @@ class COCOMeanAveragePrecision(Metric):
 
     def evaluator(self) -> COCOeval:
         """The ``COCOeval`` (evaluated, accumulated and summarised) of everything seen since the last reset."""
-        states = {name: _state(getattr(self, name)) for name in _STATES}
+        states = {name: cat_state(getattr(self, name), torch.float64) for name in _STATES}
         image_ids = states["image_ids"].long().tolist()
         det_counts, gt_counts = states["det_counts"].long().tolist(), states["gt_counts"].long().tolist()
         det_boxes = states["det_boxes"].view(-1, 4).numpy().tolist()
@@ -277,24 +277,3 @@ def _boxes(item: dict[str, Any], arg: str, i: int, key: str) -> Tensor:
     if not torch.isfinite(boxes).all():
         raise ValueError(f"{arg}[{i}]['{key}']: expected finite values")
     return boxes
-
-
-def _vector(item: dict[str, Any], arg: str, i: int, key: str, length: int) -> Tensor:
-    value = item.get(key)
-    if not isinstance(value, Tensor) or value.shape != (length,):
-        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"{arg}[{i}]['{key}']: expected a tensor of shape ({length},), one per box, got {got}")
-    return value
-
-
-def _state(value: list[Tensor] | Tensor) -> Tensor:
-    """A list or gathered ``"cat"`` state as one CPU ``float64`` tensor (empty if nothing was added)."""
-    if isinstance(value, list) and not value:
-        return torch.empty(0, dtype=torch.float64)
-    return dim_zero_cat(value).cpu().to(torch.float64)
-
-
-def _mean_defined(precision: np.ndarray) -> float:
-    """pycocotools' summary of a precision array: the mean of its entries > -1; NaN where none is."""
-    defined = precision[precision > -1]
-    return float(np.mean(defined)) if defined.size else math.nan

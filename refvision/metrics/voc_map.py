@@ -48,9 +48,9 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
 from refvision.data.voc_format import xyxy_to_voc
+from refvision.metrics.box_states import cat_state, checked_vector, mean_defined
 
 EVAL_MODES = ("11points", "area")
 
@@ -151,12 +151,12 @@ class VOCMeanAveragePrecision(Metric):
             )
         for i, (pred, target) in enumerate(zip(preds, targets)):
             boxes, labels = self._checked_boxes_labels(pred, "preds", i)
-            scores = _checked_vector(pred, "preds", i, "scores", len(boxes), floating=True)
+            scores = checked_vector(pred, "preds", i, "scores", len(boxes), floating=True)
             if not torch.isfinite(scores).all():
                 raise ValueError(f"preds[{i}]['scores']: expected finite values")
             gt_boxes, gt_labels = self._checked_boxes_labels(target, "targets", i)
             if "difficult" in target:
-                difficult = _checked_vector(target, "targets", i, "difficult", len(gt_boxes))
+                difficult = checked_vector(target, "targets", i, "difficult", len(gt_boxes))
                 if ((difficult != 0) & (difficult != 1)).any():
                     raise ValueError(
                         f"targets[{i}]['difficult']: expected bool or 0/1 values, got {difficult.unique().tolist()}"
@@ -187,14 +187,14 @@ class VOCMeanAveragePrecision(Metric):
             distinct detection score in descending order (``(2, 0)`` without detections or
             without non-difficult ground truth).
         """
-        det_boxes = _state(self.det_boxes).view(-1, 4)
-        det_scores = _state(self.det_scores)
-        det_labels = _state(self.det_labels).round().long()
-        det_counts = _state(self.det_counts).round().long()
-        gt_boxes = _state(self.gt_boxes).view(-1, 4)
-        gt_labels = _state(self.gt_labels).round().long()
-        gt_difficult = _state(self.gt_difficult) > 0.5
-        gt_counts = _state(self.gt_counts).round().long()
+        det_boxes = cat_state(self.det_boxes).view(-1, 4)
+        det_scores = cat_state(self.det_scores)
+        det_labels = cat_state(self.det_labels).round().long()
+        det_counts = cat_state(self.det_counts).round().long()
+        gt_boxes = cat_state(self.gt_boxes).view(-1, 4)
+        gt_labels = cat_state(self.gt_labels).round().long()
+        gt_difficult = cat_state(self.gt_difficult) > 0.5
+        gt_counts = cat_state(self.gt_counts).round().long()
 
         ap, curves = self._voc_ap_per_class(
             det_boxes,
@@ -235,7 +235,7 @@ class VOCMeanAveragePrecision(Metric):
             raise ValueError(f"{arg}[{i}]['boxes']: expected finite values")
         if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
             raise ValueError(f"{arg}[{i}]['boxes']: expected xyxy with x2 >= x1 and y2 >= y1")
-        labels = _checked_vector(item, arg, i, "labels", len(boxes))
+        labels = checked_vector(item, arg, i, "labels", len(boxes))
         if labels.is_floating_point():
             raise ValueError(f"{arg}[{i}]['labels']: expected an integer tensor, got {labels.dtype}")
         if len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
@@ -293,23 +293,6 @@ class VOCMeanAveragePrecision(Metric):
             else:
                 ap[c - 1] = _ap_area(recall, precision)
         return ap, curves
-
-
-def _checked_vector(item: dict[str, Tensor], arg: str, i: int, key: str, length: int, floating: bool = False) -> Tensor:
-    value = item.get(key)
-    if not isinstance(value, Tensor) or value.shape != (length,):
-        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(f"{arg}[{i}]['{key}']: expected a tensor of shape ({length},), one per box, got {got}")
-    if floating and not value.is_floating_point():
-        raise ValueError(f"{arg}[{i}]['{key}']: expected a float tensor, got {value.dtype}")
-    return value
-
-
-def _state(value: list[Tensor] | Tensor) -> Tensor:
-    """A list or gathered ``"cat"`` state as one CPU tensor (empty if nothing was added)."""
-    if isinstance(value, list) and not value:
-        return torch.empty(0)
-    return dim_zero_cat(value).cpu()
 
 
 def _devkit_iou(det: Tensor, gt: Tensor) -> Tensor:
@@ -467,12 +450,7 @@ def _coco_map(
     # pycocotools' COCOeval.summarize: the mean over the precisions that exist (> -1), -1 if none.
     precision = np.asarray(evaluator.eval["precision"])[..., 0, 0]  # (IoU, recall, class)
     at_50 = precision[np.isclose(params.iouThrs, 0.5)]
-    return _mean_defined(precision), _mean_defined(at_50)
-
-
-def _mean_defined(precision: np.ndarray) -> float:
-    defined = precision[precision > -1]
-    return float(defined.mean()) if defined.size else float("nan")
+    return mean_defined(precision), mean_defined(at_50)
 
 
 def _xywh(boxes: Tensor) -> list[list[float]]:
