@@ -5,8 +5,11 @@ each worker then computes with one thread, and so do the processes it starts, so
 never compete for the same core.
 """
 
+import functools
+import http.server
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +60,21 @@ def device(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "cuda"
     finally:
         conv.fp32_precision, matmul.fp32_precision = saved
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """An HTTP server on 127.0.0.1 serving ``tmp_path/www``, and its URL; downloads go to ``tmp_path/torch_home``."""
+    www = tmp_path / "www"
+    www.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()

@@ -7,20 +7,16 @@ input gives the result of its file; bad inputs are one-line errors naming them.
 
 import ast
 import csv
-import functools
-import http.server
 import json
 import re
 import textwrap
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from predict_process import predict_folder, task_checkpoint
 from torchvision.transforms.v2 import functional as F
 
 import refvision.inference
@@ -31,7 +27,6 @@ from refvision.data import presets
 from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
 from refvision.data.voc_format import VOC_CLASSES
 from refvision.inference import ClassificationResult, DetectionResult, Predictor, SegmentationResult
-from refvision.tasks.base import RefvisionTask
 from refvision.tasks.classification import ClassificationTask
 from refvision.tasks.detection import DetectionTask
 from refvision.tasks.segmentation import SegmentationTask
@@ -47,40 +42,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name, quality=95)
     return root
-
-
-def _checkpoint(task: RefvisionTask, path: Path) -> Path:
-    """A Lightning checkpoint of ``task`` as ``refvision fit`` writes it (LightningCLI records the class path)."""
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(task)
-    trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint["hyper_parameters"]["_class_path"] = f"{type(task).__module__}.{type(task).__qualname__}"
-    torch.save(checkpoint, path)
-    return path
-
-
-def _predict(task: str, images: Path, ckpt: Path, out: Path, run: Path, *extra: str) -> None:
-    main(
-        [
-            "predict",
-            "-c",
-            f"configs/demo/{task}.yaml",
-            "-c",
-            f"configs/predict/{task}.yaml",
-            "--data.root",
-            str(images),
-            "--ckpt_path",
-            str(ckpt),
-            "--trainer.callbacks.output_dir",
-            str(out),
-            "--trainer.default_root_dir",
-            str(run),
-            "--trainer.enable_progress_bar",
-            "false",
-            *extra,
-        ]
-    )
 
 
 def _files(images: Path) -> list[Path]:
@@ -124,7 +85,7 @@ def test_classification_results_equal_the_predict_csv(
         ]
     )
     ckpt = next((tmp_path / "fit").rglob("best.ckpt"))
-    _predict("classification", images, ckpt, tmp_path / "out", tmp_path / "run", *fit_args)
+    predict_folder("classification", images, ckpt, tmp_path / "out", tmp_path / "run", *fit_args)
     with (tmp_path / "out" / "predictions.csv").open() as f:
         rows = list(csv.reader(f))[1:]
     caplog.clear()
@@ -156,9 +117,9 @@ def test_detection_results_equal_the_predict_json(tmp_path: Path, images: Path) 
     with torch.no_grad():  # an untrained head scores every class 1/21: spread the scores
         for param in task.model.head.classification_head.parameters():
             param.normal_(0.0, 0.3)
-    ckpt = _checkpoint(task, tmp_path / "det.ckpt")
+    ckpt = task_checkpoint(task, tmp_path / "det.ckpt")
     threshold = 0.2
-    _predict(
+    predict_folder(
         "detection",
         images,
         ckpt,
@@ -202,9 +163,9 @@ def test_segmentation_results_equal_the_predict_pngs(tmp_path: Path, images: Pat
             output_stride=16, example_size=(64, 64), class_names=list(TRAIN_CLASSES), palette=list(PALETTE)
         )
     )
-    ckpt = _checkpoint(task, tmp_path / "seg.ckpt")  # its run options: whole image, no flip
+    ckpt = task_checkpoint(task, tmp_path / "seg.ckpt")  # its run options: whole image, no flip
     run = ["--model.inference", "slide", "--model.slide_crop", "[32,32]", "--model.slide_stride", "[24,24]"]
-    _predict("segmentation", images, ckpt, tmp_path / "out", tmp_path / "run", *run, "--model.flip", "true")
+    predict_folder("segmentation", images, ckpt, tmp_path / "out", tmp_path / "run", *run, "--model.flip", "true")
     options = {"inference": "slide", "slide_crop": (32, 32), "slide_stride": (24, 24), "flip": True}
     predictor = Predictor.from_checkpoint(ckpt, options=options)
     results = predictor(_files(images))
@@ -225,7 +186,7 @@ def test_segmentation_results_equal_the_predict_pngs(tmp_path: Path, images: Pat
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     task = ClassificationTask(backbone="resnet18", num_classes=6, image_size=32, class_names=list("abcdef"))
-    return _checkpoint(task, tmp_path_factory.mktemp("classifier") / "cls.ckpt")
+    return task_checkpoint(task, tmp_path_factory.mktemp("classifier") / "cls.ckpt")
 
 
 def _every_kind(path: Path) -> dict[str, object]:
@@ -296,7 +257,7 @@ def test_a_deploy_checkpoint_predicts_as_its_training_form(
         for name, param in task.model.named_parameters():
             if "refocus" in name or "transform" in name:
                 param.normal_(0.0, 0.02)
-    train = _checkpoint(task, tmp_path / "train.ckpt")
+    train = task_checkpoint(task, tmp_path / "train.ckpt")
     reparameterize_checkpoint(train, tmp_path / "deploy.ckpt")
     caplog.clear()
     deployed = Predictor.from_checkpoint(tmp_path / "deploy.ckpt")
@@ -306,24 +267,6 @@ def test_a_deploy_checkpoint_predicts_as_its_training_form(
     for a, b in zip(trained, deployed(_files(images)), strict=True):
         assert [s.label for s in a.top_k] == [s.label for s in b.top_k]
         np.testing.assert_allclose([s.prob for s in a.top_k], [s.prob for s in b.top_k], atol=1e-4)
-
-
-@pytest.fixture()
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
-    """A folder served on 127.0.0.1, and its URL; the torch hub cache in ``tmp_path``."""
-    www = tmp_path / "www"
-    www.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        thread.join()
-        server.server_close()
 
 
 class Payload:
@@ -414,9 +357,9 @@ def test_the_documented_snippets_run(
     with torch.no_grad():
         for param in detector.model.head.classification_head.parameters():
             param.normal_(0.0, 0.5)
-    _checkpoint(detector, tmp_path / "detector.ckpt")
+    task_checkpoint(detector, tmp_path / "detector.ckpt")
     segmenter = _spread(SegmentationTask(output_stride=16, example_size=(64, 64), class_names=list(TRAIN_CLASSES)))
-    _checkpoint(segmenter, tmp_path / "segmenter.ckpt")
+    task_checkpoint(segmenter, tmp_path / "segmenter.ckpt")
     (tmp_path / "classifier.ckpt").write_bytes(classifier.read_bytes())
     (tmp_path / "photo.jpg").write_bytes((images / "a.jpg").read_bytes())
     (tmp_path / "street.png").write_bytes((images / "sub" / "b.png").read_bytes())

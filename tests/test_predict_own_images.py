@@ -11,17 +11,15 @@ import logging
 import re
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from predict_process import predict_folder, task_checkpoint
 
-from refvision.app.cli import main
 from refvision.data import presets
 from refvision.data.cityscapes_labels import PALETTE, TRAIN_CLASSES
 from refvision.data.voc_format import VOC_CLASSES
-from refvision.tasks.base import RefvisionTask
 from refvision.tasks.classification import ClassificationTask
 from refvision.tasks.detection import DetectionTask
 from refvision.tasks.segmentation import SegmentationTask
@@ -50,40 +48,6 @@ def _read(root: Path, name: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(Image.open(root / name).convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def _checkpoint(task: RefvisionTask, path: Path) -> Path:
-    """A Lightning checkpoint of ``task`` as ``refvision fit`` writes it (LightningCLI records the class path)."""
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(task)
-    trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint["hyper_parameters"]["_class_path"] = f"{type(task).__module__}.{type(task).__qualname__}"
-    torch.save(checkpoint, path)
-    return path
-
-
-def _predict(task: str, images: Path, ckpt: Path, out: Path, run: Path, *extra: str) -> None:
-    main(
-        [
-            "predict",
-            "-c",
-            f"configs/demo/{task}.yaml",
-            "-c",
-            f"configs/predict/{task}.yaml",
-            "--data.root",
-            str(images),
-            "--ckpt_path",
-            str(ckpt),
-            "--trainer.callbacks.output_dir",
-            str(out),
-            "--trainer.default_root_dir",
-            str(run),
-            "--trainer.enable_progress_bar",
-            "false",
-            *extra,
-        ]
-    )
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _write_images(tmp_path_factory.mktemp("own_images"))
@@ -97,9 +61,9 @@ def _top5_rows(out: Path) -> list[list[str]]:
 def test_classification_csv_has_top5_per_file(tmp_path: Path, images: Path) -> None:
     torch.manual_seed(0)
     task = ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64).eval()
-    ckpt = _checkpoint(task, tmp_path / "cls.ckpt")
+    ckpt = task_checkpoint(task, tmp_path / "cls.ckpt")
     out = tmp_path / "out"
-    _predict("classification", images, ckpt, out, tmp_path / "run")
+    predict_folder("classification", images, ckpt, out, tmp_path / "run")
     with (out / "predictions.csv").open() as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["file"] + [f"{k}_{i}" for i in range(1, 6) for k in ("class", "prob")]
@@ -117,10 +81,10 @@ def test_classes_of_a_checkpoint_without_names_come_from_data_class_names(
     tmp_path: Path, images: Path, capsys: pytest.CaptureFixture
 ) -> None:
     torch.manual_seed(0)
-    old = _checkpoint(ClassificationTask(backbone="resnet18", num_classes=6, image_size=64), tmp_path / "old.ckpt")
-    _predict("classification", images, old, tmp_path / "ids", tmp_path / "run")
+    old = task_checkpoint(ClassificationTask(backbone="resnet18", num_classes=6, image_size=64), tmp_path / "old.ckpt")
+    predict_folder("classification", images, old, tmp_path / "ids", tmp_path / "run")
     assert set(_top5_rows(tmp_path / "ids")[1][1::2]) <= {str(i) for i in range(6)}  # numbers: no names known
-    _predict(
+    predict_folder(
         "classification",
         images,
         old,
@@ -130,13 +94,13 @@ def test_classes_of_a_checkpoint_without_names_come_from_data_class_names(
         json.dumps(CLASS_NAMES),
     )
     assert set(_top5_rows(tmp_path / "named")[1][1::2]) <= set(CLASS_NAMES)
-    named = _checkpoint(
+    named = task_checkpoint(
         ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64),
         tmp_path / "named.ckpt",
     )
     other = ["a", "b", "c", "d", "e", "f"]
     with pytest.raises(SystemExit):
-        _predict(
+        predict_folder(
             "classification",
             images,
             named,
@@ -158,7 +122,7 @@ def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> Non
     with torch.no_grad():  # an untrained head scores every class 1/21: spread the scores
         for param in task.model.head.classification_head.parameters():
             param.normal_(0.0, 0.3)
-    ckpt = _checkpoint(task, tmp_path / "det.ckpt")
+    ckpt = task_checkpoint(task, tmp_path / "det.ckpt")
     expected = {}
     for name in IMAGES:
         with torch.no_grad():
@@ -172,7 +136,7 @@ def test_detection_json_boxes_and_threshold(tmp_path: Path, images: Path) -> Non
     gap = int(middle[(ordered[middle + 1] - ordered[middle]).argmax()])
     threshold = float(ordered[gap] + ordered[gap + 1]) / 2
     out = tmp_path / "out"
-    _predict(
+    predict_folder(
         "detection",
         images,
         ckpt,
@@ -214,9 +178,9 @@ def test_segmentation_any_size_with_slide_flip_and_scales(tmp_path: Path, images
         class_names=list(TRAIN_CLASSES),
         palette=list(PALETTE),
     ).eval()
-    ckpt = _checkpoint(task, tmp_path / "seg.ckpt")
+    ckpt = task_checkpoint(task, tmp_path / "seg.ckpt")
     out = tmp_path / "out"
-    _predict(
+    predict_folder(
         "segmentation",
         images,
         ckpt,
@@ -262,12 +226,12 @@ def test_writers_refuse_existing_outputs_unless_overwrite(
         task, probe = ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), "predictions.csv"
     else:
         task, probe = SegmentationTask(output_stride=16, example_size=(64, 64)), "labels/street/b.png"
-    ckpt = _checkpoint(task, tmp_path / "model.ckpt")
+    ckpt = task_checkpoint(task, tmp_path / "model.ckpt")
     out = tmp_path / "out"
     (out / probe).parent.mkdir(parents=True)
     (out / probe).write_bytes(b"earlier result")  # the one file of a run that is already there
     with pytest.raises(SystemExit) as refused:
-        _predict(task_name, images, ckpt, out, tmp_path / "run")
+        predict_folder(task_name, images, ckpt, out, tmp_path / "run")
     assert refused.value.code == 2
     # One line, no traceback: the command, the folder, the file found and both ways out.
     assert re.fullmatch(
@@ -277,21 +241,21 @@ def test_writers_refuse_existing_outputs_unless_overwrite(
     )
     assert (out / probe).read_bytes() == b"earlier result"  # refused before writing anything
     assert [p for p in out.rglob("*") if p.is_file()] == [out / probe]
-    _predict(task_name, images, ckpt, out, tmp_path / "run", "--trainer.callbacks.overwrite", "true")
+    predict_folder(task_name, images, ckpt, out, tmp_path / "run", "--trainer.callbacks.overwrite", "true")
     assert (out / probe).read_bytes() != b"earlier result"
 
 
 def test_detection_writer_refuses_an_existing_devkit_file(
     tmp_path: Path, images: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ckpt = _checkpoint(
+    ckpt = task_checkpoint(
         DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "det.ckpt"
     )
     taken = tmp_path / "out" / "results" / "VOC2007" / "Main" / "comp4_det_test_car.txt"
     taken.parent.mkdir(parents=True)
     taken.write_text("000001 0.9 1 1 5 5\n")
     with pytest.raises(SystemExit):
-        _predict(
+        predict_folder(
             "detection",
             images,
             ckpt,
@@ -308,7 +272,7 @@ def test_detection_writer_refuses_an_existing_devkit_file(
 
 
 def _classifier(tmp_path: Path) -> Path:
-    return _checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
+    return task_checkpoint(ClassificationTask(backbone="resnet18", num_classes=4, image_size=64), tmp_path / "cls.ckpt")
 
 
 def test_duplicate_stems_are_refused_only_where_outputs_collide_and_all_at_once(tmp_path: Path) -> None:
@@ -317,11 +281,13 @@ def test_duplicate_stems_are_refused_only_where_outputs_collide_and_all_at_once(
     names = ["same.jpg", "same.png", "sub/other.bmp", "sub/other.png", "sub/other.tif", "unique.jpg"]
     for name in names:
         Image.new("RGB", (16, 16)).save(root / name)
-    _predict("classification", root, _classifier(tmp_path), tmp_path / "out", tmp_path / "run")
+    predict_folder("classification", root, _classifier(tmp_path), tmp_path / "out", tmp_path / "run")
     assert sorted(row[0] for row in _top5_rows(tmp_path / "out")[1:]) == names  # the CSV keeps full names
-    detector = _checkpoint(DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "d")
+    detector = task_checkpoint(
+        DetectionTask(image_size=64, class_names=["__background__", *VOC_CLASSES]), tmp_path / "d"
+    )
     with pytest.raises(SystemExit, match="2 output name") as error:  # boxes/<name>.png, COCO image ids
-        _predict("detection", root, detector, tmp_path / "det", tmp_path / "run")
+        predict_folder("detection", root, detector, tmp_path / "det", tmp_path / "run")
     groups = f"'same': {root / 'same.jpg'}, {root / 'same.png'}; 'sub/other': " + ", ".join(
         str(root / f"sub/other.{suffix}") for suffix in ("bmp", "png", "tif")
     )
@@ -347,14 +313,14 @@ def test_bad_images_under_skip_are_left_out_and_the_rest_keep_their_names(
     (root / "sub" / "list.csv").write_text("a,b")
     torch.manual_seed(0)
     task = ClassificationTask(backbone="resnet18", num_classes=6, class_names=CLASS_NAMES, image_size=64).eval()
-    ckpt, out = _checkpoint(task, tmp_path / "cls.ckpt"), tmp_path / "out"
+    ckpt, out = task_checkpoint(task, tmp_path / "cls.ckpt"), tmp_path / "out"
     with pytest.raises(SystemExit, match="2 bad file") as error:
-        _predict("classification", root, ckpt, out, tmp_path / "run")
+        predict_folder("classification", root, ckpt, out, tmp_path / "run")
     assert f"{root / 'sub' / 'empty.png'}: the file is empty" in str(error.value)
     assert str(root / "sub" / "text.jpg") in str(error.value)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="refvision"):
-        _predict(
+        predict_folder(
             "classification",
             root,
             ckpt,
@@ -385,8 +351,8 @@ def test_undecodable_and_missing_images_name_the_file(tmp_path: Path) -> None:
     (root / "sub" / "broken.jpg").write_bytes(b"not a jpeg at all")
     ckpt = _classifier(tmp_path)
     with pytest.raises(SystemExit, match=r"sub/broken\.jpg: cannot read image"):
-        _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
+        predict_folder("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
     (root / "sub" / "broken.jpg").unlink()
     (root / "good.png").unlink()
     with pytest.raises(SystemExit, match=rf"predict folder {root} holds no image files"):
-        _predict("classification", root, ckpt, tmp_path / "out", tmp_path / "run")
+        predict_folder("classification", root, ckpt, tmp_path / "out", tmp_path / "run")

@@ -1,12 +1,8 @@
 """Untrusted checkpoint files: planted pickle payloads (local and over real HTTP), truncated, empty and wrong-task
 files."""
 
-import functools
-import http.server
 import os
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,24 +66,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def good_ckpt(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
     root = tmp_path_factory.mktemp("good")
     return _save_task_checkpoint(_classifier_args(data, root), root / "good.ckpt")
-
-
-@pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
-    """A real HTTP server on 127.0.0.1 serving ``tmp_path/www``; downloads land in ``tmp_path/torch_home``."""
-    www = tmp_path / "www"
-    www.mkdir()
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        thread.join()
-        server.server_close()
 
 
 def _planted(path: Path, marker: Path, good: Path) -> Path:
