@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
-from test_predict_own_images import _checkpoint
+from predict_process import task_checkpoint
 from torchvision.io import decode_png, read_file
 from torchvision.utils import draw_segmentation_masks
 
@@ -274,7 +274,7 @@ def test_test_run_figures_are_titled_with_model_and_checkpoint(tmp_path: Path, f
         image_size=32,
         conv={"kind": "refconv"},
     )
-    ckpt = _checkpoint(task, tmp_path / "refocused.ckpt")
+    ckpt = task_checkpoint(task, tmp_path / "refocused.ckpt")
     if form == "deploy":
         ckpt = Path(reparameterize_checkpoint(ckpt, tmp_path / "refocused-deploy.ckpt").output)
     cli = lightning_cli(
